@@ -1,0 +1,35 @@
+# Distillery: `make run` starts the service on the embedded default; `make test` runs the suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU wheel of torch that lies on this machine's disk; installed before anything can pull a CUDA build.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: install run test lint format bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_PIN)"
+	$(PIP) install --quiet -e '.[worker,dev]'
+	touch $@
+
+run: install
+	$(VENV)/bin/distillery up
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check app workers distillery_cli migrations tests bench
+	$(VENV)/bin/ruff format --check app workers distillery_cli migrations tests bench
+	$(VENV)/bin/mypy app workers distillery_cli
+
+format: install
+	$(VENV)/bin/ruff check --fix app workers distillery_cli migrations tests bench
+	$(VENV)/bin/ruff format app workers distillery_cli migrations tests bench
+
+clean:
+	rm -rf $(VENV) .distillery .mypy_cache .ruff_cache .pytest_cache

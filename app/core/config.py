@@ -1,0 +1,142 @@
+"""One Settings object, read once from the environment, shared by API, scheduler, workers and migrations."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service configuration. Every field maps to an upper-case environment variable."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+
+    data_dir: Path = Field(
+        default=Path("./.distillery"),
+        description="Artifacts, checkpoints, built-in teachers, uploads and the embedded database.",
+    )
+    database_url: str = Field(
+        default="",
+        description="SQLAlchemy URL. Empty: a SQLite file under DATA_DIR (the embedded default).",
+    )
+    broker_url: str = Field(
+        default="",
+        description="Celery broker URL. Empty: Kombu's filesystem transport under DATA_DIR (no server).",
+    )
+    broker_key_prefix: str = Field(
+        default="",
+        description="Prefix for every Redis key the broker writes (lets test runs share a server).",
+    )
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    max_concurrent_jobs: int = Field(
+        default=2, ge=1, description="Jobs dispatched or running at once."
+    )
+    max_queued_jobs: int = Field(
+        default=100, ge=1, description="Queued jobs before start answers 429."
+    )
+    tick_seconds: float = Field(default=2.0, gt=0, description="Scheduler loop period.")
+    dispatch_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a dispatched job may wait for a worker's claim before re-send.",
+    )
+    heartbeat_timeout: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds without a heartbeat before a running job is re-queued.",
+    )
+    heartbeat_interval: float = Field(default=5.0, gt=0, description="Worker heartbeat period.")
+    max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
+    worker_concurrency: int = Field(
+        default=1, ge=1, description="Jobs per worker process (one per GPU)."
+    )
+
+    max_epochs: int = Field(default=200, ge=1, description="Upper bound on training_config.epochs.")
+    max_batch_size: int = Field(
+        default=4096, ge=1, description="Upper bound on training_config.batch_size."
+    )
+    max_upload_bytes: int = Field(
+        default=50 * 1024 * 1024, ge=1, description="Dataset upload limit."
+    )
+    allowed_file_root: Path | None = Field(
+        default=None,
+        description="Root under which `file` datasets and local teacher paths must lie (default DATA_DIR).",
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow hub models with custom code.")
+    progress_min_interval: float = Field(
+        default=1.0, ge=0, description="Minimum seconds between progress writes to the database."
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.data_dir / 'distillery.db'}"
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return not self.broker_url or self.broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_transport_options(self) -> dict[str, Any]:
+        """Transport options for the configured broker (folders for filesystem, key prefix for Redis)."""
+        if self.is_embedded_broker:
+            folder = self.data_dir / "broker"
+            return {
+                "data_folder_in": str(folder / "queue"),
+                "data_folder_out": str(folder / "queue"),
+                "processed_folder": str(folder / "processed"),
+                "store_processed": False,
+                "polling_interval": 0.2,
+            }
+        options: dict[str, Any] = {
+            # Longer than the longest job: acks_late messages must not be redelivered mid-training.
+            "visibility_timeout": 7 * 24 * 3600,
+        }
+        if self.broker_key_prefix:
+            options["global_keyprefix"] = self.broker_key_prefix
+        return options
+
+    @property
+    def file_root(self) -> Path:
+        return (self.allowed_file_root or self.data_dir).expanduser().resolve()
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def teachers_dir(self) -> Path:
+        return self.data_dir / "teachers"
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.jobs_dir, self.uploads_dir, self.teachers_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        if self.is_embedded_broker:
+            for key in ("data_folder_in", "processed_folder"):
+                Path(self.broker_transport_options[key]).mkdir(parents=True, exist_ok=True)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment once."""
+    return Settings()

@@ -1,0 +1,178 @@
+"""The distillation job spec: one pydantic model shared by the REST API, the CLI runner and the workers.
+
+Importable without torch. Field names follow the seed (`teacher_model_name`, `target_compression`,
+`distillation_method`, `training_config`, `dataset_config`). Unknown fields are rejected everywhere.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DistillationMethod(StrEnum):
+    response = "response_distillation"
+    feature = "feature_distillation"
+    attention = "attention_distillation"
+    progressive = "progressive_distillation"
+
+
+class Task(StrEnum):
+    classification = "classification"
+    sequence_classification = "sequence-classification"
+    causal_lm = "causal-lm"
+    masked_lm = "masked-lm"
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class TeacherCache(StrEnum):
+    auto = "auto"
+    on = "on"
+    off = "off"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageSchedule(_Strict):
+    """How temperature and alpha change from one progressive stage to the next (the seed: T +1, alpha -0.1)."""
+
+    temperature_step: float = Field(default=1.0, ge=-9, le=9)
+    alpha_step: float = Field(default=-0.1, ge=-1, le=1)
+
+
+class TrainingConfig(_Strict):
+    epochs: int = Field(
+        default=10, ge=1, le=1000, description="Epochs (per stage for progressive)."
+    )
+    batch_size: int = Field(default=64, ge=1, le=65536)
+    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0, le=1.0)
+    temperature: float = Field(
+        default=4.0,
+        ge=1.0,
+        le=10.0,
+        description="Softmax temperature, 1-10 (the seed warns above 10).",
+    )
+    alpha: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Weight of the KD term vs labels."
+    )
+    feature_weight: float = Field(default=0.1, ge=0.0, le=100.0)
+    attention_weight: float = Field(default=0.05, ge=0.0, le=100.0)
+    num_stages: int = Field(
+        default=3, ge=1, le=10, description="Stages of progressive distillation."
+    )
+    stage_schedule: StageSchedule = Field(default_factory=StageSchedule)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: Device = Device.auto
+    teacher_cache: TeacherCache = TeacherCache.auto
+    teacher_cache_top_k: int = Field(
+        default=64,
+        ge=1,
+        le=1_000_000,
+        description="Logits kept per token in a language-model cache.",
+    )
+    baseline: bool = Field(default=False, description="Also train the same student on labels only.")
+    teacher_finetune_epochs: int = Field(
+        default=1, ge=0, le=100, description="Epochs to fine-tune a teacher without a task head."
+    )
+    max_seq_length: int = Field(default=128, ge=8, le=8192)
+    compile: bool = Field(default=False, description="torch.compile the student (CUDA).")
+
+
+class BuiltinDataset(_Strict):
+    kind: Literal["builtin"] = "builtin"
+    name: Literal["digits"] = "digits"
+
+
+class FileDataset(_Strict):
+    kind: Literal["file"] = "file"
+    path: str = Field(
+        min_length=1, max_length=4096, description="CSV or JSONL under the allowed root."
+    )
+    text_column: str = Field(default="text", min_length=1, max_length=256)
+    label_column: str = Field(default="label", min_length=1, max_length=256)
+
+
+class UploadedDataset(_Strict):
+    kind: Literal["uploaded"] = "uploaded"
+    dataset_id: str = Field(min_length=1, max_length=64)
+
+
+class HubDataset(_Strict):
+    kind: Literal["hub"] = "hub"
+    name: str = Field(min_length=1, max_length=256)
+    subset: str | None = Field(default=None, max_length=256)
+    split: str = Field(default="train", max_length=64)
+    text_column: str = Field(default="text", min_length=1, max_length=256)
+    label_column: str = Field(default="label", min_length=1, max_length=256)
+
+
+DatasetConfig = Annotated[
+    BuiltinDataset | FileDataset | UploadedDataset | HubDataset, Field(discriminator="kind")
+]
+
+
+class Compression(_Strict):
+    prune_amount: float = Field(
+        default=0.0, ge=0.0, le=0.95, description="Global magnitude pruning."
+    )
+    quantize: Literal["none", "int8"] = "none"
+
+
+# Parts of the spec the engine does not implement yet. Each entry names what is refused and why,
+# so the API and the CLI give the same precise message. Later issues empty these sets.
+UNSUPPORTED_TASKS: dict[Task, str] = {
+    Task.masked_lm: "task 'masked-lm' is not implemented yet; use 'classification', "
+    "'sequence-classification' or 'causal-lm'",
+}
+COMPRESSION_SUPPORTED = False
+
+
+class JobSpec(_Strict):
+    """What a client asks for: a teacher, how hard to compress it, how, and on which data."""
+
+    teacher_model_name: str = Field(
+        min_length=1,
+        max_length=512,
+        description="A registered teacher name (GET /distillation/teachers).",
+        examples=["digits-cnn"],
+    )
+    target_compression: float = Field(
+        default=0.1,
+        gt=0.0,
+        lt=1.0,
+        description="Student parameters / teacher parameters, strictly between 0 and 1.",
+    )
+    distillation_method: DistillationMethod = DistillationMethod.response
+    task: Task = Task.classification
+    training_config: TrainingConfig = Field(default_factory=TrainingConfig)
+    dataset_config: DatasetConfig = Field(default_factory=BuiltinDataset)
+    compression: Compression = Field(default_factory=Compression)
+
+    @model_validator(mode="after")
+    def _check_supported(self) -> JobSpec:
+        if self.task in UNSUPPORTED_TASKS:
+            raise ValueError(UNSUPPORTED_TASKS[self.task])
+        if not COMPRESSION_SUPPORTED and self.compression != Compression():
+            raise ValueError(
+                "compression (prune_amount, quantize) is not implemented yet; leave it at the defaults "
+                "(prune_amount 0, quantize 'none')"
+            )
+        if self.task == Task.classification and self.dataset_config.kind == "hub":
+            raise ValueError(
+                "task 'classification' takes the builtin 'digits' dataset or a file/upload"
+            )
+        if isinstance(self.dataset_config, BuiltinDataset) and self.task != Task.classification:
+            raise ValueError(
+                f"the builtin 'digits' dataset is for task 'classification', not '{self.task}'"
+            )
+        return self

@@ -1,0 +1,72 @@
+"""Typed results of a distillation job: numbers, not strings, named as the seed names them."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class SizePair(_Open):
+    teacher: float
+    student: float
+
+
+class LatencyMs(_Open):
+    """Milliseconds per forward pass, measured on the job's device."""
+
+    teacher: dict[str, float] = Field(description="{'batch_1': ms, 'batch_64': ms}")
+    student: dict[str, float] = Field(description="{'batch_1': ms, 'batch_64': ms}")
+
+
+class HistoryEntry(_Open):
+    stage: int
+    epoch: int
+    student_accuracy: float
+    distillation_loss: float
+    student_loss: float
+    total_loss: float
+    seconds: float
+
+
+class StageResult(_Open):
+    stage: int
+    compression_ratio: float
+    parameters: int
+    best_student_accuracy: float
+    temperature: float
+    alpha: float
+
+
+class DistillationResults(_Open):
+    """What a finished job measured. Accuracies are fractions in [0, 1]; for causal LMs see `metric`."""
+
+    task: str
+    metric: str = Field(
+        default="accuracy", description="'accuracy', or 'perplexity' for language models"
+    )
+    device: str
+    teacher_accuracy: float
+    initial_student_accuracy: float
+    final_student_accuracy: float
+    best_student_accuracy: float
+    accuracy_retention: float
+    original_parameters: int
+    compressed_parameters: int
+    compression_ratio: float
+    target_compression: float
+    parameter_reduction: float
+    model_size_mb: SizePair
+    memory_savings: float
+    latency_ms: LatencyMs
+    inference_speedup: float
+    cost_savings: float
+    training_history: list[HistoryEntry]
+    stages: list[StageResult] = Field(default_factory=list)
+    baseline_accuracy: float | None = None
+    kd_gain: float | None = Field(default=None, description="KD student minus baseline, in points")
+    teacher_cache_used: bool = False
+    training_seconds: float = 0.0
+    total_seconds: float = 0.0

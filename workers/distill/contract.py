@@ -1,0 +1,82 @@
+"""The engine's contract with its callers (Celery task, local CLI runner, tests, benchmarks). No torch here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One progress report. `fraction` covers the whole job (0..1), across phases and stages."""
+
+    phase: str  # "teacher", "teacher_finetune", "cache", "baseline", "distill", "compress", "evaluate", "export"
+    fraction: float
+    stage: int | None = None  # 1-based progressive stage
+    epoch: int | None = None  # 1-based epoch within the stage
+    step: int | None = None  # optimizer steps done within the epoch
+    total_steps: int | None = None  # steps per epoch
+    metrics: dict[str, float] = field(default_factory=dict)
+    eta_seconds: float | None = None
+
+
+class EngineCallbacks(Protocol):
+    """What the engine calls while it works. Every method must return quickly."""
+
+    def on_progress(self, progress: Progress) -> None:
+        """Progress within a phase; the caller throttles writes."""
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        """A notable moment: phase start/end, epoch metrics (kind 'metric'), checkpoint written."""
+
+    def should_stop(self) -> bool:
+        """True when the job was cancelled or its lease lost; checked every few steps and between phases."""
+
+
+class NullCallbacks:
+    """Callbacks that do nothing (tests and benchmarks)."""
+
+    def on_progress(self, progress: Progress) -> None:
+        return None
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class EngineError(Exception):
+    """A failure the job reports as `error: {code, message}`; the message tells a person what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class JobStopped(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised when `should_stop()` answered True; the last checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class JobPaths:
+    """Where one job keeps its files. `work_dir/checkpoints` and `work_dir/artifacts`."""
+
+    work_dir: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.work_dir / "checkpoints"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.work_dir / "artifacts"
+
+
+# Artifact file names, shared by the engine, the worker and the API.
+ARTIFACT_WEIGHTS = "student.safetensors"
+ARTIFACT_CONFIG = "student_config.json"
+ARTIFACT_RESULTS = "results.json"
+ARTIFACT_EXPORT = "student.pt2"
