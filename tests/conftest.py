@@ -34,17 +34,13 @@ def _test_database_url() -> str:
         from sqlalchemy.engine import make_url
 
         return (
-            make_url(_SERVER_DATABASE_URL)
-            .set(database=_TEST_DB_NAME)
-            .render_as_string(hide_password=False)
+            make_url(_SERVER_DATABASE_URL).set(database=_TEST_DB_NAME).render_as_string(hide_password=False)
         )
     return f"sqlite:///{_TMP_ROOT / 'data' / 'distillery.db'}"
 
 
 TEST_DATABASE_URL = _test_database_url()
-TEST_BROKER_KEY_PREFIX = (
-    f"distillery-test-{RUN_ID}:" if _SERVER_BROKER_URL.startswith("redis") else ""
-)
+TEST_BROKER_KEY_PREFIX = f"distillery-test-{RUN_ID}:" if _SERVER_BROKER_URL.startswith("redis") else ""
 
 # Everything imported from here on (app settings, workers spawned by tests) sees the test locations.
 os.environ["DATA_DIR"] = str(_TMP_ROOT / "data")

@@ -34,12 +34,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
 
-    max_concurrent_jobs: int = Field(
-        default=2, ge=1, description="Jobs dispatched or running at once."
-    )
-    max_queued_jobs: int = Field(
-        default=100, ge=1, description="Queued jobs before start answers 429."
-    )
+    max_concurrent_jobs: int = Field(default=2, ge=1, description="Jobs dispatched or running at once.")
+    max_queued_jobs: int = Field(default=100, ge=1, description="Queued jobs before start answers 429.")
     tick_seconds: float = Field(default=2.0, gt=0, description="Scheduler loop period.")
     dispatch_timeout: float = Field(
         default=60.0,
@@ -53,17 +49,11 @@ class Settings(BaseSettings):
     )
     heartbeat_interval: float = Field(default=5.0, gt=0, description="Worker heartbeat period.")
     max_attempts: int = Field(default=3, ge=1, description="Attempts before a job fails for good.")
-    worker_concurrency: int = Field(
-        default=1, ge=1, description="Jobs per worker process (one per GPU)."
-    )
+    worker_concurrency: int = Field(default=1, ge=1, description="Jobs per worker process (one per GPU).")
 
     max_epochs: int = Field(default=200, ge=1, description="Upper bound on training_config.epochs.")
-    max_batch_size: int = Field(
-        default=4096, ge=1, description="Upper bound on training_config.batch_size."
-    )
-    max_upload_bytes: int = Field(
-        default=50 * 1024 * 1024, ge=1, description="Dataset upload limit."
-    )
+    max_batch_size: int = Field(default=4096, ge=1, description="Upper bound on training_config.batch_size.")
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Dataset upload limit.")
     allowed_file_root: Path | None = Field(
         default=None,
         description="Root under which `file` datasets and local teacher paths must lie (default DATA_DIR).",

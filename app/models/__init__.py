@@ -1,4 +1,4 @@
-"""SQLAlchemy 2 typed models on one DeclarativeBase. Alembic migrations in migrations/ create them."""
+"""SQLAlchemy 2 typed models on one DeclarativeBase; Alembic migrations create them."""
 
 from __future__ import annotations
 
@@ -96,9 +96,7 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     num_rows: Mapped[int] = mapped_column(Integer)
-    columns: Mapped[dict[str, Any]] = mapped_column(
-        default=dict
-    )  # {"names": [...], "num_labels": n}
+    columns: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"names": [...], "num_labels": n}
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

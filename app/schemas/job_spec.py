@@ -50,9 +50,7 @@ class StageSchedule(_Strict):
 
 
 class TrainingConfig(_Strict):
-    epochs: int = Field(
-        default=10, ge=1, le=1000, description="Epochs (per stage for progressive)."
-    )
+    epochs: int = Field(default=10, ge=1, le=1000, description="Epochs (per stage for progressive).")
     batch_size: int = Field(default=64, ge=1, le=65536)
     learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
     weight_decay: float = Field(default=0.01, ge=0, le=1.0)
@@ -62,14 +60,10 @@ class TrainingConfig(_Strict):
         le=10.0,
         description="Softmax temperature, 1-10 (the seed warns above 10).",
     )
-    alpha: float = Field(
-        default=0.7, ge=0.0, le=1.0, description="Weight of the KD term vs labels."
-    )
+    alpha: float = Field(default=0.7, ge=0.0, le=1.0, description="Weight of the KD term vs labels.")
     feature_weight: float = Field(default=0.1, ge=0.0, le=100.0)
     attention_weight: float = Field(default=0.05, ge=0.0, le=100.0)
-    num_stages: int = Field(
-        default=3, ge=1, le=10, description="Stages of progressive distillation."
-    )
+    num_stages: int = Field(default=3, ge=1, le=10, description="Stages of progressive distillation.")
     stage_schedule: StageSchedule = Field(default_factory=StageSchedule)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     device: Device = Device.auto
@@ -95,9 +89,7 @@ class BuiltinDataset(_Strict):
 
 class FileDataset(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(
-        min_length=1, max_length=4096, description="CSV or JSONL under the allowed root."
-    )
+    path: str = Field(min_length=1, max_length=4096, description="CSV or JSONL under the allowed root.")
     text_column: str = Field(default="text", min_length=1, max_length=256)
     label_column: str = Field(default="label", min_length=1, max_length=256)
 
@@ -122,9 +114,7 @@ DatasetConfig = Annotated[
 
 
 class Compression(_Strict):
-    prune_amount: float = Field(
-        default=0.0, ge=0.0, le=0.95, description="Global magnitude pruning."
-    )
+    prune_amount: float = Field(default=0.0, ge=0.0, le=0.95, description="Global magnitude pruning.")
     quantize: Literal["none", "int8"] = "none"
 
 
@@ -168,11 +158,7 @@ class JobSpec(_Strict):
                 "(prune_amount 0, quantize 'none')"
             )
         if self.task == Task.classification and self.dataset_config.kind == "hub":
-            raise ValueError(
-                "task 'classification' takes the builtin 'digits' dataset or a file/upload"
-            )
+            raise ValueError("task 'classification' takes the builtin 'digits' dataset or a file/upload")
         if isinstance(self.dataset_config, BuiltinDataset) and self.task != Task.classification:
-            raise ValueError(
-                f"the builtin 'digits' dataset is for task 'classification', not '{self.task}'"
-            )
+            raise ValueError(f"the builtin 'digits' dataset is for task 'classification', not '{self.task}'")
         return self

@@ -44,9 +44,7 @@ class DistillationResults(_Open):
     """What a finished job measured. Accuracies are fractions in [0, 1]; for causal LMs see `metric`."""
 
     task: str
-    metric: str = Field(
-        default="accuracy", description="'accuracy', or 'perplexity' for language models"
-    )
+    metric: str = Field(default="accuracy", description="'accuracy', or 'perplexity' for language models")
     device: str
     teacher_accuracy: float
     initial_student_accuracy: float

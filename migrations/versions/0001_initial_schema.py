@@ -58,9 +58,7 @@ def upgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_jobs_status"), ["status"], unique=False)
         batch_op.create_index("ix_jobs_status_queued_at", ["status", "queued_at"], unique=False)
-        batch_op.create_index(
-            batch_op.f("ix_jobs_teacher_model_name"), ["teacher_model_name"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_jobs_teacher_model_name"), ["teacher_model_name"], unique=False)
 
     op.create_table(
         "teachers",

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 class Progress:
     """One progress report. `fraction` covers the whole job (0..1), across phases and stages."""
 
-    phase: str  # "teacher", "teacher_finetune", "cache", "baseline", "distill", "compress", "evaluate", "export"
+    # "teacher", "teacher_finetune", "cache", "baseline", "distill", "compress", "evaluate", "export"
+    phase: str
     fraction: float
     stage: int | None = None  # 1-based progressive stage
     epoch: int | None = None  # 1-based epoch within the stage
@@ -56,7 +57,7 @@ class EngineError(Exception):
         self.message = message
 
 
-class JobStopped(Exception):  # noqa: N818 - a control-flow signal, not an error
+class JobStopped(Exception):
     """Raised when `should_stop()` answered True; the last checkpoint is kept."""
 
 
