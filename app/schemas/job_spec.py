@@ -43,7 +43,7 @@ class _Strict(BaseModel):
 
 
 class StageSchedule(_Strict):
-    """How temperature and alpha change from one progressive stage to the next (the seed: T +1, alpha -0.1)."""
+    """How temperature and alpha change from one progressive stage to the next (seed: T +1, alpha -0.1)."""
 
     temperature_step: float = Field(default=1.0, ge=-9, le=9)
     alpha_step: float = Field(default=-0.1, ge=-1, le=1)

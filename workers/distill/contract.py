@@ -1,4 +1,4 @@
-"""The engine's contract with its callers (Celery task, local CLI runner, tests, benchmarks). No torch here."""
+"""The engine's contract with its callers (Celery task, CLI runner, tests, benchmarks). No torch."""
 
 from __future__ import annotations
 
