@@ -166,3 +166,17 @@ class Artifact(Base):
     job: Mapped[Job] = relationship(back_populates="artifacts")
 
     __table_args__ = (Index("uq_artifacts_job_name", "job_id", "name", unique=True),)
+
+
+class ServiceHeartbeat(Base):
+    """Liveness of the scheduler and worker processes, for /health (the database is the source of truth)."""
+
+    __tablename__ = "service_heartbeats"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)  # e.g. "worker:host:pid"
+    kind: Mapped[str] = mapped_column(String(32), index=True)  # scheduler | worker
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    info: Mapped[dict[str, Any]] = mapped_column(default=dict)

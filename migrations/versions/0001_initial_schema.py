@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 01:58:47.009370
+Create Date: 2026-11-29 02:00:34.247851
 """
 
 from collections.abc import Sequence
@@ -59,6 +59,20 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_jobs_status"), ["status"], unique=False)
         batch_op.create_index("ix_jobs_status_queued_at", ["status", "queued_at"], unique=False)
         batch_op.create_index(batch_op.f("ix_jobs_teacher_model_name"), ["teacher_model_name"], unique=False)
+
+    op.create_table(
+        "service_heartbeats",
+        sa.Column("id", sa.String(length=255), nullable=False),
+        sa.Column("kind", sa.String(length=32), nullable=False),
+        sa.Column("hostname", sa.String(length=255), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("info", sa.JSON(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    with op.batch_alter_table("service_heartbeats", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_service_heartbeats_kind"), ["kind"], unique=False)
 
     op.create_table(
         "teachers",
@@ -120,6 +134,10 @@ def downgrade() -> None:
 
     op.drop_table("artifacts")
     op.drop_table("teachers")
+    with op.batch_alter_table("service_heartbeats", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_service_heartbeats_kind"))
+
+    op.drop_table("service_heartbeats")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_jobs_teacher_model_name"))
         batch_op.drop_index("ix_jobs_status_queued_at")
