@@ -16,10 +16,11 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from distillery_cli import local, stack
+    from distillery_cli import client, local, stack
 
     local.register(app)
     stack.register(app)
+    client.register(app)
 
 
 _register_commands()
