@@ -1,0 +1,246 @@
+"""The seam between the generic trainer and task-specific code (digits/tabular here, transformers in `hf`).
+
+The trainer (`workers.distill.trainer`) only ever talks to a `TaskAdapter`: it asks it for data, a teacher, a
+student, forward passes as `ModelOutputs`, loss targets, the metric, and how to save/export the student.
+Everything about a task (tokenizers, model families, metrics) stays behind this interface.
+
+Contract details an adapter must honour:
+- Datasets yield `dict[str, Tensor]` items in a deterministic order (no random augmentation), so that the
+  teacher's outputs can be cached once per example index. A `TensorDictDataset` (all items stacked in
+  tensors) gives the trainer a fast path that skips per-item collation.
+- `forward` returns `ModelOutputs`; `hidden_states`/`attentions` only when asked (they cost memory).
+- `targets(batch)` is aligned position-for-position with `forward(...).logits` (the trainer never shifts
+  tokens): `(B,)` labels for classification, `(B, T)` ids for token tasks, `IGNORE_INDEX` (-100) = ignore.
+- `loss_weights` names the terms of `workers.distill.losses.LOSSES` the trainer sums, with their weights.
+- `cache_teacher_outputs` may shrink the teacher's outputs before they are cached (e.g. top-k logits in
+  `ModelOutputs.extra`); a loss term registered by the adapter then reads that form.
+- All tensors an adapter returns from `forward` live on the model's device; batches the trainer passes in
+  are already on that device. `evaluate` gets CPU batches and moves them itself (`to_device`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from app.schemas.job_spec import DistillationMethod, JobSpec, Task
+from app.schemas.teachers import TeacherSource
+from workers.distill.contract import EngineCallbacks
+
+IGNORE_INDEX = -100
+
+Batch = dict[str, torch.Tensor]
+Collate = Callable[[list[Batch]], Batch]
+
+
+@dataclass
+class ModelOutputs:
+    """What a forward pass gives the losses."""
+
+    logits: torch.Tensor  # (B, C) classification | (B, T, V) token tasks
+    hidden_states: Sequence[torch.Tensor] | None = None  # per layer: (B, H) or (B, T, H)
+    attentions: Sequence[torch.Tensor] | None = None  # per layer: (B, heads, T, T)
+    # Adapter-specific extras, e.g. {"topk_indices": (B, T, k)} for a top-k teacher cache.
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class TensorDictDataset(Dataset[Batch]):
+    """Items are rows of equally long tensors; lets the trainer index whole batches at once."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        lengths = {name: t.shape[0] for name, t in tensors.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"tensors differ in length: {lengths}")
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def __getitem__(self, index: int) -> Batch:
+        return {name: t[index] for name, t in self.tensors.items()}
+
+    def get_batch(self, indices: torch.Tensor) -> Batch:
+        """Rows `indices` of every tensor: (B, ...) each."""
+        return {name: t[indices] for name, t in self.tensors.items()}
+
+
+@dataclass
+class TaskData:
+    """The three splits of a job's data plus what the adapter needs to interpret them."""
+
+    train: Dataset[Batch]
+    val: Dataset[Batch]
+    test: Dataset[Batch]
+    collate: Collate | None  # None: items are stacked with torch.stack per key
+    num_labels: int | None
+    info: dict[str, Any] = field(default_factory=dict)  # e.g. {"tokenizer": ...}
+
+
+def default_collate(items: list[Batch]) -> Batch:
+    """Stack same-shaped items key by key: (B, ...)."""
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def make_batch(dataset: Dataset[Batch], indices: torch.Tensor, collate: Collate | None) -> Batch:
+    """One batch of `indices` from `dataset` (fast path for `TensorDictDataset`)."""
+    if isinstance(dataset, TensorDictDataset):
+        return dataset.get_batch(indices)
+    return (collate or default_collate)([dataset[int(i)] for i in indices])
+
+
+def iterate_batches(
+    dataset: Dataset[Batch],
+    batch_size: int,
+    collate: Collate | None,
+    *,
+    generator: torch.Generator | None = None,
+) -> Iterator[tuple[torch.Tensor, Batch]]:
+    """Yield (indices, batch); shuffled with `generator` when given, else in dataset order."""
+    size = len(dataset)  # type: ignore[arg-type]
+    order = torch.randperm(size, generator=generator) if generator is not None else torch.arange(size)
+    for start in range(0, size, batch_size):
+        indices = order[start : start + batch_size]
+        yield indices, make_batch(dataset, indices, collate)
+
+
+def to_device(batch: Batch, device: torch.device, *, non_blocking: bool = False) -> Batch:
+    """Move every tensor of a batch to `device`."""
+    return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def model_size_mb(model: nn.Module) -> float:
+    """Bytes of parameters and buffers / 2**20."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+class TaskAdapter(ABC):
+    """Everything task-specific the generic trainer needs. One instance per job run."""
+
+    task: ClassVar[Task]
+    metric: ClassVar[str] = "accuracy"  # "accuracy" | "perplexity"
+    higher_is_better: ClassVar[bool] = True
+
+    @abstractmethod
+    def load_data(self, spec: JobSpec, *, data_dir: Path, file_root: Path | None) -> TaskData:
+        """The job's train/val/test splits; raise EngineError('dataset_invalid', ...) on bad data."""
+
+    @abstractmethod
+    def load_teacher(
+        self,
+        source: TeacherSource,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        data_dir: Path,
+        file_root: Path | None,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+        trust_remote_code: bool,
+    ) -> nn.Module:
+        """A teacher ready to teach (trained / fine-tuned), on `device`, in eval mode.
+
+        Raise EngineError('teacher_not_found', ...) when the source cannot be loaded. Long preparation
+        (building a built-in teacher, fine-tuning a head) reports Progress(phase='teacher'|'teacher_finetune')
+        and raises JobStopped when `callbacks.should_stop()`.
+        """
+
+    @abstractmethod
+    def build_student(self, teacher: nn.Module, target_compression: float, *, seed: int) -> nn.Module:
+        """A fresh student with about `target_compression` times the teacher's parameters (on CPU)."""
+
+    @abstractmethod
+    def forward(
+        self, model: nn.Module, batch: Batch, *, hidden_states: bool = False, attentions: bool = False
+    ) -> ModelOutputs:
+        """Run `model` on a batch already on its device."""
+
+    @abstractmethod
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """(B,) labels | (B, T) token ids aligned with the logits; IGNORE_INDEX marks ignored positions."""
+
+    @abstractmethod
+    def save_student(self, student: nn.Module, out_dir: Path, data: TaskData) -> list[Path]:
+        """Write `student.safetensors` + `student_config.json` (or save_pretrained files); return paths."""
+
+    @abstractmethod
+    def export_program(self, student: nn.Module, path: Path, data: TaskData) -> None:
+        """`torch.export` the fp32 student to `path` (dynamic batch dim, + sequence length for text)."""
+
+    @abstractmethod
+    def example_batch(self, data: TaskData, batch_size: int) -> Batch:
+        """A CPU batch of `batch_size` inputs (repeated if the test split is smaller), for latency."""
+
+    # ---- overridable defaults ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> float:
+        """The metric over `loader` (CPU batches); default: argmax accuracy on non-ignored targets."""
+        model.eval()
+        correct = 0
+        total = 0
+        for cpu_batch in loader:
+            batch = to_device(cpu_batch, device)
+            logits = self.forward(model, batch).logits  # (B, C) | (B, T, V)
+            targets = self.targets(batch)  # (B,) | (B, T)
+            mask = targets != IGNORE_INDEX
+            predicted = logits.argmax(dim=-1)
+            correct += int((predicted[mask] == targets[mask]).sum())
+            total += int(mask.sum())
+        if total == 0:
+            raise ValueError("evaluation split has no labelled examples")
+        return correct / total
+
+    def retention(self, teacher_metric: float, student_metric: float) -> float:
+        """Student quality relative to the teacher (1.0 = as good)."""
+        if self.higher_is_better:
+            return student_metric / teacher_metric if teacher_metric else 0.0
+        return teacher_metric / student_metric if student_metric else 0.0
+
+    def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
+        """Named loss terms (keys of `losses.LOSSES`) and weights for this job; the trainer sums them."""
+        del temperature
+        weights = {"soft_target_kl": alpha, "hard_target_ce": 1.0 - alpha}
+        method = spec.distillation_method
+        if method == DistillationMethod.feature:
+            weights["feature_kd"] = spec.training_config.feature_weight
+        elif method == DistillationMethod.attention:
+            weights["attention_kd"] = spec.training_config.attention_weight
+        return weights
+
+    def cache_teacher_outputs(self, outputs: ModelOutputs, spec: JobSpec) -> ModelOutputs:
+        """Shrink teacher outputs before they go into the cache (default: keep them as they are)."""
+        del spec
+        return outputs
+
+    def cache_bytes_per_example(self, outputs: ModelOutputs, batch_size: int) -> int:
+        """Bytes one example's cached teacher outputs take (from one cached batch)."""
+        tensors = [outputs.logits, *(outputs.hidden_states or ()), *(outputs.attentions or ())]
+        tensors += list(outputs.extra.values())
+        return sum(t.numel() * t.element_size() for t in tensors) // max(batch_size, 1)
+
+    def post_training(
+        self,
+        student: nn.Module,
+        data: TaskData,
+        spec: JobSpec,
+        *,
+        out_dir: Path,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+    ) -> dict[str, Any]:
+        """Optional phase after distillation (e.g. pruning/quantization); returns extra result fields."""
+        del student, data, spec, out_dir, device, callbacks
+        return {}
