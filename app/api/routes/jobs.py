@@ -1,0 +1,203 @@
+"""The jobs resource: create, start, read, list, cancel, delete, events and artifacts. Thin: services work."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Body, Query, Response, status
+from fastapi.responses import FileResponse
+
+from app.api.deps import SessionDep, SettingsDep, WakeSchedulerDep
+from app.models import JobStatus
+from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
+from app.schemas.page import Page
+from app.schemas.problem import problem_responses
+from app.services import artifacts as artifacts_service
+from app.services import events as events_service
+from app.services import jobs as jobs_service
+
+router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
+
+_CREATE_EXAMPLES: dict[str, Any] = {
+    "digits": {
+        "summary": "A whole digits job, started at once",
+        "value": DIGITS_JOB_EXAMPLE,
+    },
+    "progressive": {
+        "summary": "Progressive distillation in 3 stages, left pending",
+        "value": {
+            "teacher_model_name": "digits-cnn",
+            "target_compression": 0.1,
+            "distillation_method": "progressive_distillation",
+            "training_config": {"epochs": 5, "num_stages": 3, "temperature": 3.0, "alpha": 0.9},
+            "dataset_config": {"kind": "builtin", "name": "digits"},
+        },
+    },
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobRead,
+    summary="Create a distillation job",
+    description="Validates the spec (every bound, the teacher and dataset exist), stores the job as "
+    "`pending`, or `queued` with `auto_start: true`.",
+    responses=problem_responses(422, 429, 503),
+)
+def create_job(
+    session: SessionDep,
+    settings: SettingsDep,
+    wake: WakeSchedulerDep,
+    background: BackgroundTasks,
+    response: Response,
+    request: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
+) -> JobRead:
+    job = jobs_service.create(session, request=request, settings=settings)
+    response.headers["Location"] = f"/distillation/jobs/{job.id}"
+    if job.status == JobStatus.queued and wake:
+        background.add_task(jobs_service.wake_scheduler, settings)
+    return jobs_service.to_read(job)
+
+
+@router.post(
+    "/{job_id}/start",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    summary="Queue a pending job",
+    description="pending -> queued. The scheduler admits queued jobs in queued_at order while fewer than "
+    "MAX_CONCURRENT_JOBS run. 429 with Retry-After when MAX_QUEUED_JOBS are already waiting.",
+    responses=problem_responses(404, 409, 429, 503),
+)
+def start_job(
+    job_id: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    wake: WakeSchedulerDep,
+    background: BackgroundTasks,
+) -> JobRead:
+    job = jobs_service.start(session, job_id=job_id, settings=settings)
+    if wake:
+        background.add_task(jobs_service.wake_scheduler, settings)
+    return jobs_service.to_read(job)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobRead,
+    summary="A job's status, progress, ETA, metrics and results",
+    responses=problem_responses(404, 503),
+)
+def get_job(job_id: str, session: SessionDep) -> JobRead:
+    return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id))
+
+
+@router.get(
+    "",
+    response_model=Page[JobSummary],
+    summary="List jobs, newest first, a page at a time",
+    responses=problem_responses(422, 503),
+)
+def list_jobs(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="next_cursor of the previous page")
+    ] = None,
+    status_filter: Annotated[
+        list[JobStatus] | None, Query(alias="status", description="Only jobs in these states")
+    ] = None,
+    teacher: Annotated[str | None, Query(max_length=512, description="Only jobs of this teacher")] = None,
+) -> Page[JobSummary]:
+    jobs, has_more, next_cursor = jobs_service.list_page(
+        session,
+        limit=limit,
+        cursor=cursor,
+        statuses=[s.value for s in status_filter or []],
+        teacher=teacher,
+    )
+    return Page[JobSummary](
+        data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
+    )
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel a job",
+    description="pending/queued -> cancelled at once (200); dispatched/running -> cancelling, the worker "
+    "stops at its next check (202); cancelling again is accepted (202); a finished job answers 409.",
+    responses={
+        **problem_responses(404, 409, 503),
+        200: {"model": JobRead, "description": "Cancelled at once"},
+    },
+)
+def cancel_job(job_id: str, session: SessionDep, response: Response) -> JobRead:
+    job = jobs_service.cancel(session, job_id=job_id)
+    if job.status == JobStatus.cancelled:
+        response.status_code = status.HTTP_200_OK
+    return jobs_service.to_read(job)
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a finished job with its events, artifacts and checkpoints",
+    responses=problem_responses(404, 409, 503),
+)
+def delete_job(job_id: str, session: SessionDep, settings: SettingsDep) -> Response:
+    jobs_service.delete_job(session, job_id=job_id, settings=settings)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[JobEventRead],
+    summary="A job's state, progress and metric events, in order, a page at a time",
+    responses=problem_responses(404, 422, 503),
+)
+def list_job_events(
+    job_id: str,
+    session: SessionDep,
+    after: Annotated[int, Query(ge=0, description="Only events with a larger id (next_cursor)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> Page[JobEventRead]:
+    jobs_service.get_or_raise(session, job_id=job_id)
+    events, has_more = events_service.list_events(session, job_id=job_id, after=after, limit=limit)
+    return Page[JobEventRead](
+        data=[JobEventRead.model_validate(e, from_attributes=True) for e in events],
+        has_more=has_more,
+        next_cursor=str(events[-1].id) if has_more and events else None,
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=list[ArtifactRead],
+    summary="A job's artifacts: student weights, config, exported program, results.json",
+    responses=problem_responses(404, 503),
+)
+def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactRead]:
+    jobs_service.get_or_raise(session, job_id=job_id)
+    return [artifacts_service.to_read(a) for a in artifacts_service.list_for_job(session, job_id=job_id)]
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    summary="Download one artifact",
+    responses={
+        **problem_responses(404, 503),
+        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+    },
+)
+def download_artifact(job_id: str, name: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
+    jobs_service.get_or_raise(session, job_id=job_id)
+    artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
+    return FileResponse(
+        path,
+        media_type=artifact.media_type,
+        filename=artifact.name,
+        headers={"X-Content-SHA256": artifact.sha256},
+    )

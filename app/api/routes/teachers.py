@@ -1,0 +1,50 @@
+"""The teacher registry: list, read, register a local directory or a hub id."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from app.api.deps import SessionDep, SettingsDep
+from app.schemas.problem import problem_responses
+from app.schemas.teachers_api import TeacherCreate, TeacherRead
+from app.services import teachers as teachers_service
+
+router = APIRouter(prefix="/distillation/teachers", tags=["teachers"])
+
+
+@router.get(
+    "",
+    response_model=list[TeacherRead],
+    summary="Registered teachers (the default registry plus registrations)",
+    responses=problem_responses(503),
+)
+def list_teachers(session: SessionDep) -> list[TeacherRead]:
+    return [teachers_service.to_read(t) for t in teachers_service.list_all(session)]
+
+
+@router.get(
+    "/{name}",
+    response_model=TeacherRead,
+    summary="One teacher",
+    responses=problem_responses(404, 503),
+)
+def get_teacher(name: str, session: SessionDep) -> TeacherRead:
+    return teachers_service.to_read(teachers_service.get_or_raise(session, name=name))
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=TeacherRead,
+    summary="Register a teacher: a local directory (with config.json) or a Hugging Face hub id",
+    description="Local directories must lie under ALLOWED_FILE_ROOT (default DATA_DIR), symlinks resolved. "
+    "Hub ids are checked for form only; this service cannot reach the network, so they are reported with "
+    "`available_offline: false`.",
+    responses=problem_responses(409, 422, 503),
+)
+def register_teacher(
+    request: TeacherCreate, session: SessionDep, settings: SettingsDep, response: Response
+) -> TeacherRead:
+    teacher = teachers_service.register(session, request=request, settings=settings)
+    response.headers["Location"] = f"/distillation/teachers/{teacher.name}"
+    return teachers_service.to_read(teacher)

@@ -1,0 +1,72 @@
+"""The FastAPI application: routers, problem+json error handlers, and a lifespan that seeds teachers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
+
+from app.api.routes import calculator, datasets, health, jobs, teachers
+from app.core.config import Settings, get_settings
+from app.core.db import get_engine, get_sessionmaker
+from app.errors import install_exception_handlers
+from app.services.teachers import seed_default_teachers
+
+logger = logging.getLogger("distillery.api")
+
+TAGS_METADATA = [
+    {"name": "jobs", "description": "Create, start, watch, cancel and delete distillation jobs."},
+    {"name": "teachers", "description": "The registry of teacher models jobs can name."},
+    {"name": "datasets", "description": "Upload CSV/JSONL datasets for jobs."},
+    {"name": "calculator", "description": "The seed's back-of-the-envelope distillation calculator."},
+    {"name": "health", "description": "Liveness of the database, broker, scheduler and workers."},
+]
+
+
+def _seed_teachers_if_migrated() -> None:
+    """Seed the default teachers when the schema exists; migrations are `distillery up`'s job, not ours."""
+    try:
+        if not inspect(get_engine()).has_table("teachers"):
+            logger.warning("the database has no tables yet; run `alembic upgrade head` (distillery up does)")
+            return
+        with get_sessionmaker()() as session:
+            added = seed_default_teachers(session)
+        if added:
+            logger.info("seeded %d default teachers", added)
+    except OperationalError as exc:
+        # The API still starts; /health answers 503 until the database is back.
+        logger.error("database unavailable at startup, teachers not seeded: %s", exc)
+
+
+def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True) -> FastAPI:
+    """Build the API. `settings` defaults to the process-wide ones; tests pass their own limits."""
+    app_settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app_settings.ensure_dirs()
+        _seed_teachers_if_migrated()
+        yield
+
+    app = FastAPI(
+        title="Distillery",
+        summary="Knowledge distillation as a service",
+        description="Create a job naming a teacher, a target compression, a method and data; workers train "
+        "a student for real and report measured results. Every error is RFC 9457 problem+json.",
+        version="0.1.0",
+        openapi_tags=TAGS_METADATA,
+        lifespan=lifespan,
+    )
+    app.state.settings = app_settings
+    app.state.wake_scheduler = wake_scheduler
+    install_exception_handlers(app)
+    for router in (jobs.router, teachers.router, datasets.router, calculator.router, health.router):
+        app.include_router(router)
+    return app
+
+
+app = create_app()

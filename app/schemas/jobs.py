@@ -1,0 +1,111 @@
+"""Request and response models of the jobs resource (the spec itself is `job_spec.JobSpec`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.job_spec import JobSpec
+
+DIGITS_JOB_EXAMPLE: dict[str, Any] = {
+    "teacher_model_name": "digits-cnn",
+    "target_compression": 0.25,
+    "distillation_method": "response_distillation",
+    "task": "classification",
+    "training_config": {
+        "epochs": 10,
+        "batch_size": 64,
+        "learning_rate": 0.001,
+        "temperature": 4.0,
+        "alpha": 0.7,
+        "seed": 0,
+        "baseline": True,
+    },
+    "dataset_config": {"kind": "builtin", "name": "digits"},
+    "auto_start": True,
+}
+
+
+class JobCreate(JobSpec):
+    """A job spec plus `auto_start`: queue the job at once instead of leaving it pending."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DIGITS_JOB_EXAMPLE]})
+
+    auto_start: bool = Field(default=False, description="Queue the job at once (as POST .../start does).")
+
+    def spec(self) -> JobSpec:
+        """The job spec without the request-only fields."""
+        return JobSpec.model_validate(self.model_dump(exclude={"auto_start"}))
+
+
+class JobError(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    code: str
+    message: str
+
+
+class JobSummary(BaseModel):
+    """A job in a list: state and progress, without spec, metrics and results."""
+
+    job_id: str
+    status: str
+    progress: float = Field(ge=0, le=100)
+    phase: str | None
+    teacher_model_name: str
+    target_compression: float | None
+    distillation_method: str | None
+    task: str | None
+    attempt: int
+    created_at: datetime
+    queued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: JobError | None
+
+
+class JobRead(BaseModel):
+    """One job: state, progress and ETA, timestamps, the spec, the latest metrics, results or error."""
+
+    job_id: str
+    status: str = Field(
+        description="pending | queued | dispatched | running | cancelling | completed | failed | cancelled"
+    )
+    progress: float = Field(ge=0, le=100, description="Percent of the whole job, 0-100")
+    phase: str | None = Field(description="What the worker is doing: teacher, distill, evaluate, ...")
+    estimated_completion: datetime | None = Field(description="now + eta_seconds, while running")
+    eta_seconds: float | None
+    created_at: datetime
+    updated_at: datetime
+    queued_at: datetime | None
+    dispatched_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    attempt: int = Field(description="Claims so far (1 on the first run; more after a worker died)")
+    teacher_model_name: str
+    spec: dict[str, Any]
+    metrics: dict[str, Any] | None = Field(description="The latest metrics the worker reported")
+    results: dict[str, Any] | None = Field(description="DistillationResults once completed")
+    error: JobError | None = Field(description="{code, message} once failed")
+
+
+class JobEventRead(BaseModel):
+    id: int
+    job_id: str
+    created_at: datetime
+    kind: str = Field(description="state | progress | metric | claim | log")
+    attempt: int
+    message: str
+    data: dict[str, Any]
+
+
+class ArtifactRead(BaseModel):
+    name: str
+    size_bytes: int
+    sha256: str
+    media_type: str
+    created_at: datetime
+    url: str = Field(description="Where to download it")

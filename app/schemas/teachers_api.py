@@ -1,0 +1,63 @@
+"""Request and response models of the teachers registry (the source itself is `teachers.TeacherSource`)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas.job_spec import Task
+
+TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn"]
+
+
+class TeacherCreate(BaseModel):
+    """Register a teacher: a local directory under the allowed root, or a Hugging Face hub id."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"name": "my-bert", "kind": "local", "location": "models/my-bert", "type": "transformer"},
+                {
+                    "name": "distilgpt2",
+                    "kind": "hub",
+                    "location": "distilbert/distilgpt2",
+                    "type": "causal_lm",
+                },
+            ]
+        },
+    )
+
+    name: str = Field(
+        min_length=1,
+        max_length=200,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Registry name used as teacher_model_name: letters, digits, '.', '_', '-'",
+    )
+    kind: Literal["local", "hub"]
+    location: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="local: a directory under the allowed root (absolute or relative to it); hub: 'org/name'",
+    )
+    type: TeacherType
+    task: Task | None = None
+    params: int | None = Field(default=None, ge=0, description="Parameter count, when known")
+    description: str = Field(default="", max_length=2000)
+
+
+class TeacherRead(BaseModel):
+    name: str
+    kind: str = Field(description="builtin | local | hub")
+    location: str
+    type: str
+    params: int | None
+    task: str | None
+    description: str
+    builtin: bool = Field(description="Seeded from the default registry")
+    available_offline: bool = Field(
+        description="Loadable without network: built-in, or a local directory that exists"
+    )
+    created_at: datetime

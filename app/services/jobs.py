@@ -1,0 +1,395 @@
+"""Jobs: create (with settings-dependent checks), start, cancel, delete, read and page through them.
+
+Every state change is a compare-and-set on the current status, so the API never overwrites a change the
+scheduler or a worker made in between.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import math
+import shutil
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
+from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
+from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
+from app.services import datasets as datasets_service
+from app.services import teachers as teachers_service
+from app.services.events import record_event, record_state_change
+
+logger = logging.getLogger("distillery.jobs")
+
+_LABELLED_TASKS = (Task.classification, Task.sequence_classification)
+_STATE_CHANGE_RETRIES = 5
+
+
+# ----------------------------------------------------------------------------------------------- create
+
+
+def _field_error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "field": ".".join(str(p) for p in loc), "msg": msg, "type": kind}
+
+
+def check_spec(session: Session, *, spec: JobSpec, settings: Settings) -> JobSpec:
+    """Checks that need the database or settings: teacher, dataset, caps. Returns the spec to store.
+
+    A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
+    """
+    errors: list[dict[str, Any]] = []
+    extras: dict[str, Any] = {}
+    training = spec.training_config
+    if training.epochs > settings.max_epochs:
+        errors.append(
+            _field_error(
+                ["training_config", "epochs"],
+                f"Input should be less than or equal to {settings.max_epochs} (MAX_EPOCHS)",
+                "less_than_equal",
+            )
+        )
+    if training.batch_size > settings.max_batch_size:
+        errors.append(
+            _field_error(
+                ["training_config", "batch_size"],
+                f"Input should be less than or equal to {settings.max_batch_size} (MAX_BATCH_SIZE)",
+                "less_than_equal",
+            )
+        )
+    if teachers_service.get(session, name=spec.teacher_model_name) is None:
+        names = teachers_service.valid_names(session)
+        extras["valid_teachers"] = names
+        errors.append(
+            _field_error(
+                ["teacher_model_name"],
+                f"Unknown teacher '{spec.teacher_model_name}'; "
+                f"valid teachers: {', '.join(names) or '(none)'} "
+                "(GET /distillation/teachers; register others with POST /distillation/teachers)",
+                "unknown_teacher",
+            )
+        )
+    dataset = spec.dataset_config
+    if isinstance(dataset, UploadedDataset):
+        uploaded = datasets_service.get(session, dataset_id=dataset.dataset_id)
+        if uploaded is None:
+            errors.append(
+                _field_error(
+                    ["dataset_config", "dataset_id"],
+                    f"Unknown dataset '{dataset.dataset_id}'; GET /distillation/datasets lists the uploaded "
+                    "datasets (upload with POST /distillation/datasets)",
+                    "unknown_dataset",
+                )
+            )
+        elif spec.task in _LABELLED_TASKS and (uploaded.columns or {}).get("num_labels") is None:
+            errors.append(
+                _field_error(
+                    ["dataset_config", "dataset_id"],
+                    f"Dataset '{dataset.dataset_id}' has no 'label' column; task '{spec.task}' needs labels",
+                    "missing_labels",
+                )
+            )
+    elif isinstance(dataset, FileDataset):
+        root = settings.file_root
+        try:
+            resolved = teachers_service.resolve_under_root(dataset.path, root, what="Dataset path")
+        except Unprocessable as exc:
+            errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
+        else:
+            if not resolved.is_file():
+                errors.append(
+                    _field_error(
+                        ["dataset_config", "path"],
+                        f"No file at {resolved} (paths are relative to the allowed root {root})",
+                        "file_not_found",
+                    )
+                )
+            else:
+                spec = spec.model_copy(
+                    update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
+                )
+    if errors:
+        detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
+        raise Unprocessable(detail, errors=errors, **extras)
+    return spec
+
+
+def _count_queued(session: Session) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)) or 0
+
+
+def _check_queue_room(session: Session, settings: Settings) -> None:
+    queued = _count_queued(session)
+    if queued >= settings.max_queued_jobs:
+        retry_after = max(1, math.ceil(settings.tick_seconds))
+        raise QuotaExceeded(
+            f"{queued} jobs are already queued (MAX_QUEUED_JOBS={settings.max_queued_jobs}); "
+            f"retry in {retry_after} s or cancel a queued job.",
+            retry_after=retry_after,
+            queued_jobs=queued,
+            max_queued_jobs=settings.max_queued_jobs,
+        )
+
+
+def create(session: Session, *, request: JobCreate, settings: Settings) -> Job:
+    """Store a new job (pending, or queued when `auto_start`); 422 on a bad spec, 429 on a full queue."""
+    spec = check_spec(session, spec=request.spec(), settings=settings)
+    if request.auto_start:
+        _check_queue_room(session, settings)
+    now = utcnow()
+    job = Job(
+        spec=spec.model_dump(mode="json"),
+        teacher_model_name=spec.teacher_model_name,
+        status=JobStatus.pending,
+        attempt=0,
+        progress=0.0,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    record_event(
+        session, job_id=job.id, kind="state", message="created", data={"from": None, "to": "pending"}
+    )
+    if request.auto_start:
+        job.status = JobStatus.queued
+        job.queued_at = now
+        record_state_change(session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued)
+    session.commit()
+    return job
+
+
+# ----------------------------------------------------------------------------------------------- read
+
+
+def get(session: Session, *, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+def get_or_raise(session: Session, *, job_id: str) -> Job:
+    job = get(session, job_id=job_id)
+    if job is None:
+        raise NotFound(f"No job with id '{job_id}'.")
+    return job
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at_text, job_id = json.loads(raw)
+        created_at = datetime.fromisoformat(created_at_text)
+        if not isinstance(job_id, str) or created_at.tzinfo is None:
+            raise ValueError("bad cursor fields")
+    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise Unprocessable(
+            "The cursor is not one this API issued; pass next_cursor from the previous page unchanged.",
+            errors=[
+                _field_error(["cursor"], "invalid cursor", "invalid_cursor") | {"loc": ["query", "cursor"]}
+            ],
+        ) from exc
+    return created_at, job_id
+
+
+def list_page(
+    session: Session,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    statuses: Iterable[str] = (),
+    teacher: str | None = None,
+) -> tuple[list[Job], bool, str | None]:
+    """Newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, next_cursor)."""
+    query = select(Job)
+    status_list = list(statuses)
+    if status_list:
+        query = query.where(Job.status.in_(status_list))
+    if teacher:
+        query = query.where(Job.teacher_model_name == teacher)
+    if cursor:
+        created_at, job_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
+    has_more = len(rows) > limit
+    page = rows[:limit]
+    return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+def _compare_and_set(session: Session, job: Job, expected: str, new: str, **values: Any) -> bool:
+    """Move `job` from `expected` to `new` only if nobody changed its status meanwhile."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == expected)
+        .values(status=new, updated_at=utcnow(), **values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0) == 1)
+
+
+def start(session: Session, *, job_id: str, settings: Settings) -> Job:
+    """pending -> queued (queued_at now); 409 from any other state, 429 when MAX_QUEUED_JOBS wait."""
+    job = get_or_raise(session, job_id=job_id)
+    if job.status != JobStatus.pending:
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a pending job can be started.", job_status=job.status
+        )
+    _check_queue_room(session, settings)
+    if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, queued_at=utcnow()):
+        session.rollback()
+        session.refresh(job)
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a pending job can be started.", job_status=job.status
+        )
+    record_state_change(
+        session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued, attempt=job.attempt
+    )
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def cancel(session: Session, *, job_id: str) -> Job:
+    """pending/queued -> cancelled at once; dispatched/running -> cancelling (the worker stops it).
+
+    Cancelling again is a no-op; a finished job answers 409.
+    """
+    job = get_or_raise(session, job_id=job_id)
+    for _ in range(_STATE_CHANGE_RETRIES):
+        current = job.status
+        if current == JobStatus.cancelling:
+            return job
+        if current in TERMINAL_STATUSES:
+            raise Conflict(f"Job {job_id} already ended ({current}); nothing to cancel.", job_status=current)
+        values: dict[str, Any] = {}
+        if current in (JobStatus.pending, JobStatus.queued):
+            target = JobStatus.cancelled
+            values["finished_at"] = utcnow()
+        else:
+            target = JobStatus.cancelling
+        if _compare_and_set(session, job, current, target, **values):
+            record_state_change(
+                session,
+                job_id=job.id,
+                old=current,
+                new=target,
+                attempt=job.attempt,
+                reason="cancel requested",
+            )
+            session.commit()
+            session.refresh(job)
+            return job
+        session.rollback()
+        session.refresh(job)
+    raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
+
+
+def delete_job(session: Session, *, job_id: str, settings: Settings) -> None:
+    """Remove a finished job: its row (events and artifacts cascade) and its directory under jobs_dir."""
+    job = get_or_raise(session, job_id=job_id)
+    if job.status not in TERMINAL_STATUSES:
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a completed, failed or cancelled job can be deleted "
+            "(cancel it first).",
+            job_status=job.status,
+        )
+    result = session.execute(
+        delete(Job)
+        .where(Job.id == job_id, Job.status.in_(list(TERMINAL_STATUSES)))
+        .execution_options(synchronize_session=False)
+    )
+    if getattr(result, "rowcount", 0) != 1:
+        session.rollback()
+        raise Conflict(f"Job {job_id} changed state meanwhile; retry.")
+    session.commit()
+    session.expunge(job)
+    job_dir = (settings.jobs_dir / job_id).resolve()
+    if job_dir.parent == settings.jobs_dir.resolve() and job_dir.exists():
+        shutil.rmtree(job_dir)
+
+
+def wake_scheduler(settings: Settings) -> None:
+    """Ask for admission right away (after a commit); a failure is logged, the scheduler's tick retries."""
+    from app.services import scheduler
+
+    try:
+        scheduler.admit_and_dispatch(settings)
+    except NotImplementedError:
+        logger.info("admission is not implemented yet; the job stays queued")
+    except Exception:
+        logger.exception("admission after start failed; the scheduler's next tick retries")
+
+
+# ----------------------------------------------------------------------------------------------- views
+
+
+def _error(job: Job) -> JobError | None:
+    if not job.error:
+        return None
+    return JobError.model_validate(
+        {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", ""))}
+        | {k: v for k, v in job.error.items() if k not in ("code", "message")}
+    )
+
+
+def to_read(job: Job) -> JobRead:
+    estimated = None
+    if job.status == JobStatus.running and job.eta_seconds is not None:
+        estimated = utcnow() + timedelta(seconds=max(0.0, job.eta_seconds))
+    return JobRead(
+        job_id=job.id,
+        status=job.status,
+        progress=min(100.0, max(0.0, job.progress or 0.0)),
+        phase=job.phase,
+        estimated_completion=estimated,
+        eta_seconds=job.eta_seconds,
+        created_at=job.created_at,
+        updated_at=job.updated_at,
+        queued_at=job.queued_at,
+        dispatched_at=job.dispatched_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+        attempt=job.attempt,
+        teacher_model_name=job.teacher_model_name,
+        spec=job.spec,
+        metrics=job.metrics,
+        results=job.results,
+        error=_error(job),
+    )
+
+
+def to_summary(job: Job) -> JobSummary:
+    spec = job.spec or {}
+    return JobSummary(
+        job_id=job.id,
+        status=job.status,
+        progress=min(100.0, max(0.0, job.progress or 0.0)),
+        phase=job.phase,
+        teacher_model_name=job.teacher_model_name,
+        target_compression=spec.get("target_compression"),
+        distillation_method=spec.get("distillation_method"),
+        task=spec.get("task"),
+        attempt=job.attempt,
+        created_at=job.created_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        error=_error(job),
+    )

@@ -1,0 +1,163 @@
+"""The teacher registry in the database: seeded from DEFAULT_TEACHERS, extended by registrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.errors import Conflict, NotFound, Unprocessable
+from app.models import Teacher
+from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
+from app.schemas.teachers_api import TeacherCreate, TeacherRead
+
+logger = logging.getLogger("distillery.teachers")
+
+# A hub id: "name" or "org/name"; letters, digits, '-', '_', '.'; no '--' or '..', no leading/trailing '.-'.
+_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
+
+
+def seed_default_teachers(session: Session) -> int:
+    """Insert the default registry's teachers that are missing; idempotent and safe to race. Returns added."""
+    added = 0
+    for source in DEFAULT_TEACHERS:
+        if session.scalar(select(Teacher.id).where(Teacher.name == source.name)) is not None:
+            continue
+        try:
+            with session.begin_nested():
+                session.add(_row_from_source(source, builtin=True))
+            added += 1
+        except IntegrityError:
+            # Another process seeded the same name between our check and insert: that is the goal.
+            logger.info("teacher %s was seeded concurrently", source.name)
+    session.commit()
+    return added
+
+
+def _row_from_source(source: TeacherSource, *, builtin: bool) -> Teacher:
+    return Teacher(
+        name=source.name,
+        source_kind=source.kind.value,
+        location=source.location,
+        type=source.type,
+        params=source.params,
+        task=source.task,
+        description=source.description,
+        builtin=builtin,
+    )
+
+
+def valid_names(session: Session) -> list[str]:
+    return list(session.scalars(select(Teacher.name).order_by(Teacher.name)).all())
+
+
+def get(session: Session, *, name: str) -> Teacher | None:
+    return session.scalar(select(Teacher).where(Teacher.name == name))
+
+
+def get_or_raise(session: Session, *, name: str) -> Teacher:
+    """The teacher called `name`, else NotFound listing the registered names."""
+    teacher = get(session, name=name)
+    if teacher is None:
+        names = valid_names(session)
+        raise NotFound(
+            f"Teacher '{name}' is not registered. Valid teachers: {', '.join(names) or '(none)'}.",
+            valid_teachers=names,
+        )
+    return teacher
+
+
+def get_teacher_source(session: Session, name: str) -> TeacherSource:
+    """The source a worker loads the teacher `name` from; NotFound (listing valid names) if unregistered."""
+    teacher = get_or_raise(session, name=name)
+    return TeacherSource(
+        name=teacher.name,
+        kind=TeacherSourceKind(teacher.source_kind),
+        location=teacher.location,
+        type=teacher.type,
+        params=teacher.params,
+        task=teacher.task,
+        description=teacher.description,
+    )
+
+
+def list_all(session: Session) -> list[Teacher]:
+    return list(session.scalars(select(Teacher).order_by(Teacher.builtin.desc(), Teacher.name)).all())
+
+
+def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
+    """`location` (absolute, or relative to `root`) resolved with symlinks followed; must stay under root."""
+    candidate = Path(location).expanduser()
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    resolved = candidate.resolve()
+    if not resolved.is_relative_to(root):
+        raise Unprocessable(
+            f"{what} '{location}' resolves to {resolved}, outside the allowed root {root} "
+            "(set ALLOWED_FILE_ROOT to change it).",
+            allowed_root=str(root),
+        )
+    return resolved
+
+
+def register(session: Session, *, request: TeacherCreate, settings: Settings) -> Teacher:
+    """Register a local directory (checked now) or a hub id (format only: no network here)."""
+    if request.kind == "local":
+        directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
+        if not directory.is_dir():
+            raise Unprocessable(f"Teacher directory {directory} does not exist or is not a directory.")
+        if not (directory / "config.json").is_file():
+            raise Unprocessable(
+                f"Teacher directory {directory} has no config.json; save the model with save_pretrained()."
+            )
+        location = str(directory)
+    else:
+        if not _HUB_ID.match(request.location) or ".." in request.location or "--" in request.location:
+            raise Unprocessable(
+                f"'{request.location}' is not a Hugging Face hub id; expected 'name' or 'org/name'."
+            )
+        location = request.location
+    if get(session, name=request.name) is not None:
+        raise Conflict(f"A teacher named '{request.name}' is already registered.")
+    teacher = Teacher(
+        name=request.name,
+        source_kind=request.kind,
+        location=location,
+        type=request.type,
+        params=request.params,
+        task=request.task.value if request.task else None,
+        description=request.description,
+        builtin=False,
+    )
+    session.add(teacher)
+    try:
+        session.commit()
+    except IntegrityError as exc:
+        session.rollback()
+        raise Conflict(f"A teacher named '{request.name}' is already registered.") from exc
+    return teacher
+
+
+def to_read(teacher: Teacher) -> TeacherRead:
+    """The API view; `available_offline` is true for built-in teachers and existing local directories."""
+    available = teacher.source_kind == TeacherSourceKind.builtin or (
+        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).is_dir()
+    )
+    return TeacherRead(
+        name=teacher.name,
+        kind=teacher.source_kind,
+        location=teacher.location,
+        type=teacher.type,
+        params=teacher.params,
+        task=teacher.task,
+        description=teacher.description,
+        builtin=teacher.builtin,
+        available_offline=available,
+        created_at=teacher.created_at,
+    )
