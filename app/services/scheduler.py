@@ -1,15 +1,296 @@
-"""Admission under the concurrency limits, re-dispatch of unclaimed jobs, re-queue of stale ones.
+"""Admission under the concurrency limit, re-dispatch of unclaimed jobs, re-queue of stale ones.
 
-Placeholder signatures; the scheduler owner fills them in.
+Every decision is taken inside one database transaction, so the limit holds with any number of API,
+scheduler and worker processes: on PostgreSQL admissions are serialised by `pg_advisory_xact_lock` (and the
+queued rows are taken `FOR UPDATE SKIP LOCKED`); on SQLite every transaction is `BEGIN IMMEDIATE` (see
+`app.core.db`). Celery messages are sent only after the transaction that decided them has committed, and
+recovery never waits on the broker: a message nobody claimed is re-sent, a job whose heartbeat stopped is
+re-queued (keeping its `queued_at`, so it goes first) or failed after MAX_ATTEMPTS.
 """
 
 from __future__ import annotations
 
-from app.core.config import Settings
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.models import ACTIVE_STATUSES, Job, JobEvent, JobStatus, utcnow
+from app.services import heartbeats
+from app.services.lifecycle import record_event, record_transition
+
+log = logging.getLogger(__name__)
+
+# pg_advisory_xact_lock key that serialises admission across processes ("dist" in ASCII).
+ADMISSION_LOCK_KEY = 0x64697374
+# Re-sends of one unclaimed message back off: DISPATCH_TIMEOUT x 2^n, n capped here.
+_MAX_REDISPATCH_BACKOFF_EXPONENT = 5
+
+
+@dataclass
+class TickReport:
+    """What one scheduler tick did."""
+
+    admitted: list[str] = field(default_factory=list)
+    redispatched: list[str] = field(default_factory=list)
+    requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    cancelled: list[str] = field(default_factory=list)
+    send_errors: int = 0
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+def count_active(session: Session) -> int:
+    """Jobs holding a slot: dispatched, running or cancelling."""
+    return int(
+        session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE_STATUSES))) or 0
+    )
+
+
+def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
+    """Move queued jobs to `dispatched` in queued_at order while fewer than the limit are active.
+
+    The caller commits, then sends one message per returned id.
+    """
+    postgres = _is_postgres(session)
+    if postgres:
+        session.execute(select(func.pg_advisory_xact_lock(ADMISSION_LOCK_KEY)))
+    free = settings.max_concurrent_jobs - count_active(session)
+    if free <= 0:
+        return []
+    stmt = select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.queued_at, Job.id).limit(free)
+    if postgres:
+        stmt = stmt.with_for_update(skip_locked=True)
+    candidates = list(session.scalars(stmt))
+    if not candidates:
+        return []
+    now = utcnow()
+    admitted: list[str] = []
+    for job_id in candidates:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.queued)
+            .values(status=JobStatus.dispatched, dispatched_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            admitted.append(job_id)
+            record_transition(session, job_id=job_id, old=JobStatus.queued, new=JobStatus.dispatched)
+    return admitted
+
+
+def _send(job_ids: list[str]) -> int:
+    """Send one run message per job id; returns how many sends failed (the scheduler re-sends those)."""
+    from app.core.celery_client import send_run_job
+
+    errors = 0
+    for job_id in job_ids:
+        try:
+            send_run_job(job_id)
+        except Exception as exc:  # kombu raises many transport-specific errors; re-send covers them all
+            errors += 1
+            log.error(
+                "could not send job %s to the broker (will re-send after DISPATCH_TIMEOUT): %s", job_id, exc
+            )
+    return errors
 
 
 def admit_and_dispatch(settings: Settings | None = None) -> list[str]:
     """Admit queued jobs (queued_at order) while fewer than MAX_CONCURRENT_JOBS are active, commit,
     then send one Celery task per admitted job. Returns the admitted job ids. Safe to call from any
     process at any time (API after a start, worker after a job's end, the scheduler's tick)."""
-    raise NotImplementedError
+    settings = settings or get_settings()
+    with session_scope() as session:
+        admitted = admit_queued_jobs(session, settings)
+    _send(admitted)
+    return admitted
+
+
+def redispatch_unclaimed(session: Session, settings: Settings) -> list[str]:
+    """Dispatched jobs nobody claimed within DISPATCH_TIMEOUT (backing off per re-send): refresh
+    `dispatched_at` and return their ids; the caller commits, then sends them again."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.dispatch_timeout)
+    rows = session.execute(
+        select(Job.id, Job.attempt, Job.dispatched_at).where(
+            Job.status == JobStatus.dispatched, Job.dispatched_at < cutoff
+        )
+    ).all()
+    resent: list[str] = []
+    for row in rows:
+        previous = int(
+            session.scalar(
+                select(func.count())
+                .select_from(JobEvent)
+                .where(
+                    JobEvent.job_id == row.id, JobEvent.kind == "dispatch", JobEvent.attempt == row.attempt
+                )
+            )
+            or 0
+        )
+        wait = settings.dispatch_timeout * 2 ** min(previous, _MAX_REDISPATCH_BACKOFF_EXPONENT)
+        if row.dispatched_at > now - timedelta(seconds=wait):
+            continue
+        result = session.execute(
+            update(Job)
+            .where(
+                Job.id == row.id, Job.status == JobStatus.dispatched, Job.dispatched_at == row.dispatched_at
+            )
+            .values(dispatched_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:  # type: ignore[attr-defined]
+            continue
+        record_event(
+            session,
+            job_id=row.id,
+            kind="dispatch",
+            message=f"re-sent: no worker claimed it within {wait:.0f} s",
+            data={"resend": previous + 1, "waited_seconds": wait},
+            attempt=row.attempt,
+        )
+        resent.append(row.id)
+    return resent
+
+
+def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list[str]]:
+    """Running jobs whose heartbeat is older than HEARTBEAT_TIMEOUT go back to `queued` (keeping their
+    queued_at, so they are admitted first, and losing their lease), or fail with `max_attempts` once
+    `attempt >= MAX_ATTEMPTS`. Returns (requeued ids, failed ids)."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
+    stmt = select(Job.id, Job.attempt, Job.worker, Job.heartbeat_at).where(
+        Job.status == JobStatus.running, Job.heartbeat_at < cutoff
+    )
+    if _is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    requeued: list[str] = []
+    failed: list[str] = []
+    for row in session.execute(stmt).all():
+        guard = update(Job).where(
+            Job.id == row.id, Job.status == JobStatus.running, Job.heartbeat_at == row.heartbeat_at
+        )
+        silent = (now - row.heartbeat_at).total_seconds()
+        if row.attempt >= settings.max_attempts:
+            error = {
+                "code": "max_attempts",
+                "message": (
+                    f"the job's worker stopped responding on attempt {row.attempt} of "
+                    f"{settings.max_attempts} "
+                    f"(last worker {row.worker}, silent for {silent:.0f} s); it is not retried again"
+                ),
+            }
+            values = {
+                "status": JobStatus.failed,
+                "error": error,
+                "lease_token": None,
+                "finished_at": now,
+                "eta_seconds": None,
+                "updated_at": now,
+            }
+            result = session.execute(guard.values(**values).execution_options(synchronize_session=False))
+            if result.rowcount == 1:  # type: ignore[attr-defined]
+                failed.append(row.id)
+                record_transition(
+                    session,
+                    job_id=row.id,
+                    old=JobStatus.running,
+                    new=JobStatus.failed,
+                    attempt=row.attempt,
+                    reason="max_attempts",
+                    error=error,
+                )
+            continue
+        result = session.execute(
+            guard.values(
+                status=JobStatus.queued,
+                lease_token=None,
+                worker=None,
+                dispatched_at=None,
+                heartbeat_at=None,
+                eta_seconds=None,
+                updated_at=now,
+            ).execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            requeued.append(row.id)
+            record_transition(
+                session,
+                job_id=row.id,
+                old=JobStatus.running,
+                new=JobStatus.queued,
+                attempt=row.attempt,
+                reason="heartbeat_stale",
+                worker=row.worker,
+                silent_seconds=round(silent, 1),
+            )
+    return requeued, failed
+
+
+def finish_abandoned_cancels(session: Session, settings: Settings) -> list[str]:
+    """`cancelling` jobs no worker will finish: never claimed (no lease) or heartbeat stale → cancelled."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
+    rows = session.execute(
+        select(Job.id, Job.attempt, Job.lease_token).where(
+            Job.status == JobStatus.cancelling,
+            (Job.lease_token.is_(None)) | (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff),
+        )
+    ).all()
+    cancelled: list[str] = []
+    for row in rows:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == row.id, Job.status == JobStatus.cancelling)
+            .where(
+                Job.lease_token.is_(None) if row.lease_token is None else Job.lease_token == row.lease_token
+            )
+            .values(
+                status=JobStatus.cancelled,
+                lease_token=None,
+                finished_at=now,
+                eta_seconds=None,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            cancelled.append(row.id)
+            reason = "never claimed" if row.lease_token is None else "worker stopped responding"
+            record_transition(
+                session,
+                job_id=row.id,
+                old=JobStatus.cancelling,
+                new=JobStatus.cancelled,
+                attempt=row.attempt,
+                reason=reason,
+            )
+    return cancelled
+
+
+def run_tick(settings: Settings | None = None, *, scheduler_id: str | None = None) -> TickReport:
+    """One scheduler pass: recover stale and abandoned jobs, re-send unclaimed ones, admit, beat."""
+    settings = settings or get_settings()
+    report = TickReport()
+    with session_scope() as session:
+        report.requeued, report.failed = requeue_stale(session, settings)
+        report.cancelled = finish_abandoned_cancels(session, settings)
+    with session_scope() as session:
+        report.redispatched = redispatch_unclaimed(session, settings)
+    report.send_errors += _send(report.redispatched)
+    with session_scope() as session:
+        report.admitted = admit_queued_jobs(session, settings)
+    report.send_errors += _send(report.admitted)
+    if scheduler_id is not None:
+        with session_scope() as session:
+            heartbeats.beat(
+                session, kind="scheduler", sid=scheduler_id, info={"tick_seconds": settings.tick_seconds}
+            )
+    return report

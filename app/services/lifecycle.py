@@ -1,0 +1,305 @@
+"""Worker-side job transitions: claim, heartbeat, progress, finish, fail, cancel — all lease-guarded.
+
+The claim is a compare-and-set on `status='dispatched'` that bumps `attempt` and hands out a fresh lease
+token; every later write by that worker carries `WHERE id=:id AND lease_token=:token`, so a worker whose
+job was re-queued (lease cleared by the scheduler) or re-claimed elsewhere can no longer change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mimetypes
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
+
+from app.models import Artifact, Job, JobEvent, JobStatus, UTCDateTime, utcnow
+
+# Statuses in which a lease holder may still write (cancelling: it is finishing its last step).
+_HELD_STATUSES = (JobStatus.running, JobStatus.cancelling)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker got by claiming a job: the attempt number and the lease token guarding its writes."""
+
+    job_id: str
+    attempt: int
+    lease_token: str
+    worker: str
+    spec: dict[str, Any]
+    teacher_model_name: str
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """The job's status as seen by a lease holder; `held` is False once the lease was taken away."""
+
+    status: str | None
+    held: bool
+
+    @property
+    def should_stop(self) -> bool:
+        return not self.held or self.status == JobStatus.cancelling
+
+
+@dataclass(frozen=True)
+class ArtifactFile:
+    """An artifact file on disk, described for the `artifacts` table."""
+
+    name: str
+    path: Path
+    size_bytes: int
+    sha256: str
+    media_type: str
+
+
+def describe_artifact(path: Path) -> ArtifactFile:
+    """Size, sha256 and media type of one artifact file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    media_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return ArtifactFile(
+        name=path.name,
+        path=path,
+        size_bytes=path.stat().st_size,
+        sha256=digest.hexdigest(),
+        media_type=media_type,
+    )
+
+
+def record_event(
+    session: Session,
+    *,
+    job_id: str,
+    kind: str,
+    message: str = "",
+    data: dict[str, Any] | None = None,
+    attempt: int = 0,
+) -> None:
+    """Append one event (state, claim, progress, metric, phase, log) to the job's history."""
+    session.add(
+        JobEvent(
+            job_id=job_id, kind=kind, message=message, data=data or {}, attempt=attempt, created_at=utcnow()
+        )
+    )
+
+
+def record_transition(
+    session: Session, *, job_id: str, old: str, new: str, attempt: int = 0, reason: str = "", **extra: Any
+) -> None:
+    """Append a `state` event for a status change."""
+    data: dict[str, Any] = {"from": old, "to": new, **extra}
+    if reason:
+        data["reason"] = reason
+    record_event(session, job_id=job_id, kind="state", message=f"{old} -> {new}", data=data, attempt=attempt)
+
+
+def _rowcount(result: Any) -> int:
+    assert isinstance(result, CursorResult)
+    return int(result.rowcount)
+
+
+def claim_job(session: Session, *, job_id: str, worker: str) -> Claim | None:
+    """Compare-and-set `dispatched → running` with attempt + 1 and a new lease; None if not claimable."""
+    now = utcnow()
+    token = str(uuid.uuid4())
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.dispatched)
+        .values(
+            status=JobStatus.running,
+            attempt=Job.attempt + 1,
+            lease_token=token,
+            worker=worker,
+            started_at=func.coalesce(Job.started_at, literal(now, type_=UTCDateTime())),
+            heartbeat_at=now,
+            updated_at=now,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if _rowcount(result) != 1:
+        return None
+    row = session.execute(select(Job.attempt, Job.spec, Job.teacher_model_name).where(Job.id == job_id)).one()
+    attempt = int(row.attempt)
+    record_event(
+        session,
+        job_id=job_id,
+        kind="claim",
+        message=f"claimed by {worker} (attempt {attempt})",
+        data={"attempt": attempt, "lease_token": token, "worker": worker, "at": now.isoformat()},
+        attempt=attempt,
+    )
+    record_transition(
+        session,
+        job_id=job_id,
+        old=JobStatus.dispatched,
+        new=JobStatus.running,
+        attempt=attempt,
+        worker=worker,
+    )
+    return Claim(
+        job_id=job_id,
+        attempt=attempt,
+        lease_token=token,
+        worker=worker,
+        spec=dict(row.spec),
+        teacher_model_name=str(row.teacher_model_name),
+    )
+
+
+def _guarded(job_id: str, lease_token: str) -> Any:
+    return (
+        update(Job)
+        .where(Job.id == job_id, Job.lease_token == lease_token)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def heartbeat(session: Session, *, job_id: str, lease_token: str) -> bool:
+    """Refresh `heartbeat_at` while the lease is held and the job is live; False when the lease is lost."""
+    now = utcnow()
+    result = session.execute(
+        _guarded(job_id, lease_token)
+        .where(Job.status.in_(_HELD_STATUSES))
+        .values(heartbeat_at=now, updated_at=now)
+    )
+    return _rowcount(result) == 1
+
+
+def update_progress(
+    session: Session,
+    *,
+    job_id: str,
+    lease_token: str,
+    progress: float,
+    phase: str | None,
+    eta_seconds: float | None,
+    metrics: dict[str, Any] | None = None,
+) -> bool:
+    """Write progress (0-100), phase, ETA and the latest metrics; also refreshes the heartbeat."""
+    now = utcnow()
+    values: dict[str, Any] = {
+        "progress": max(0.0, min(100.0, progress)),
+        "phase": phase,
+        "eta_seconds": eta_seconds,
+        "heartbeat_at": now,
+        "updated_at": now,
+    }
+    if metrics is not None:
+        values["metrics"] = metrics
+    result = session.execute(
+        _guarded(job_id, lease_token).where(Job.status.in_(_HELD_STATUSES)).values(**values)
+    )
+    return _rowcount(result) == 1
+
+
+def read_lease(session: Session, *, job_id: str, lease_token: str) -> LeaseState:
+    """The job's status and whether `lease_token` still holds it."""
+    row = session.execute(select(Job.status, Job.lease_token).where(Job.id == job_id)).one_or_none()
+    if row is None:
+        return LeaseState(status=None, held=False)
+    held = row.lease_token == lease_token and row.status in _HELD_STATUSES
+    return LeaseState(status=str(row.status), held=held)
+
+
+def complete_job(
+    session: Session,
+    *,
+    job_id: str,
+    lease_token: str,
+    attempt: int,
+    results: dict[str, Any],
+    artifacts: list[ArtifactFile],
+) -> bool:
+    """Store results and artifact rows and mark the job completed, if the lease still holds it."""
+    now = utcnow()
+    old = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    result = session.execute(
+        _guarded(job_id, lease_token)
+        .where(Job.status.in_(_HELD_STATUSES))
+        .values(
+            status=JobStatus.completed,
+            results=results,
+            error=None,
+            progress=100.0,
+            eta_seconds=0.0,
+            finished_at=now,
+            heartbeat_at=now,
+            updated_at=now,
+        )
+    )
+    if _rowcount(result) != 1:
+        return False
+    names = [artifact.name for artifact in artifacts]
+    session.execute(delete(Artifact).where(Artifact.job_id == job_id, Artifact.name.in_(names)))
+    for artifact in artifacts:
+        session.add(
+            Artifact(
+                job_id=job_id,
+                name=artifact.name,
+                path=str(artifact.path),
+                size_bytes=artifact.size_bytes,
+                sha256=artifact.sha256,
+                media_type=artifact.media_type,
+                created_at=now,
+            )
+        )
+    record_transition(
+        session, job_id=job_id, old=str(old or JobStatus.running), new=JobStatus.completed, attempt=attempt
+    )
+    return True
+
+
+def fail_job(
+    session: Session, *, job_id: str, lease_token: str, attempt: int, code: str, message: str
+) -> bool:
+    """Mark the job failed with `error: {code, message}`, if the lease still holds it."""
+    now = utcnow()
+    old = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
+    error = {"code": code, "message": message}
+    result = session.execute(
+        _guarded(job_id, lease_token)
+        .where(Job.status.in_(_HELD_STATUSES))
+        .values(status=JobStatus.failed, error=error, eta_seconds=None, finished_at=now, updated_at=now)
+    )
+    if _rowcount(result) != 1:
+        return False
+    record_transition(
+        session,
+        job_id=job_id,
+        old=str(old or JobStatus.running),
+        new=JobStatus.failed,
+        attempt=attempt,
+        reason=code,
+        error=error,
+    )
+    return True
+
+
+def cancel_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt: int) -> bool:
+    """A worker stopped on request: `cancelling → cancelled`, if the lease still holds it."""
+    now = utcnow()
+    result = session.execute(
+        _guarded(job_id, lease_token)
+        .where(Job.status == JobStatus.cancelling)
+        .values(status=JobStatus.cancelled, eta_seconds=None, finished_at=now, updated_at=now)
+    )
+    if _rowcount(result) != 1:
+        return False
+    record_transition(
+        session,
+        job_id=job_id,
+        old=JobStatus.cancelling,
+        new=JobStatus.cancelled,
+        attempt=attempt,
+        reason="stopped by worker",
+    )
+    return True

@@ -1,0 +1,94 @@
+"""The Celery worker app, configured from Settings (broker, transport options, `training` queue).
+
+Run one worker process per GPU, each pinned to its device and taking one job at a time:
+
+    CUDA_VISIBLE_DEVICES=0 celery -A workers.celery_app worker -Q training -c 1 -n gpu0@%h
+    CUDA_VISIBLE_DEVICES=1 celery -A workers.celery_app worker -Q training -c 1 -n gpu1@%h
+
+WORKER_CONCURRENCY (default 1) sets `-c` when not given; raise it only for CPU-only workers. Messages are
+acknowledged late and prefetched one at a time; a worker lost mid-job is *not* redelivered by the broker:
+the scheduler re-queues the job once its heartbeat is stale, and the next attempt resumes from the last
+checkpoint. The engine (torch) is imported once in the parent before the pool forks, so each job starts fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from celery import Celery, signals
+from sqlalchemy.exc import SQLAlchemyError
+
+from app.core.celery_client import QUEUE_TRAINING, celery_config
+from app.core.config import get_settings
+from app.core.db import get_engine, session_scope
+from app.services import heartbeats
+
+log = logging.getLogger(__name__)
+
+celery_app = Celery("distillery", include=["workers.tasks"])
+celery_app.conf.update(celery_config(get_settings()))
+celery_app.conf.update(task_create_missing_queues=True, worker_send_task_events=False)
+app = celery_app  # `celery -A workers.celery_app` finds `app` or `celery_app`
+
+_service: dict[str, Any] = {}
+
+
+def _beat_worker(sid: str, info: dict[str, Any], stop: threading.Event) -> None:
+    interval = get_settings().heartbeat_interval
+    while True:
+        try:
+            with session_scope() as session:
+                heartbeats.beat(session, kind="worker", sid=sid, info=info)
+        except SQLAlchemyError as exc:
+            log.warning("worker heartbeat failed (retrying): %s", exc.__class__.__name__)
+        if stop.wait(interval):
+            return
+
+
+@signals.worker_init.connect
+def _preload_engine(**_kwargs: Any) -> None:
+    """Import the engine (torch) once in the parent, before the pool forks its processes."""
+    settings = get_settings()
+    settings.ensure_dirs()
+    import workers.distill.runner  # noqa: F401
+
+
+@signals.worker_ready.connect
+def _start_service_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
+    """Record this worker in `service_heartbeats` (for /health) every HEARTBEAT_INTERVAL."""
+    hostname = getattr(sender, "hostname", None) or f"pid{os.getpid()}"
+    sid = heartbeats.service_id("worker", name=hostname)
+    info = {
+        "queue": QUEUE_TRAINING,
+        "concurrency": getattr(getattr(sender, "controller", None), "concurrency", None)
+        or celery_app.conf.worker_concurrency,
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=_beat_worker, args=(sid, info, stop), name="service-heartbeat", daemon=True
+    )
+    _service.update(sid=sid, stop=stop, thread=thread)
+    thread.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_service_heartbeat(**_kwargs: Any) -> None:
+    stop = _service.get("stop")
+    if stop is None:
+        return
+    stop.set()
+    try:
+        with session_scope() as session:
+            heartbeats.remove(session, sid=_service["sid"])
+    except SQLAlchemyError as exc:
+        log.warning("could not remove the worker heartbeat: %s", exc.__class__.__name__)
+
+
+@signals.worker_process_init.connect
+def _fresh_connections_after_fork(**_kwargs: Any) -> None:
+    """A forked pool process must not reuse the parent's database connections."""
+    get_engine().dispose(close=False)
