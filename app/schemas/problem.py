@@ -43,7 +43,7 @@ _DESCRIPTIONS = {
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries documenting problem+json errors for `statuses`."""
     responses: dict[int | str, dict[str, Any]] = {}
-    for status in statuses:
+    for status in sorted(statuses):
         entry: dict[str, Any] = {
             "model": Problem,
             "description": _DESCRIPTIONS.get(status, "Error"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from app.schemas.datasets import DatasetRead
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
+_INTEGER = re.compile(r"^[+-]?[0-9]+$")
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -51,7 +53,7 @@ def _parse_label(value: Any, where: str) -> int:
         raise Unprocessable(f"{where}: label {value!r} is not an integer >= 0.")
     if isinstance(value, int):
         label = value
-    elif isinstance(value, str) and value.strip().isdigit():
+    elif isinstance(value, str) and _INTEGER.match(value.strip()):
         label = int(value.strip())
     else:
         raise Unprocessable(f"{where}: label {value!r} is not an integer >= 0.")

@@ -91,7 +91,7 @@ def list_datasets(session: SessionDep) -> list[DatasetRead]:
     "/{dataset_id}",
     response_model=DatasetRead,
     summary="One uploaded dataset",
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404, 422, 503),
 )
 def get_dataset(dataset_id: str, session: SessionDep) -> DatasetRead:
     return datasets_service.to_read(datasets_service.get_or_raise(session, dataset_id=dataset_id))

@@ -67,7 +67,7 @@ def create_job(
     summary="Queue a pending job",
     description="pending -> queued. The scheduler admits queued jobs in queued_at order while fewer than "
     "MAX_CONCURRENT_JOBS run. 429 with Retry-After when MAX_QUEUED_JOBS are already waiting.",
-    responses=problem_responses(404, 409, 429, 503),
+    responses=problem_responses(404, 422, 409, 429, 503),
 )
 def start_job(
     job_id: str,
@@ -86,7 +86,7 @@ def start_job(
     "/{job_id}",
     response_model=JobRead,
     summary="A job's status, progress, ETA, metrics and results",
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404, 422, 503),
 )
 def get_job(job_id: str, session: SessionDep) -> JobRead:
     return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id))
@@ -129,7 +129,7 @@ def list_jobs(
     description="pending/queued -> cancelled at once (200); dispatched/running -> cancelling, the worker "
     "stops at its next check (202); cancelling again is accepted (202); a finished job answers 409.",
     responses={
-        **problem_responses(404, 409, 503),
+        **problem_responses(404, 422, 409, 503),
         200: {"model": JobRead, "description": "Cancelled at once"},
     },
 )
@@ -144,7 +144,7 @@ def cancel_job(job_id: str, session: SessionDep, response: Response) -> JobRead:
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a finished job with its events, artifacts and checkpoints",
-    responses=problem_responses(404, 409, 503),
+    responses=problem_responses(404, 422, 409, 503),
 )
 def delete_job(job_id: str, session: SessionDep, settings: SettingsDep) -> Response:
     jobs_service.delete_job(session, job_id=job_id, settings=settings)
@@ -176,7 +176,7 @@ def list_job_events(
     "/{job_id}/artifacts",
     response_model=list[ArtifactRead],
     summary="A job's artifacts: student weights, config, exported program, results.json",
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404, 422, 503),
 )
 def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactRead]:
     jobs_service.get_or_raise(session, job_id=job_id)
@@ -188,7 +188,7 @@ def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactRead]:
     response_class=FileResponse,
     summary="Download one artifact",
     responses={
-        **problem_responses(404, 503),
+        **problem_responses(404, 422, 503),
         200: {"content": {"application/octet-stream": {}}, "description": "The file"},
     },
 )

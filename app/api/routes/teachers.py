@@ -26,7 +26,7 @@ def list_teachers(session: SessionDep) -> list[TeacherRead]:
     "/{name}",
     response_model=TeacherRead,
     summary="One teacher",
-    responses=problem_responses(404, 503),
+    responses=problem_responses(404, 422, 503),
 )
 def get_teacher(name: str, session: SessionDep) -> TeacherRead:
     return teachers_service.to_read(teachers_service.get_or_raise(session, name=name))
