@@ -40,6 +40,18 @@ class StageResult(_Open):
     alpha: float
 
 
+class CompressionStage(_Open):
+    """One post-training compression stage, re-measured: 'distilled', 'pruned' or 'int8'."""
+
+    stage: str
+    metric: str = Field(description="'accuracy' or 'perplexity'")
+    value: float = Field(description="The metric on the test split after this stage")
+    size_mb: float = Field(description="Bytes of the stored tensors / 2**20 (int8 weights at 1 byte)")
+    latency_ms: dict[str, float] = Field(description="{'batch_1': ms, 'batch_64': ms}")
+    device: str
+    linear_sparsity: float | None = Field(default=None, description="Fraction of zero Linear weights")
+
+
 class DistillationResults(_Open):
     """What a finished job measured. Accuracies are fractions in [0, 1]; for causal LMs see `metric`."""
 
@@ -68,3 +80,7 @@ class DistillationResults(_Open):
     teacher_cache_used: bool = False
     training_seconds: float = 0.0
     total_seconds: float = 0.0
+    compression_stages: list[CompressionStage] = Field(
+        default_factory=list,
+        description="Post-training compression, one entry per stage, the distilled student first",
+    )

@@ -1,0 +1,1 @@
+"""Transformers support for the engine: teachers, students, text data and the HF task adapters."""

@@ -1,0 +1,353 @@
+"""Task adapters for transformer jobs: sequence classification, causal LM and masked LM."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from app.schemas.job_spec import DistillationMethod, JobSpec, Task
+from app.schemas.teachers import TeacherSource
+from workers.distill.adapters.base import (
+    IGNORE_INDEX,
+    Batch,
+    ModelOutputs,
+    TaskAdapter,
+    TaskData,
+    TensorDictDataset,
+    to_device,
+)
+from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
+from workers.distill.hf.data import TextSplits, causal_targets, read_text_splits, tokenise_split
+from workers.distill.hf.finetune import finetune_classifier, finetune_key, finetune_lock, finetuned_dir
+from workers.distill.hf.losses import token_kl, topk_teacher_logits
+from workers.distill.hf.models import build_hf_student, load_hf_teacher, teacher_location
+from workers.distill.losses import LossInputs, register_loss
+
+ONNX_FILE = "student.onnx"
+INT8_FILE = "student_int8.safetensors"
+
+
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits: the plain-tensor interface export and ONNX need."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _attn_implementation(spec: JobSpec) -> str:
+    """Eager attention when attention maps are distilled (sdpa returns none); sdpa otherwise (faster)."""
+    method = spec.distillation_method
+    return "eager" if method in (DistillationMethod.attention, DistillationMethod.progressive) else "sdpa"
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """`target` gets the bytes of `source` (a hard link when the filesystem allows)."""
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+
+
+class HFTaskAdapter(TaskAdapter):
+    """Shared behaviour of the transformer tasks; subclasses set the task, metric and targets.
+
+    The tokenizer belongs to the teacher, so `load_data` reads and splits raw text and `load_teacher`
+    tokenises the splits in place (the trainer reads `data.train/val/test` only after `load_teacher`).
+    """
+
+    task: ClassVar[Task]
+
+    def __init__(self) -> None:
+        self.tokenizer: PreTrainedTokenizerBase | None = None
+        self.splits: TextSplits | None = None
+
+    # ---- data and models ---------------------------------------------------------------------------
+
+    def load_data(self, spec: JobSpec, *, data_dir: Path, file_root: Path | None) -> TaskData:
+        """Read and split the job's texts; tokenised later, with the teacher's tokenizer."""
+        del data_dir
+        self.splits = read_text_splits(spec, file_root=file_root)
+        empty = TensorDictDataset({"input_ids": torch.zeros(0, 1, dtype=torch.long)})
+        info: dict[str, Any] = {"fingerprint": self.splits.fingerprint, "tokenised": False}
+        if self.splits.label_names:
+            info["label_names"] = self.splits.label_names
+        return TaskData(
+            train=empty, val=empty, test=empty, collate=None, num_labels=self.splits.num_labels, info=info
+        )
+
+    def _tokenise(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, spec: JobSpec) -> None:
+        """Fill `data`'s splits with token tensors (masking seeds differ per split)."""
+        assert self.splits is not None, "load_data runs before load_teacher"
+        length = spec.training_config.max_seq_length
+        seed = spec.training_config.seed
+        data.train = tokenise_split(self.splits.train, tokenizer, self.task, max_length=length, seed=seed)
+        data.val = tokenise_split(self.splits.val, tokenizer, self.task, max_length=length, seed=seed + 1)
+        data.test = tokenise_split(self.splits.test, tokenizer, self.task, max_length=length, seed=seed + 2)
+        data.info["tokenizer"] = tokenizer
+        data.info["tokenised"] = True
+
+    def load_teacher(
+        self,
+        source: TeacherSource,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        data_dir: Path,
+        file_root: Path | None,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+        trust_remote_code: bool,
+    ) -> nn.Module:
+        """Load the teacher and its tokenizer, tokenise the data; fine-tune a missing classification head."""
+        attn = _attn_implementation(spec)
+        loaded = load_hf_teacher(
+            source,
+            self.task,
+            num_labels=data.num_labels,
+            file_root=file_root,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=attn,
+        )
+        self.tokenizer = loaded.tokenizer
+        self._tokenise(data, loaded.tokenizer, spec)
+        model = loaded.model
+        data.info["teacher_finetuned"] = False
+        if loaded.needs_finetune:
+            if spec.training_config.teacher_finetune_epochs == 0:
+                raise EngineError(
+                    "teacher_invalid",
+                    f"teacher '{source.name}' has no trained head for {data.num_labels} labels "
+                    f"({', '.join(loaded.missing_head_keys[:3])}); set teacher_finetune_epochs >= 1",
+                )
+            model = self._finetuned_teacher(
+                model, source, spec, data, data_dir, file_root, device, callbacks, attn
+            )
+            data.info["teacher_finetuned"] = True
+        nn.Module.to(model, device).eval()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model
+
+    def _finetuned_teacher(
+        self,
+        model: PreTrainedModel,
+        source: TeacherSource,
+        spec: JobSpec,
+        data: TaskData,
+        data_dir: Path,
+        file_root: Path | None,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+        attn: str,
+    ) -> PreTrainedModel:
+        """Fine-tune once per (teacher, data, settings) and keep it under data_dir, so resumes reuse it."""
+        assert isinstance(data.train, TensorDictDataset) and data.num_labels is not None
+        key = finetune_key(
+            teacher_location(source, file_root), str(data.info["fingerprint"]), spec, data.num_labels
+        )
+        directory = finetuned_dir(data_dir, key)
+        with finetune_lock(data_dir, key):
+            if not (directory / "config.json").is_file():
+                callbacks.on_event("phase", "teacher_finetune started", {"phase": "teacher_finetune"})
+                metrics = finetune_classifier(model, data.train, spec, device=device, callbacks=callbacks)
+                partial = directory.with_name(directory.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                model.save_pretrained(partial)
+                partial.rename(directory)
+                callbacks.on_event(
+                    "phase", "teacher_finetune finished", {"phase": "teacher_finetune", **metrics}
+                )
+                return model
+        callbacks.on_event("phase", "teacher_finetune reused", {"phase": "teacher_finetune", "key": key})
+        reloaded = type(model).from_pretrained(directory, attn_implementation=attn, weights_only=True)
+        assert isinstance(reloaded, PreTrainedModel)
+        return reloaded
+
+    def build_student(self, teacher: nn.Module, target_compression: float, *, seed: int) -> nn.Module:
+        """A narrower/shallower model of the teacher's class, initialised from its layers."""
+        assert isinstance(teacher, PreTrainedModel)
+        return build_hf_student(teacher, target_compression, seed=seed).cpu()
+
+    # ---- forward, targets, metric ------------------------------------------------------------------
+
+    def forward(
+        self, model: nn.Module, batch: Batch, *, hidden_states: bool = False, attentions: bool = False
+    ) -> ModelOutputs:
+        """Logits (B, C) or (B, T, V), hidden states per layer incl. embeddings (B, T, H), attentions."""
+        output = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            output_hidden_states=hidden_states,
+            output_attentions=attentions,
+        )
+        if attentions and output.attentions is None:
+            raise EngineError("unsupported", "this model returns no attention maps (needs eager attention)")
+        return ModelOutputs(
+            logits=output.logits,
+            hidden_states=tuple(output.hidden_states) if hidden_states else None,
+            attentions=tuple(output.attentions) if attentions else None,
+            extra={"attention_mask": batch["attention_mask"]},
+        )
+
+    def example_batch(self, data: TaskData, batch_size: int) -> Batch:
+        """`batch_size` test rows (repeated when the split is smaller): input_ids, attention_mask (B, T)."""
+        assert isinstance(data.test, TensorDictDataset)
+        indices = torch.arange(batch_size) % len(data.test)
+        batch = data.test.get_batch(indices)
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+    # ---- artifacts ---------------------------------------------------------------------------------
+
+    def save_student(self, student: nn.Module, out_dir: Path, data: TaskData) -> list[Path]:
+        """save_pretrained (+ tokenizer) into out_dir, so `from_pretrained(out_dir)` loads it as is.
+
+        Also `student.safetensors` (same bytes as model.safetensors) and `student_config.json` naming the
+        transformers class, for clients that read the engine's common artifact names.
+        """
+        assert isinstance(student, PreTrainedModel)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        student.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer = data.info.get("tokenizer") or self.tokenizer
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out_dir)
+        _link_or_copy(out_dir / "model.safetensors", out_dir / ARTIFACT_WEIGHTS)
+        recipe = {
+            "format": "transformers",
+            "architecture": type(student).__name__,
+            "task": str(self.task),
+            "config": "config.json",
+            "weights": "model.safetensors",
+            "load": "transformers.AutoModelFor...from_pretrained(<this directory>)",
+        }
+        (out_dir / ARTIFACT_CONFIG).write_text(json.dumps(recipe, indent=2))
+        return sorted(p for p in out_dir.iterdir() if p.is_file())
+
+    def export_program(self, student: nn.Module, path: Path, data: TaskData) -> None:
+        """torch.export of (input_ids, attention_mask) -> logits with dynamic batch and sequence length."""
+        assert isinstance(student, PreTrainedModel)
+        example = self.example_batch(data, 2)
+        wrapper = LogitsOnly(student).eval()
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        seq = torch.export.Dim("seq", min=2, max=int(student.config.max_position_embeddings))
+        dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+        device = next(student.parameters()).device
+        with torch.no_grad():
+            program = torch.export.export(
+                wrapper,
+                (example["input_ids"].to(device), example["attention_mask"].to(device)),
+                dynamic_shapes=dynamic,
+            )
+        torch.export.save(program, str(path))
+
+
+class SequenceClassificationAdapter(HFTaskAdapter):
+    """BERT/RoBERTa classifiers; accuracy on the held-out split."""
+
+    task = Task.sequence_classification
+    metric = "accuracy"
+    higher_is_better = True
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch["labels"]  # (B,)
+
+    def save_student(self, student: nn.Module, out_dir: Path, data: TaskData) -> list[Path]:
+        """save_pretrained files plus `student.onnx`, checked against the PyTorch logits."""
+        paths = super().save_student(student, out_dir, data)
+        from workers.distill.onnx_export import export_onnx
+
+        example = self.example_batch(data, 2)
+        export_onnx(student, out_dir / ONNX_FILE, example)
+        return [*paths, out_dir / ONNX_FILE]
+
+
+class _TokenAdapter(HFTaskAdapter):
+    """Language-model tasks: perplexity, token-level KD, top-k teacher cache."""
+
+    metric = "perplexity"
+    higher_is_better = False
+
+    @torch.inference_mode()
+    def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """exp(mean next-/masked-token NLL) over every non-ignored position of `loader`."""
+        model.eval()
+        total_nll = 0.0
+        count = 0
+        for cpu_batch in loader:
+            batch = to_device(cpu_batch, device)
+            logits = self.forward(model, batch).logits.float()  # (B, T, V)
+            targets = self.targets(batch)  # (B, T)
+            mask = targets != IGNORE_INDEX
+            total_nll += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
+            count += int(mask.sum())
+        if count == 0:
+            raise ValueError("evaluation split has no target tokens")
+        return math.exp(min(total_nll / count, 50.0))
+
+    def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
+        """Token KD (full vocabulary or cached top-k) + next-token CE; hidden/attention terms by method."""
+        weights = super().loss_weights(spec, temperature=temperature, alpha=alpha)
+        weights["token_kl"] = weights.pop("soft_target_kl")
+        return weights
+
+    def cache_teacher_outputs(self, outputs: ModelOutputs, spec: JobSpec) -> ModelOutputs:
+        """Keep the teacher's top-k logits per token, not the whole vocabulary: (B, T, k) values + ids."""
+        values, ids = topk_teacher_logits(outputs.logits, spec.training_config.teacher_cache_top_k)
+        extra = {**outputs.extra, "topk_ids": ids.to(torch.int32)}
+        return ModelOutputs(
+            logits=values, hidden_states=outputs.hidden_states, attentions=outputs.attentions, extra=extra
+        )
+
+
+class CausalLMAdapter(_TokenAdapter):
+    """GPT-2 family: next-token distributions."""
+
+    task = Task.causal_lm
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return causal_targets(batch["input_ids"], batch["attention_mask"])  # (B, T)
+
+
+class MaskedLMAdapter(_TokenAdapter):
+    """DistilBERT-style: MLM logits KD at masked positions plus hidden-state alignment."""
+
+    task = Task.masked_lm
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch["mlm_labels"]  # (B, T)
+
+    def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
+        """Adds the hidden-state cosine term (weight feature_weight) for every method, as DistilBERT does."""
+        weights = super().loss_weights(spec, temperature=temperature, alpha=alpha)
+        weights.setdefault("feature_kd", spec.training_config.feature_weight)
+        return weights
+
+
+@register_loss("token_kl")
+def token_kl_term(inputs: LossInputs) -> torch.Tensor:
+    """Token-level KD for LMs: full-vocabulary KL, or KL on the cached renormalised top-k of the teacher."""
+    assert inputs.teacher is not None
+    teacher = inputs.teacher
+    if "topk_ids" in teacher.extra:
+        return token_kl(
+            inputs.student.logits,
+            inputs.targets,
+            temperature=inputs.temperature,
+            teacher_topk=(teacher.logits, teacher.extra["topk_ids"]),
+        )
+    return token_kl(
+        inputs.student.logits, inputs.targets, temperature=inputs.temperature, teacher_logits=teacher.logits
+    )

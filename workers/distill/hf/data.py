@@ -1,0 +1,258 @@
+"""Text data for transformer jobs: read CSV/JSONL or hub datasets, split deterministically, tokenise."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.model_selection import train_test_split
+from transformers import PreTrainedTokenizerBase
+
+from app.schemas.job_spec import FileDataset, HubDataset, JobSpec, Task
+from workers.distill.adapters.base import IGNORE_INDEX, TensorDictDataset
+from workers.distill.contract import EngineError
+from workers.distill.hf.models import resolve_under_root
+
+MLM_PROBABILITY = 0.15
+_MIN_PER_SPLIT = 1
+
+
+@dataclass
+class TextRecords:
+    """Raw examples of one split: texts, and integer labels for classification."""
+
+    texts: list[str]
+    labels: list[int] | None
+
+
+@dataclass
+class TextSplits:
+    """The three deterministic splits of a job's text data."""
+
+    train: TextRecords
+    val: TextRecords
+    test: TextRecords
+    num_labels: int | None
+    label_names: list[str] | None
+    fingerprint: str  # sha256 of the data, so a fine-tuned teacher can be reused for the same data
+
+
+def _read_file_rows(path: Path, columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of a CSV (header) or JSONL file, each holding at least `columns`."""
+    if not path.is_file():
+        raise EngineError("dataset_invalid", f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            if suffix in (".jsonl", ".ndjson", ".json"):
+                rows = [json.loads(line) for line in handle if line.strip()]
+            elif suffix in (".csv", ".tsv"):
+                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+            else:
+                raise EngineError("dataset_invalid", f"{path.name}: expected .csv, .tsv or .jsonl")
+    except UnicodeDecodeError as exc:
+        raise EngineError("dataset_invalid", f"{path.name} is not UTF-8 text: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise EngineError("dataset_invalid", f"{path.name}: invalid JSON on a line: {exc}") from exc
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise EngineError("dataset_invalid", f"{path.name} row {number} is not an object")
+        absent = [c for c in columns if c not in row or row[c] is None]
+        if absent:
+            raise EngineError(
+                "dataset_invalid", f"{path.name} row {number} lacks column(s) {', '.join(absent)}"
+            )
+    return rows
+
+
+def _read_hub_rows(config: HubDataset, columns: list[str]) -> list[dict[str, Any]]:
+    """Rows of a Hugging Face hub dataset (needs the optional `datasets` package and network or cache)."""
+    try:
+        datasets = importlib.import_module("datasets")
+    except ModuleNotFoundError as exc:
+        raise EngineError(
+            "unsupported",
+            "hub datasets need the 'datasets' package (pip install datasets); "
+            "or upload the data as CSV/JSONL",
+        ) from exc
+    try:
+        table = datasets.load_dataset(config.name, config.subset, split=config.split)
+    except Exception as exc:  # the hub raises many types (network, missing split, auth); all are reported
+        raise EngineError(
+            "dataset_invalid", f"hub dataset '{config.name}' could not be loaded: {exc}"
+        ) from exc
+    absent = [c for c in columns if c not in table.column_names]
+    if absent:
+        raise EngineError(
+            "dataset_invalid",
+            f"hub dataset '{config.name}' lacks column(s) {', '.join(absent)}; has {table.column_names}",
+        )
+    return [
+        dict(zip(columns, values, strict=True)) for values in zip(*(table[c] for c in columns), strict=True)
+    ]
+
+
+def _labels_to_ints(raw: list[Any]) -> tuple[list[int], list[str] | None]:
+    """Integer class ids 0..K-1; non-numeric labels are mapped in sorted order (names kept)."""
+    try:
+        numeric = [int(str(value).strip()) for value in raw]
+    except ValueError:
+        names = sorted({str(value) for value in raw})
+        index = {name: i for i, name in enumerate(names)}
+        return [index[str(value)] for value in raw], names
+    if any(str(value).strip() != str(int(str(value).strip())) for value in raw):
+        raise EngineError("dataset_invalid", "labels must be integers or class names")
+    if min(numeric) < 0:
+        raise EngineError("dataset_invalid", f"labels must be >= 0, found {min(numeric)}")
+    missing = sorted(set(range(max(numeric) + 1)) - set(numeric))
+    if missing:
+        raise EngineError(
+            "dataset_invalid", f"labels must cover 0..{max(numeric)}; never seen: {missing[:10]}"
+        )
+    return numeric, None
+
+
+def read_text_splits(spec: JobSpec, *, file_root: Path | None) -> TextSplits:
+    """Read the job's texts (and labels), validate them, and split 80/10/10 deterministically."""
+    config = spec.dataset_config
+    classify = spec.task == Task.sequence_classification
+    if not isinstance(config, FileDataset | HubDataset):
+        raise EngineError(
+            "dataset_unresolved",
+            f"task '{spec.task}' needs a 'file' or 'hub' dataset "
+            "(an 'uploaded' one is resolved by the service)",
+        )
+    columns = [config.text_column, *([config.label_column] if classify else [])]
+    if isinstance(config, FileDataset):
+        rows = _read_file_rows(resolve_under_root(config.path, file_root), columns)
+    else:
+        rows = _read_hub_rows(config, columns)
+    texts = [str(row[config.text_column]) for row in rows]
+    keep = [i for i, text in enumerate(texts) if text.strip()]
+    texts = [texts[i] for i in keep]
+    if len(texts) < 10:
+        raise EngineError("dataset_invalid", f"need at least 10 non-empty texts, found {len(texts)}")
+    digest = hashlib.sha256()
+    labels: list[int] | None = None
+    names: list[str] | None = None
+    if classify:
+        labels, names = _labels_to_ints([rows[i][config.label_column] for i in keep])
+        if len(set(labels)) < 2:
+            raise EngineError("dataset_invalid", "classification needs at least 2 distinct labels")
+    for i, text in enumerate(texts):
+        digest.update(text.encode())
+        digest.update(b"\x00" + (str(labels[i]).encode() if labels else b"") + b"\x01")
+
+    indices = np.arange(len(texts))
+    try:
+        rest, test = train_test_split(indices, test_size=0.1, random_state=0, stratify=labels)
+        rest_labels = [labels[i] for i in rest] if labels else None
+        train, val = train_test_split(rest, test_size=1 / 9, random_state=0, stratify=rest_labels)
+    except ValueError as exc:
+        raise EngineError(
+            "dataset_invalid",
+            f"cannot split the data into train/val/test by label (too few per class?): {exc}",
+        ) from exc
+
+    def records(idx: np.ndarray) -> TextRecords:
+        ordered = sorted(int(i) for i in idx)  # dataset order, independent of the split's shuffling
+        return TextRecords([texts[i] for i in ordered], [labels[i] for i in ordered] if labels else None)
+
+    return TextSplits(
+        train=records(train),
+        val=records(val),
+        test=records(test),
+        num_labels=(max(labels) + 1) if labels else None,
+        label_names=names,
+        fingerprint=digest.hexdigest(),
+    )
+
+
+def _encode(
+    records: TextRecords, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> dict[str, torch.Tensor]:
+    """input_ids and attention_mask (N, T), padded to the longest example (at most max_length)."""
+    encoded = tokenizer(
+        records.texts, truncation=True, max_length=max_length, padding="longest", return_tensors="pt"
+    )
+    return {
+        "input_ids": encoded["input_ids"].long(),  # (N, T)
+        "attention_mask": encoded["attention_mask"].long(),  # (N, T)
+    }
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking (15%: 80% [MASK], 10% random, 10% kept), fixed per example so teacher outputs cache.
+
+    Returns (masked input_ids, mlm_labels) both (N, T); labels are IGNORE_INDEX except at chosen positions.
+    """
+    if tokenizer.mask_token_id is None:
+        raise EngineError("teacher_invalid", "masked-lm needs a tokenizer with a mask token")
+    generator = torch.Generator().manual_seed(seed)
+    special = torch.tensor(
+        [
+            tokenizer.get_special_tokens_mask(row, already_has_special_tokens=True)
+            for row in input_ids.tolist()
+        ],
+        dtype=torch.bool,
+    )  # (N, T)
+    eligible = (attention_mask == 1) & ~special
+    chosen = (torch.rand(input_ids.shape, generator=generator) < MLM_PROBABILITY) & eligible
+    # Every example with an eligible token gets at least one masked position.
+    empty = ~chosen.any(dim=1) & eligible.any(dim=1)
+    first = eligible.float().argmax(dim=1)
+    chosen[empty.nonzero().squeeze(1), first[empty]] = True
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    roll = torch.rand(input_ids.shape, generator=generator)
+    random_ids = torch.randint(len(tokenizer), input_ids.shape, generator=generator)
+    masked = input_ids.clone()
+    masked[chosen & (roll < 0.8)] = tokenizer.mask_token_id
+    swap = chosen & (roll >= 0.8) & (roll < 0.9)
+    masked[swap] = random_ids[swap]
+    return masked, labels
+
+
+def tokenise_split(
+    records: TextRecords,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    *,
+    max_length: int,
+    seed: int,
+) -> TensorDictDataset:
+    """A split as stacked tensors (fast batching, cacheable by index)."""
+    tensors = _encode(records, tokenizer, max_length)
+    if task == Task.sequence_classification:
+        assert records.labels is not None
+        tensors["labels"] = torch.tensor(records.labels, dtype=torch.long)  # (N,)
+    elif task == Task.causal_lm:
+        if int(tensors["attention_mask"].sum(dim=1).min()) < 2:
+            short = int((tensors["attention_mask"].sum(dim=1) < 2).sum())
+            raise EngineError(
+                "dataset_invalid", f"{short} text(s) have fewer than 2 tokens; nothing to predict"
+            )
+    elif task == Task.masked_lm:
+        masked, labels = mask_tokens(tensors["input_ids"], tensors["attention_mask"], tokenizer, seed=seed)
+        tensors["input_ids"], tensors["mlm_labels"] = masked, labels
+    return TensorDictDataset(tensors)
+
+
+def causal_targets(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token ids aligned with the logits: target[t] = input[t+1]; padding and the last step ignored."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)  # (B, T)
+    targets[:, :-1] = input_ids[:, 1:]
+    targets[:, :-1][attention_mask[:, 1:] == 0] = IGNORE_INDEX
+    return targets
