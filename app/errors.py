@@ -174,11 +174,14 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
 
 async def _database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.error("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    detail = "The database cannot be reached right now; retry shortly."
+    if "no such table" in str(exc):
+        detail = "The database has no schema yet; run `alembic upgrade head` (`distillery up` does)."
     return problem_response(
         request,
         status=503,
         title="Database unavailable",
-        detail="The database cannot be reached right now; retry shortly.",
+        detail=detail,
         slug="database-unavailable",
         headers={"Retry-After": "5"},
     )
