@@ -15,7 +15,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("distillery.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
-PROBLEM_TYPE_BASE = "https://distillery.dev/problems/"
+# Non-resolvable identifiers (RFC 9457 allows tag URIs); clients compare them, never fetch them.
+PROBLEM_TYPE_BASE = "tag:distillery.example,2026:problem/"
 
 
 class ProblemError(Exception):

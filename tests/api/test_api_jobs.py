@@ -398,3 +398,15 @@ def test_artifacts_list_and_download(client: TestClient, problem: Any) -> None:
     (get_settings().jobs_dir / job_id / "artifacts" / "results.json").unlink()
     problem(client.get(listed[0]["url"]), 404)
     problem(client.get(f"/distillation/jobs/{uuid.uuid4()}/artifacts"), 404)
+
+
+def test_parts_not_implemented_yet_are_refused_with_a_message(client: TestClient, problem: Any) -> None:
+    from app.schemas.job_spec import UNSUPPORTED_TASKS
+
+    if not UNSUPPORTED_TASKS:
+        pytest.skip("every task is implemented")
+    task = next(iter(UNSUPPORTED_TASKS))
+    spec = DIGITS | {"task": task.value, "dataset_config": {"kind": "hub", "name": "wikitext"}}
+    body = problem(client.post("/distillation/jobs", json=spec), 422)
+    assert UNSUPPORTED_TASKS[task] in body["detail"]
+    assert body["type"].endswith("validation-error")
