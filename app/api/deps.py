@@ -27,7 +27,9 @@ def get_app_settings(request: Request) -> Settings:
     return settings if isinstance(settings, Settings) else get_settings()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# Closed when the route function returns, before the response is sent: a SQLite transaction (BEGIN
+# IMMEDIATE) must not hold the write lock while a client downloads an artifact.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 

@@ -410,3 +410,17 @@ def test_parts_not_implemented_yet_are_refused_with_a_message(client: TestClient
     body = problem(client.post("/distillation/jobs", json=spec), 422)
     assert UNSUPPORTED_TASKS[task] in body["detail"]
     assert body["type"].endswith("validation-error")
+
+
+def test_start_asks_for_admission_at_once(clean_database: str) -> None:
+    """With the wake-up on (as in production), a start is admitted before the scheduler's next tick."""
+    from app.core.config import Settings
+    from app.main import create_app
+
+    with TestClient(create_app(Settings(max_concurrent_jobs=1, tick_seconds=3600))) as client:
+        first = _create(client, auto_start=True)["job_id"]
+        second = _create(client)["job_id"]
+        assert client.post(f"/distillation/jobs/{second}/start").json()["status"] == "queued"
+        # The background wake-up ran after each response: the first job was admitted, the second waits.
+        assert client.get(f"/distillation/jobs/{first}").json()["status"] == "dispatched"
+        assert client.get(f"/distillation/jobs/{second}").json()["status"] == "queued"
