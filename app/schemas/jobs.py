@@ -66,8 +66,33 @@ class JobSummary(BaseModel):
     error: JobError | None
 
 
+_RUNNING_JOB_EXAMPLE: dict[str, Any] = {
+    "job_id": "5b0f4c8e-8d3a-4a53-9d7c-2f1f0b6f4a11",
+    "status": "running",
+    "progress": 42.5,
+    "phase": "distill",
+    "estimated_completion": "2026-11-29T03:12:40Z",
+    "eta_seconds": 95.0,
+    "created_at": "2026-11-29T03:08:02Z",
+    "updated_at": "2026-11-29T03:11:05Z",
+    "queued_at": "2026-11-29T03:08:02Z",
+    "dispatched_at": "2026-11-29T03:08:03Z",
+    "started_at": "2026-11-29T03:08:03Z",
+    "finished_at": None,
+    "heartbeat_at": "2026-11-29T03:11:05Z",
+    "attempt": 1,
+    "teacher_model_name": "digits-cnn",
+    "spec": {k: v for k, v in DIGITS_JOB_EXAMPLE.items() if k != "auto_start"},
+    "metrics": {"stage": 1, "epoch": 4, "student_accuracy": 0.9417, "total_loss": 0.512},
+    "results": None,
+    "error": None,
+}
+
+
 class JobRead(BaseModel):
     """One job: state, progress and ETA, timestamps, the spec, the latest metrics, results or error."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [_RUNNING_JOB_EXAMPLE]})
 
     job_id: str
     status: str = Field(
