@@ -91,6 +91,7 @@ class Settings(BaseSettings):
                 "data_folder_in": str(folder / "queue"),
                 "data_folder_out": str(folder / "queue"),
                 "processed_folder": str(folder / "processed"),
+                "control_folder": str(folder / "control"),
                 "store_processed": False,
                 "polling_interval": 0.2,
             }
@@ -122,7 +123,7 @@ class Settings(BaseSettings):
         for path in (self.data_dir, self.jobs_dir, self.uploads_dir, self.teachers_dir):
             path.mkdir(parents=True, exist_ok=True)
         if self.is_embedded_broker:
-            for key in ("data_folder_in", "processed_folder"):
+            for key in ("data_folder_in", "processed_folder", "control_folder"):
                 Path(self.broker_transport_options[key]).mkdir(parents=True, exist_ok=True)
 
 
