@@ -62,6 +62,14 @@ class Settings(BaseSettings):
     progress_min_interval: float = Field(
         default=1.0, ge=0, description="Minimum seconds between progress writes to the database."
     )
+    sse_poll_seconds: float = Field(
+        default=0.5, gt=0, description="How often an event stream looks for new job events in the database."
+    )
+    sse_keepalive_seconds: float = Field(
+        default=15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
+    )
+    log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
+    log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
 
     @field_validator("data_dir")
     @classmethod
