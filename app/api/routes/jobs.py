@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Body, Query, Response, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request, Response, status
+from fastapi.responses import FileResponse, StreamingResponse
 
 from app.api.deps import SessionDep, SettingsDep, WakeSchedulerDep
 from app.models import JobStatus
@@ -13,6 +13,7 @@ from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEve
 from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.services import artifacts as artifacts_service
+from app.services import event_stream
 from app.services import events as events_service
 from app.services import jobs as jobs_service
 
@@ -151,19 +152,56 @@ def delete_job(job_id: str, session: SessionDep, settings: SettingsDep) -> Respo
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+_SSE_EXAMPLE = (
+    "retry: 2000\n\n"
+    'id: 41\nevent: state\ndata: {"id":41,"kind":"state","message":"dispatched -> running",...}\n\n'
+    'event: snapshot\ndata: {"status":"running","progress":42.5,"phase":"distill",...}\n\n'
+    ": keep-alive\n\n"
+    'event: end\ndata: {"job_id":"...","status":"completed"}\n\n'
+)
+
+
 @router.get(
     "/{job_id}/events",
     response_model=Page[JobEventRead],
-    summary="A job's state, progress and metric events, in order, a page at a time",
-    responses=problem_responses(404, 422, 503),
+    summary="A job's state, progress and metric events: a page at a time, or live as Server-Sent Events",
+    description="JSON (the default): a page of events in id order after `after`. With `Accept: "
+    "text/event-stream`: every event after `after` or the `Last-Event-ID` header (`id:` the event id, "
+    "`event:` its kind, `data:` the event as JSON), a `snapshot` event whenever the job's status or "
+    "progress changes, `: keep-alive` comments every SSE_KEEPALIVE_SECONDS of silence, and a final `end` "
+    "event once the job is completed, failed or cancelled.",
+    responses={
+        **problem_responses(404, 422, 503),
+        200: {
+            "description": "A page of events, or the live stream",
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
+        },
+    },
 )
 def list_job_events(
     job_id: str,
+    request: Request,
     session: SessionDep,
+    settings: SettingsDep,
     after: Annotated[int, Query(ge=0, description="Only events with a larger id (next_cursor)")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> Page[JobEventRead]:
+    last_event_id: Annotated[
+        int | None, Header(ge=0, description="Stream: resume after this event id (sent by EventSource)")
+    ] = None,
+) -> Page[JobEventRead] | StreamingResponse:
     jobs_service.get_or_raise(session, job_id=job_id)
+    if "text/event-stream" in request.headers.get("accept", ""):
+        stream = event_stream.stream_job_events(
+            job_id,
+            after=max(after, last_event_id or 0),
+            poll_seconds=settings.sse_poll_seconds,
+            keepalive_seconds=settings.sse_keepalive_seconds,
+        )
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     events, has_more = events_service.list_events(session, job_id=job_id, after=after, limit=limit)
     return Page[JobEventRead](
         data=[JobEventRead.model_validate(e, from_attributes=True) for e in events],
