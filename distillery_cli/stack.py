@@ -110,7 +110,7 @@ def _stop_all(children: list[Child]) -> None:
     """SIGTERM every live child (API first, worker last), wait, then SIGKILL what is left."""
     for child in children:
         if child.process is not None and child.process.poll() is None:
-            os.killpg(child.process.pid, signal.SIGTERM)
+            child.process.send_signal(signal.SIGTERM)  # the leader stops its own children (warm shutdown)
     deadline = time.monotonic() + _STOP_GRACE_SECONDS
     for child in children:
         if child.process is None:
