@@ -33,6 +33,23 @@ class ProblemError(Exception):
         self.extras = extras
 
 
+class Unauthorized(ProblemError):
+    """No valid API key: the client must send `Authorization: Bearer <key>`."""
+
+    status = 401
+    slug = "unauthorized"
+    title = "Unauthorized"
+
+    def __init__(self, detail: str, **extras: Any) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="distillery"'}, **extras)
+
+
+class Forbidden(ProblemError):
+    status = 403
+    slug = "forbidden"
+    title = "Forbidden"
+
+
 class NotFound(ProblemError):
     status = 404
     slug = "not-found"

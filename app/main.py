@@ -10,10 +10,12 @@ from fastapi import FastAPI
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from app.api.routes import calculator, datasets, health, jobs, teachers
+from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker
+from app.core.logging import configure_logging
 from app.errors import install_exception_handlers
+from app.services.metrics import HttpMetricsMiddleware, build_registry
 from app.services.teachers import seed_default_teachers
 
 logger = logging.getLogger("distillery.api")
@@ -24,6 +26,8 @@ TAGS_METADATA = [
     {"name": "datasets", "description": "Upload CSV/JSONL datasets for jobs."},
     {"name": "calculator", "description": "The seed's back-of-the-envelope distillation calculator."},
     {"name": "health", "description": "Liveness of the database, broker, scheduler and workers."},
+    {"name": "metrics", "description": "Prometheus metrics for the operations team."},
+    {"name": "admin", "description": "Issue and revoke tenant API keys (needs ADMIN_API_KEY)."},
 ]
 
 
@@ -48,6 +52,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(fmt=app_settings.log_format, level=app_settings.log_level)
         app_settings.ensure_dirs()
         _seed_teachers_if_migrated()
         yield
@@ -64,8 +69,21 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     app.state.settings = app_settings
     app.state.wake_scheduler = wake_scheduler
     install_exception_handlers(app)
-    for router in (jobs.router, teachers.router, datasets.router, calculator.router, health.router):
+    # One registry per app (tests build several); the database figures are read at scrape time.
+    registry, http_latency = build_registry(lambda: get_sessionmaker()())
+    app.state.metrics_registry = registry
+    app.add_middleware(HttpMetricsMiddleware, histogram=http_latency)
+    for router in (
+        jobs.router,
+        teachers.router,
+        datasets.router,
+        calculator.router,
+        health.router,
+        admin.router,
+    ):
         app.include_router(router)
+    app.include_router(metrics.router)
+    app.include_router(dashboard.router)
     return app
 
 

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,8 +115,31 @@ def clean_database(migrated_database: str) -> Iterator[str]:
     from sqlalchemy import delete
 
     from app.core.db import session_scope
-    from app.models import Artifact, Dataset, Job, JobEvent
+    from app.models import ApiKey, Artifact, Dataset, IdempotencyRecord, Job, JobEvent, Tenant
 
     with session_scope() as session:
-        for model in (JobEvent, Artifact, Job, Dataset):
+        for model in (JobEvent, Artifact, Job, Dataset, IdempotencyRecord, ApiKey, Tenant):
             session.execute(delete(model))
+
+
+ApiKeyFactory = Callable[..., dict[str, str]]
+
+
+@pytest.fixture()
+def make_api_key(migrated_database: str) -> ApiKeyFactory:
+    """`make_api_key("acme")` issues a key for that tenant (a new one by default); returns auth headers."""
+    from app.core.db import session_scope
+    from app.services.auth import create_key
+
+    def factory(tenant: str | None = None, *, name: str = "test") -> dict[str, str]:
+        with session_scope() as session:
+            issued = create_key(session, tenant_name=tenant or f"tenant-{uuid.uuid4().hex[:12]}", name=name)
+        return {"Authorization": f"Bearer {issued.key}"}
+
+    return factory
+
+
+@pytest.fixture()
+def auth_headers(make_api_key: ApiKeyFactory) -> dict[str, str]:
+    """Bearer headers of a fresh tenant's API key."""
+    return make_api_key()

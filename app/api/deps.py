@@ -6,10 +6,14 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker
+from app.errors import Forbidden, Unauthorized
+from app.services import auth as auth_service
+from app.services.auth import Principal
 
 
 def get_session() -> Iterator[Session]:
@@ -39,3 +43,47 @@ def get_wake_scheduler(request: Request) -> bool:
 
 
 WakeSchedulerDep = Annotated[bool, Depends(get_wake_scheduler)]
+
+
+# auto_error=False: a missing or malformed header becomes our 401 problem+json, not FastAPI's 403.
+_tenant_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="A tenant API key: `Authorization: Bearer dk_...` (issued by POST /admin/keys; "
+    "`distillery up` stores a local one in DATA_DIR/api_key).",
+)
+_admin_bearer = HTTPBearer(
+    auto_error=False, scheme_name="AdminKey", description="The ADMIN_API_KEY setting, as a bearer token."
+)
+
+
+def get_current_tenant(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
+) -> Principal:
+    """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked."""
+    if credentials is None:
+        raise Unauthorized("Send an API key as `Authorization: Bearer <key>` (issued by POST /admin/keys).")
+    principal = auth_service.authenticate(session, key=credentials.credentials)
+    # End the lookup's transaction: on SQLite it holds the write lock, and an upload may stream for long.
+    session.rollback()
+    if principal is None:
+        raise Unauthorized("The API key is unknown or has been revoked.")
+    return principal
+
+
+CurrentTenantDep = Annotated[Principal, Depends(get_current_tenant)]
+
+
+def require_admin(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_admin_bearer)],
+) -> None:
+    """Admin endpoints: 403 when ADMIN_API_KEY is unset, 401 unless the bearer token equals it."""
+    if not settings.admin_api_key:
+        raise Forbidden("Admin endpoints are disabled: set ADMIN_API_KEY to enable them.")
+    if credentials is None or not auth_service.is_admin_key(credentials.credentials, settings.admin_api_key):
+        raise Unauthorized("Send the admin key as `Authorization: Bearer <ADMIN_API_KEY>`.")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

@@ -59,6 +59,20 @@ class Settings(BaseSettings):
         description="Root under which `file` datasets and local teacher paths must lie (default DATA_DIR).",
     )
     trust_remote_code: bool = Field(default=False, description="Allow hub models with custom code.")
+    admin_api_key: str = Field(
+        default="",
+        description="Bearer key for /admin/keys (creates and revokes tenant keys). Empty: admin endpoints "
+        "answer 403.",
+    )
+    tenant_max_running_jobs: int = Field(
+        default=2, ge=1, description="Jobs of one tenant dispatched or running at once (admission)."
+    )
+    tenant_max_queued_jobs: int = Field(
+        default=50, ge=1, description="Queued jobs of one tenant before start answers 429."
+    )
+    idempotency_ttl_hours: float = Field(
+        default=24.0, ge=24.0, description="Hours an Idempotency-Key's first response is kept for replay."
+    )
     progress_min_interval: float = Field(
         default=1.0, ge=0, description="Minimum seconds between progress writes to the database."
     )

@@ -84,6 +84,8 @@ class Teacher(Base):
     task: Mapped[str | None] = mapped_column(String(64), nullable=True)
     description: Mapped[str] = mapped_column(Text, default="")
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Owner (tenants.id); NULL for the seeded global teachers. Added by migration 0002.
+    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -99,6 +101,8 @@ class Dataset(Base):
     columns: Mapped[dict[str, Any]] = mapped_column(default=dict)  # {"names": [...], "num_labels": n}
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Owner (tenants.id). Added by migration 0002.
+    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
 
 
 class Job(Base):
@@ -124,6 +128,8 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # latest
     results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {code, message}
+    # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002.
+    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
@@ -180,3 +186,47 @@ class ServiceHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     info: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+# ------------------------------------------------------------------------- tenants, API keys, idempotency
+
+
+class Tenant(Base):
+    """Who owns jobs, datasets and registered teachers; every API key belongs to one."""
+
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    """A bearer key, stored as the sha256 of the key (never the key); `prefix` identifies it to people."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    prefix: Mapped[str] = mapped_column(String(16))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+
+class IdempotencyRecord(Base):
+    """The first response to a request carrying an Idempotency-Key, replayed for repeats within the TTL."""
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(36))
+    key: Mapped[str] = mapped_column(String(255))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any]] = mapped_column()
+    response_headers: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    __table_args__ = (Index("uq_idempotency_tenant_key", "tenant_id", "key", unique=True),)

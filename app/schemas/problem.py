@@ -30,6 +30,8 @@ class Problem(BaseModel):
 
 
 _DESCRIPTIONS = {
+    401: "Missing, unknown or revoked API key (send `Authorization: Bearer <key>`)",
+    403: "Forbidden (admin endpoints when ADMIN_API_KEY is not set)",
     404: "Not found",
     405: "Method not allowed",
     409: "Conflict with the resource's current state",
@@ -49,6 +51,10 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "description": _DESCRIPTIONS.get(status, "Error"),
             "content": {"application/problem+json": {}},
         }
+        if status == 401:
+            entry["headers"] = {
+                "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}
+            }
         if status == 429:
             entry["headers"] = {
                 "Retry-After": {

@@ -149,6 +149,7 @@ def create_from_upload(
     size_bytes: int,
     sha256: str,
     settings: Settings,
+    tenant_id: str | None,
 ) -> Dataset:
     """Check an upload, move it to `uploads_dir/<id>.<ext>` and record it; the file is removed on error."""
     try:
@@ -168,6 +169,7 @@ def create_from_upload(
         num_rows=summary.num_rows,
         columns={"names": summary.columns, "num_labels": summary.num_labels},
         sha256=sha256,
+        tenant_id=tenant_id,
     )
     session.add(dataset)
     try:
@@ -179,12 +181,16 @@ def create_from_upload(
     return dataset
 
 
-def get(session: Session, *, dataset_id: str) -> Dataset | None:
-    return session.get(Dataset, dataset_id)
+def get(session: Session, *, dataset_id: str, tenant_id: str | None) -> Dataset | None:
+    """The dataset, if it exists and belongs to `tenant_id` (None: any tenant, for workers)."""
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None or (tenant_id is not None and dataset.tenant_id != tenant_id):
+        return None
+    return dataset
 
 
-def get_or_raise(session: Session, *, dataset_id: str) -> Dataset:
-    dataset = get(session, dataset_id=dataset_id)
+def get_or_raise(session: Session, *, dataset_id: str, tenant_id: str | None) -> Dataset:
+    dataset = get(session, dataset_id=dataset_id, tenant_id=tenant_id)
     if dataset is None:
         raise NotFound(f"No dataset with id '{dataset_id}'; GET /distillation/datasets lists them.")
     return dataset
@@ -192,11 +198,15 @@ def get_or_raise(session: Session, *, dataset_id: str) -> Dataset:
 
 def get_dataset_path(session: Session, dataset_id: str) -> Path:
     """Where an uploaded dataset's file lies (for workers); NotFound if the id is unknown."""
-    return Path(get_or_raise(session, dataset_id=dataset_id).path)
+    return Path(get_or_raise(session, dataset_id=dataset_id, tenant_id=None).path)
 
 
-def list_all(session: Session) -> list[Dataset]:
-    return list(session.scalars(select(Dataset).order_by(Dataset.created_at.desc(), Dataset.id.desc())).all())
+def list_all(session: Session, *, tenant_id: str | None) -> list[Dataset]:
+    """The tenant's datasets, newest first."""
+    query = select(Dataset)
+    if tenant_id is not None:
+        query = query.where(Dataset.tenant_id == tenant_id)
+    return list(session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.id.desc())).all())
 
 
 def to_read(dataset: Dataset) -> DatasetRead:

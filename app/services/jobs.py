@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import math
@@ -41,8 +42,10 @@ def _field_error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "field": ".".join(str(p) for p in loc), "msg": msg, "type": kind}
 
 
-def check_spec(session: Session, *, spec: JobSpec, settings: Settings) -> JobSpec:
+def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id: str | None) -> JobSpec:
     """Checks that need the database or settings: teacher, dataset, caps. Returns the spec to store.
+
+    Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
 
     A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
     """
@@ -65,8 +68,8 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings) -> JobSpe
                 "less_than_equal",
             )
         )
-    if teachers_service.get(session, name=spec.teacher_model_name) is None:
-        names = teachers_service.valid_names(session)
+    if teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id) is None:
+        names = teachers_service.valid_names(session, tenant_id=tenant_id)
         extras["valid_teachers"] = names
         errors.append(
             _field_error(
@@ -79,7 +82,7 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings) -> JobSpe
         )
     dataset = spec.dataset_config
     if isinstance(dataset, UploadedDataset):
-        uploaded = datasets_service.get(session, dataset_id=dataset.dataset_id)
+        uploaded = datasets_service.get(session, dataset_id=dataset.dataset_id, tenant_id=tenant_id)
         if uploaded is None:
             errors.append(
                 _field_error(
@@ -122,11 +125,38 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings) -> JobSpe
     return spec
 
 
-def _count_queued(session: Session) -> int:
-    return session.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)) or 0
+def _count_queued(session: Session, tenant_id: str | None = None) -> int:
+    query = select(func.count()).select_from(Job).where(Job.status == JobStatus.queued)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
+    return session.scalar(query) or 0
 
 
-def _check_queue_room(session: Session, settings: Settings) -> None:
+# pg_advisory_xact_lock(class, key) keyspace for per-tenant queue checks ("tque"); the two-key form never
+# collides with the scheduler's one-key admission lock.
+_TENANT_QUEUE_LOCK_CLASS = 0x74717565
+
+
+def _lock_tenant_queue(session: Session, tenant_id: str) -> None:
+    """Serialise count-then-queue for one tenant on PostgreSQL (SQLite: BEGIN IMMEDIATE already does)."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(tenant_id.encode()).digest()[:4], "big", signed=True)
+        session.execute(select(func.pg_advisory_xact_lock(_TENANT_QUEUE_LOCK_CLASS, key)))
+
+
+def _check_queue_room(session: Session, settings: Settings, tenant_id: str | None = None) -> None:
+    if tenant_id is not None:
+        _lock_tenant_queue(session, tenant_id)
+        own = _count_queued(session, tenant_id)
+        if own >= settings.tenant_max_queued_jobs:
+            retry_after = max(1, math.ceil(settings.tick_seconds))
+            raise QuotaExceeded(
+                f"Your tenant already has {own} queued jobs (TENANT_MAX_QUEUED_JOBS="
+                f"{settings.tenant_max_queued_jobs}); retry in {retry_after} s or cancel a queued job.",
+                retry_after=retry_after,
+                queued_jobs=own,
+                max_queued_jobs=settings.tenant_max_queued_jobs,
+            )
     queued = _count_queued(session)
     if queued >= settings.max_queued_jobs:
         retry_after = max(1, math.ceil(settings.tick_seconds))
@@ -139,11 +169,16 @@ def _check_queue_room(session: Session, settings: Settings) -> None:
         )
 
 
-def create(session: Session, *, request: JobCreate, settings: Settings) -> Job:
-    """Store a new job (pending, or queued when `auto_start`); 422 on a bad spec, 429 on a full queue."""
-    spec = check_spec(session, spec=request.spec(), settings=settings)
+def create(
+    session: Session, *, request: JobCreate, settings: Settings, tenant_id: str | None, commit: bool = True
+) -> Job:
+    """Store a new job of `tenant_id` (pending, or queued when `auto_start`); 422 bad spec, 429 full queue.
+
+    `commit=False` flushes only, so the caller can commit it together with an idempotency record.
+    """
+    spec = check_spec(session, spec=request.spec(), settings=settings, tenant_id=tenant_id)
     if request.auto_start:
-        _check_queue_room(session, settings)
+        _check_queue_room(session, settings, tenant_id)
     now = utcnow()
     job = Job(
         spec=spec.model_dump(mode="json"),
@@ -153,6 +188,7 @@ def create(session: Session, *, request: JobCreate, settings: Settings) -> Job:
         progress=0.0,
         created_at=now,
         updated_at=now,
+        tenant_id=tenant_id,
     )
     session.add(job)
     session.flush()
@@ -163,19 +199,27 @@ def create(session: Session, *, request: JobCreate, settings: Settings) -> Job:
         job.status = JobStatus.queued
         job.queued_at = now
         record_state_change(session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued)
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     return job
 
 
 # ----------------------------------------------------------------------------------------------- read
 
 
-def get(session: Session, *, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
+def get(session: Session, *, job_id: str, tenant_id: str | None) -> Job | None:
+    """The job, if it exists and belongs to `tenant_id` (None: any tenant, for internal callers)."""
+    job = session.get(Job, job_id)
+    if job is None or (tenant_id is not None and job.tenant_id != tenant_id):
+        return None
+    return job
 
 
-def get_or_raise(session: Session, *, job_id: str) -> Job:
-    job = get(session, job_id=job_id)
+def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
+    """The tenant's job, else NotFound (another tenant's job is reported exactly like a missing one)."""
+    job = get(session, job_id=job_id, tenant_id=tenant_id)
     if job is None:
         raise NotFound(f"No job with id '{job_id}'.")
     return job
@@ -210,9 +254,12 @@ def list_page(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    tenant_id: str | None,
 ) -> tuple[list[Job], bool, str | None]:
-    """Newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, next_cursor)."""
+    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, cursor)."""
     query = select(Job)
+    if tenant_id is not None:
+        query = query.where(Job.tenant_id == tenant_id)
     status_list = list(statuses)
     if status_list:
         query = query.where(Job.status.in_(status_list))
@@ -243,14 +290,19 @@ def _compare_and_set(session: Session, job: Job, expected: str, new: str, **valu
     return bool(getattr(result, "rowcount", 0) == 1)
 
 
-def start(session: Session, *, job_id: str, settings: Settings) -> Job:
-    """pending -> queued (queued_at now); 409 from any other state, 429 when MAX_QUEUED_JOBS wait."""
-    job = get_or_raise(session, job_id=job_id)
+def start(
+    session: Session, *, job_id: str, settings: Settings, tenant_id: str | None, commit: bool = True
+) -> Job:
+    """pending -> queued (queued_at now); 409 from any other state, 429 when the (tenant's) queue is full.
+
+    `commit=False` flushes only, so the caller can commit it together with an idempotency record.
+    """
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
     if job.status != JobStatus.pending:
         raise Conflict(
             f"Job {job_id} is {job.status}; only a pending job can be started.", job_status=job.status
         )
-    _check_queue_room(session, settings)
+    _check_queue_room(session, settings, job.tenant_id)
     if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, queued_at=utcnow()):
         session.rollback()
         session.refresh(job)
@@ -260,17 +312,20 @@ def start(session: Session, *, job_id: str, settings: Settings) -> Job:
     record_state_change(
         session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued, attempt=job.attempt
     )
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     session.refresh(job)
     return job
 
 
-def cancel(session: Session, *, job_id: str) -> Job:
+def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
     """pending/queued -> cancelled at once; dispatched/running -> cancelling (the worker stops it).
 
     Cancelling again is a no-op; a finished job answers 409.
     """
-    job = get_or_raise(session, job_id=job_id)
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
     for _ in range(_STATE_CHANGE_RETRIES):
         current = job.status
         if current == JobStatus.cancelling:
@@ -300,9 +355,9 @@ def cancel(session: Session, *, job_id: str) -> Job:
     raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
 
 
-def delete_job(session: Session, *, job_id: str, settings: Settings) -> None:
+def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
     """Remove a finished job: its row (events and artifacts cascade) and its directory under jobs_dir."""
-    job = get_or_raise(session, job_id=job_id)
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
     if job.status not in TERMINAL_STATUSES:
         raise Conflict(
             f"Job {job_id} is {job.status}; only a completed, failed or cancelled job can be deleted "

@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, or_, select, true
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -53,19 +53,28 @@ def _row_from_source(source: TeacherSource, *, builtin: bool) -> Teacher:
     )
 
 
-def valid_names(session: Session) -> list[str]:
-    return list(session.scalars(select(Teacher.name).order_by(Teacher.name)).all())
+def _visible_to(tenant_id: str | None) -> ColumnElement[bool]:
+    """Global (seeded) teachers plus the tenant's own; None: every teacher (internal callers)."""
+    if tenant_id is None:
+        return true()
+    return or_(Teacher.tenant_id.is_(None), Teacher.tenant_id == tenant_id)
 
 
-def get(session: Session, *, name: str) -> Teacher | None:
-    return session.scalar(select(Teacher).where(Teacher.name == name))
+def valid_names(session: Session, *, tenant_id: str | None) -> list[str]:
+    return list(
+        session.scalars(select(Teacher.name).where(_visible_to(tenant_id)).order_by(Teacher.name)).all()
+    )
 
 
-def get_or_raise(session: Session, *, name: str) -> Teacher:
-    """The teacher called `name`, else NotFound listing the registered names."""
-    teacher = get(session, name=name)
+def get(session: Session, *, name: str, tenant_id: str | None) -> Teacher | None:
+    return session.scalar(select(Teacher).where(Teacher.name == name, _visible_to(tenant_id)))
+
+
+def get_or_raise(session: Session, *, name: str, tenant_id: str | None) -> Teacher:
+    """The teacher called `name` visible to the tenant, else NotFound listing the names it can use."""
+    teacher = get(session, name=name, tenant_id=tenant_id)
     if teacher is None:
-        names = valid_names(session)
+        names = valid_names(session, tenant_id=tenant_id)
         raise NotFound(
             f"Teacher '{name}' is not registered. Valid teachers: {', '.join(names) or '(none)'}.",
             valid_teachers=names,
@@ -74,8 +83,11 @@ def get_or_raise(session: Session, *, name: str) -> Teacher:
 
 
 def get_teacher_source(session: Session, name: str) -> TeacherSource:
-    """The source a worker loads the teacher `name` from; NotFound (listing valid names) if unregistered."""
-    teacher = get_or_raise(session, name=name)
+    """The source a worker loads the teacher `name` from; NotFound (listing valid names) if unregistered.
+
+    Unscoped: names are unique across tenants, and the API checked the job's tenant may use it.
+    """
+    teacher = get_or_raise(session, name=name, tenant_id=None)
     return TeacherSource(
         name=teacher.name,
         kind=TeacherSourceKind(teacher.source_kind),
@@ -87,8 +99,10 @@ def get_teacher_source(session: Session, name: str) -> TeacherSource:
     )
 
 
-def list_all(session: Session) -> list[Teacher]:
-    return list(session.scalars(select(Teacher).order_by(Teacher.builtin.desc(), Teacher.name)).all())
+def list_all(session: Session, *, tenant_id: str | None) -> list[Teacher]:
+    """The global teachers and the tenant's own, built-in first."""
+    query = select(Teacher).where(_visible_to(tenant_id)).order_by(Teacher.builtin.desc(), Teacher.name)
+    return list(session.scalars(query).all())
 
 
 def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
@@ -106,8 +120,14 @@ def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
     return resolved
 
 
-def register(session: Session, *, request: TeacherCreate, settings: Settings) -> Teacher:
-    """Register a local directory (checked now) or a hub id (format only: no network here)."""
+def register(
+    session: Session, *, request: TeacherCreate, settings: Settings, tenant_id: str | None
+) -> Teacher:
+    """Register a local directory (checked now) or a hub id (format only: no network here) for a tenant.
+
+    Names are unique across tenants (workers resolve a job's teacher by name), so a name another tenant
+    registered answers 409 like any taken name, without saying whose it is.
+    """
     if request.kind == "local":
         directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
         if not directory.is_dir():
@@ -123,7 +143,7 @@ def register(session: Session, *, request: TeacherCreate, settings: Settings) ->
                 f"'{request.location}' is not a Hugging Face hub id; expected 'name' or 'org/name'."
             )
         location = request.location
-    if get(session, name=request.name) is not None:
+    if get(session, name=request.name, tenant_id=None) is not None:
         raise Conflict(f"A teacher named '{request.name}' is already registered.")
     teacher = Teacher(
         name=request.name,
@@ -134,6 +154,7 @@ def register(session: Session, *, request: TeacherCreate, settings: Settings) ->
         task=request.task.value if request.task else None,
         description=request.description,
         builtin=False,
+        tenant_id=tenant_id,
     )
     session.add(teacher)
     try:

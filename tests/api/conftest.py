@@ -16,18 +16,29 @@ ClientFactory = Callable[..., TestClient]
 
 
 @pytest.fixture()
-def make_client(clean_database: str) -> Iterator[ClientFactory]:
+def make_client(clean_database: str, auth_headers: dict[str, str]) -> Iterator[ClientFactory]:
     """Build clients on apps with overridden settings, e.g. `make_client(max_queued_jobs=2)`.
 
+    Clients send one tenant's API key (`auth_headers`) unless given `headers` (`headers={}`: none).
     The scheduler wake-up after a start is off: these tests check the API's own state changes, and the
     integration tests cover admission with a real scheduler and workers.
     """
     with ExitStack() as stack:
 
-        def factory(*, raise_server_exceptions: bool = True, **overrides: Any) -> TestClient:
+        def factory(
+            *,
+            raise_server_exceptions: bool = True,
+            headers: dict[str, str] | None = None,
+            **overrides: Any,
+        ) -> TestClient:
             settings = Settings(**overrides) if overrides else get_settings()
             app = create_app(settings, wake_scheduler=False)
-            return stack.enter_context(TestClient(app, raise_server_exceptions=raise_server_exceptions))
+            client = TestClient(
+                app,
+                raise_server_exceptions=raise_server_exceptions,
+                headers=auth_headers if headers is None else headers,
+            )
+            return stack.enter_context(client)
 
         yield factory
 

@@ -412,12 +412,13 @@ def test_parts_not_implemented_yet_are_refused_with_a_message(client: TestClient
     assert body["type"].endswith("validation-error")
 
 
-def test_start_asks_for_admission_at_once(clean_database: str) -> None:
+def test_start_asks_for_admission_at_once(clean_database: str, auth_headers: dict[str, str]) -> None:
     """With the wake-up on (as in production), a start is admitted before the scheduler's next tick."""
     from app.core.config import Settings
     from app.main import create_app
 
-    with TestClient(create_app(Settings(max_concurrent_jobs=1, tick_seconds=3600))) as client:
+    app = create_app(Settings(max_concurrent_jobs=1, tick_seconds=3600))
+    with TestClient(app, headers=auth_headers) as client:
         first = _create(client, auto_start=True)["job_id"]
         second = _create(client)["job_id"]
         assert client.post(f"/distillation/jobs/{second}/start").json()["status"] == "queued"

@@ -19,7 +19,10 @@ def _new_job() -> str:
     with session_scope() as session:
         seed_default_teachers(session)
         job = jobs_service.create(
-            session, request=JobCreate(teacher_model_name="digits-cnn"), settings=get_settings()
+            session,
+            request=JobCreate(teacher_model_name="digits-cnn"),
+            settings=get_settings(),
+            tenant_id=None,
         )
         return job.id
 
@@ -27,7 +30,7 @@ def _new_job() -> str:
 def _stale_view(job_id: str, actual: JobStatus) -> tuple[Session, Job]:
     """A session holding the job as it was, after another process moved it to `actual`."""
     session = get_sessionmaker()()
-    job = jobs_service.get_or_raise(session, job_id=job_id)
+    job = jobs_service.get_or_raise(session, job_id=job_id, tenant_id=None)
     session.commit()  # ends the transaction; the loaded attributes stay (expire_on_commit=False)
     with session_scope() as other:
         other.execute(update(Job).where(Job.id == job_id).values(status=actual))
@@ -38,7 +41,7 @@ def test_cancel_from_a_stale_view_follows_the_real_state(clean_database: str) ->
     job_id = _new_job()
     session, job = _stale_view(job_id, JobStatus.running)
     assert job.status == JobStatus.pending  # what this session believes
-    cancelled = jobs_service.cancel(session, job_id=job_id)
+    cancelled = jobs_service.cancel(session, job_id=job_id, tenant_id=None)
     assert cancelled.status == JobStatus.cancelling  # not 'cancelled': a worker holds the job
     assert cancelled.finished_at is None
     session.close()
@@ -48,7 +51,7 @@ def test_start_from_a_stale_view_is_a_conflict(clean_database: str) -> None:
     job_id = _new_job()
     session, _ = _stale_view(job_id, JobStatus.cancelled)
     with pytest.raises(Conflict):
-        jobs_service.start(session, job_id=job_id, settings=get_settings())
+        jobs_service.start(session, job_id=job_id, settings=get_settings(), tenant_id=None)
     session.close()
     with session_scope() as check:
         assert check.get(Job, job_id).status == JobStatus.cancelled  # type: ignore[union-attr]
@@ -60,7 +63,7 @@ def test_delete_from_a_stale_view_keeps_a_revived_job(clean_database: str) -> No
         session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.failed))
     session, _ = _stale_view(job_id, JobStatus.queued)  # e.g. re-queued meanwhile
     with pytest.raises(Conflict):
-        jobs_service.delete_job(session, job_id=job_id, settings=get_settings())
+        jobs_service.delete_job(session, job_id=job_id, settings=get_settings(), tenant_id=None)
     session.close()
     with session_scope() as check:
         assert check.get(Job, job_id) is not None

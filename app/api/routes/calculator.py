@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from app.api.deps import CurrentTenantDep
 from app.schemas.calculator import CalculatorInput, CalculatorResult
 from app.schemas.problem import problem_responses
 from app.services import calculator as calculator_service
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/distillation/calculator", tags=["calculator"])
     description="Accuracies are fractions 0-1. Speed is the latency ratio when both latencies are given, "
     "else the seed's estimate sqrt(teacher params / student params), flagged `speed_improvement_estimated`. "
     "The seed's example (4%, 0.92 -> 0.891) gives retention 0.968, memory 0.96, speed 5.0, cost 0.80.",
-    responses=problem_responses(422),
+    responses=problem_responses(401, 422),
 )
-def calculate(request: CalculatorInput) -> CalculatorResult:
+def calculate(request: CalculatorInput, _tenant: CurrentTenantDep) -> CalculatorResult:
     return calculator_service.calculate(request)

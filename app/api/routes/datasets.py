@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep
 from app.api.multipart import receive_upload
 from app.schemas.datasets import DatasetRead
 from app.schemas.problem import problem_responses
@@ -49,10 +51,10 @@ _UPLOAD_BODY = {
     description="`curl -F file=@train.csv -F name=reviews .../distillation/datasets`. Use the returned id as "
     '`dataset_config: {"kind": "uploaded", "dataset_id": ...}`.',
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(413, 422, 503),
+    responses=problem_responses(401, 413, 422, 503),
 )
 async def upload_dataset(
-    request: Request, session: SessionDep, settings: SettingsDep, response: Response
+    request: Request, session: SessionDep, settings: SettingsDep, tenant: CurrentTenantDep, response: Response
 ) -> DatasetRead:
     dataset_id = datasets_service.new_dataset_id()
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
@@ -71,6 +73,7 @@ async def upload_dataset(
             size_bytes=received.size_bytes,
             sha256=received.sha256,
             settings=settings,
+            tenant_id=tenant.tenant_id,
         )
     )
     response.headers["Location"] = f"/distillation/datasets/{dataset.id}"
@@ -80,18 +83,26 @@ async def upload_dataset(
 @router.get(
     "",
     response_model=list[DatasetRead],
-    summary="Uploaded datasets, newest first",
-    responses=problem_responses(503),
+    summary="Your uploaded datasets, newest first",
+    responses=problem_responses(401, 503),
 )
-def list_datasets(session: SessionDep) -> list[DatasetRead]:
-    return [datasets_service.to_read(d) for d in datasets_service.list_all(session)]
+def list_datasets(session: SessionDep, tenant: CurrentTenantDep) -> list[DatasetRead]:
+    return [
+        datasets_service.to_read(d) for d in datasets_service.list_all(session, tenant_id=tenant.tenant_id)
+    ]
 
 
 @router.get(
     "/{dataset_id}",
     response_model=DatasetRead,
     summary="One uploaded dataset",
-    responses=problem_responses(404, 422, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-def get_dataset(dataset_id: str, session: SessionDep) -> DatasetRead:
-    return datasets_service.to_read(datasets_service.get_or_raise(session, dataset_id=dataset_id))
+def get_dataset(
+    dataset_id: Annotated[str, Path(min_length=1, max_length=64)],
+    session: SessionDep,
+    tenant: CurrentTenantDep,
+) -> DatasetRead:
+    return datasets_service.to_read(
+        datasets_service.get_or_raise(session, dataset_id=dataset_id, tenant_id=tenant.tenant_id)
+    )

@@ -4,20 +4,45 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Body, Header, Query, Request, Response, status
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi import APIRouter, BackgroundTasks, Body, Header, Path, Query, Request, Response, status
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from app.api.deps import SessionDep, SettingsDep, WakeSchedulerDep
+from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
 from app.models import JobStatus
 from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
 from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.services import artifacts as artifacts_service
-from app.services import event_stream
+from app.services import event_stream, idempotency
 from app.services import events as events_service
 from app.services import jobs as jobs_service
 
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id")]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias=idempotency.HEADER,
+        min_length=1,
+        max_length=idempotency.MAX_KEY_LENGTH,
+        description="Repeat the request safely: the same key and body within 24 h replay the first "
+        "response (with `Idempotent-Replayed: true`); the same key with another body answers 422.",
+    ),
+]
+_REPLAY_HEADER_DOC = {
+    idempotency.REPLAYED_HEADER: {
+        "description": "`true` when this is the stored response to an earlier request with the same key",
+        "schema": {"type": "string"},
+    }
+}
+
+
+def _replay(stored: idempotency.StoredResponse) -> JSONResponse:
+    """The stored first response to a request with this Idempotency-Key, marked as a replay."""
+    headers = stored.headers | {idempotency.REPLAYED_HEADER: "true"}
+    return JSONResponse(stored.body, status_code=stored.status_code, headers=headers)
+
 
 _CREATE_EXAMPLES: dict[str, Any] = {
     "digits": {
@@ -44,21 +69,50 @@ _CREATE_EXAMPLES: dict[str, Any] = {
     summary="Create a distillation job",
     description="Validates the spec (every bound, the teacher and dataset exist), stores the job as "
     "`pending`, or `queued` with `auto_start: true`.",
-    responses=problem_responses(422, 429, 503),
+    responses={
+        **problem_responses(401, 422, 429, 503),
+        201: {"description": "The job", "headers": _REPLAY_HEADER_DOC},
+    },
 )
 def create_job(
     session: SessionDep,
     settings: SettingsDep,
+    tenant: CurrentTenantDep,
     wake: WakeSchedulerDep,
     background: BackgroundTasks,
     response: Response,
     request: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
-) -> JobRead:
-    job = jobs_service.create(session, request=request, settings=settings)
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    record = None
+    if idempotency_key is not None:
+        body = request.model_dump(mode="json", exclude_unset=True)
+        found = idempotency.begin(
+            session,
+            tenant_id=tenant.tenant_id,
+            key=idempotency_key,
+            fingerprint=idempotency.request_hash("POST", "/distillation/jobs", body),
+            ttl_hours=settings.idempotency_ttl_hours,
+        )
+        if isinstance(found, idempotency.StoredResponse):
+            return _replay(found)
+        record = found
+    job = jobs_service.create(
+        session, request=request, settings=settings, tenant_id=tenant.tenant_id, commit=record is None
+    )
+    read = jobs_service.to_read(job)
     response.headers["Location"] = f"/distillation/jobs/{job.id}"
+    if record is not None:
+        idempotency.finish(
+            session,
+            record,
+            status_code=status.HTTP_201_CREATED,
+            body=read.model_dump(mode="json"),
+            headers=dict(response.headers),
+        )
     if job.status == JobStatus.queued and wake:
         background.add_task(jobs_service.wake_scheduler, settings)
-    return jobs_service.to_read(job)
+    return read
 
 
 @router.post(
@@ -68,16 +122,47 @@ def create_job(
     summary="Queue a pending job",
     description="pending -> queued. The scheduler admits queued jobs in queued_at order while fewer than "
     "MAX_CONCURRENT_JOBS run. 429 with Retry-After when MAX_QUEUED_JOBS are already waiting.",
-    responses=problem_responses(404, 422, 409, 429, 503),
+    responses={
+        **problem_responses(401, 404, 422, 409, 429, 503),
+        202: {"description": "The queued job", "headers": _REPLAY_HEADER_DOC},
+    },
 )
 def start_job(
-    job_id: str,
+    job_id: JobId,
     session: SessionDep,
     settings: SettingsDep,
+    tenant: CurrentTenantDep,
     wake: WakeSchedulerDep,
     background: BackgroundTasks,
-) -> JobRead:
-    job = jobs_service.start(session, job_id=job_id, settings=settings)
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    record = None
+    if idempotency_key is not None:
+        found = idempotency.begin(
+            session,
+            tenant_id=tenant.tenant_id,
+            key=idempotency_key,
+            fingerprint=idempotency.request_hash("POST", f"/distillation/jobs/{job_id}/start", None),
+            ttl_hours=settings.idempotency_ttl_hours,
+        )
+        if isinstance(found, idempotency.StoredResponse):
+            return _replay(found)
+        record = found
+    job = jobs_service.start(
+        session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id, commit=record is None
+    )
+    if record is not None:
+        read = jobs_service.to_read(job)
+        idempotency.finish(
+            session,
+            record,
+            status_code=status.HTTP_202_ACCEPTED,
+            body=read.model_dump(mode="json"),
+            headers={},
+        )
+        if wake:
+            background.add_task(jobs_service.wake_scheduler, settings)
+        return read
     if wake:
         background.add_task(jobs_service.wake_scheduler, settings)
     return jobs_service.to_read(job)
@@ -87,20 +172,21 @@ def start_job(
     "/{job_id}",
     response_model=JobRead,
     summary="A job's status, progress, ETA, metrics and results",
-    responses=problem_responses(404, 422, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-def get_job(job_id: str, session: SessionDep) -> JobRead:
-    return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id))
+def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
+    return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id))
 
 
 @router.get(
     "",
     response_model=Page[JobSummary],
-    summary="List jobs, newest first, a page at a time",
-    responses=problem_responses(422, 503),
+    summary="List your jobs, newest first, a page at a time",
+    responses=problem_responses(401, 422, 503),
 )
 def list_jobs(
     session: SessionDep,
+    tenant: CurrentTenantDep,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
     cursor: Annotated[
         str | None, Query(max_length=512, description="next_cursor of the previous page")
@@ -116,6 +202,7 @@ def list_jobs(
         cursor=cursor,
         statuses=[s.value for s in status_filter or []],
         teacher=teacher,
+        tenant_id=tenant.tenant_id,
     )
     return Page[JobSummary](
         data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
@@ -130,12 +217,12 @@ def list_jobs(
     description="pending/queued -> cancelled at once (200); dispatched/running -> cancelling, the worker "
     "stops at its next check (202); cancelling again is accepted (202); a finished job answers 409.",
     responses={
-        **problem_responses(404, 422, 409, 503),
+        **problem_responses(401, 404, 422, 409, 503),
         200: {"model": JobRead, "description": "Cancelled at once"},
     },
 )
-def cancel_job(job_id: str, session: SessionDep, response: Response) -> JobRead:
-    job = jobs_service.cancel(session, job_id=job_id)
+def cancel_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, response: Response) -> JobRead:
+    job = jobs_service.cancel(session, job_id=job_id, tenant_id=tenant.tenant_id)
     if job.status == JobStatus.cancelled:
         response.status_code = status.HTTP_200_OK
     return jobs_service.to_read(job)
@@ -145,10 +232,12 @@ def cancel_job(job_id: str, session: SessionDep, response: Response) -> JobRead:
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a finished job with its events, artifacts and checkpoints",
-    responses=problem_responses(404, 422, 409, 503),
+    responses=problem_responses(401, 404, 422, 409, 503),
 )
-def delete_job(job_id: str, session: SessionDep, settings: SettingsDep) -> Response:
-    jobs_service.delete_job(session, job_id=job_id, settings=settings)
+def delete_job(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, tenant: CurrentTenantDep
+) -> Response:
+    jobs_service.delete_job(session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -171,7 +260,7 @@ _SSE_EXAMPLE = (
     "progress changes, `: keep-alive` comments every SSE_KEEPALIVE_SECONDS of silence, and a final `end` "
     "event once the job is completed, failed or cancelled.",
     responses={
-        **problem_responses(404, 422, 503),
+        **problem_responses(401, 404, 422, 503),
         200: {
             "description": "A page of events, or the live stream",
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
@@ -179,9 +268,10 @@ _SSE_EXAMPLE = (
     },
 )
 def list_job_events(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     session: SessionDep,
+    tenant: CurrentTenantDep,
     settings: SettingsDep,
     after: Annotated[int, Query(ge=0, description="Only events with a larger id (next_cursor)")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -189,7 +279,7 @@ def list_job_events(
         int | None, Header(ge=0, description="Stream: resume after this event id (sent by EventSource)")
     ] = None,
 ) -> Page[JobEventRead] | StreamingResponse:
-    jobs_service.get_or_raise(session, job_id=job_id)
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         stream = event_stream.stream_job_events(
             job_id,
@@ -214,10 +304,10 @@ def list_job_events(
     "/{job_id}/artifacts",
     response_model=list[ArtifactRead],
     summary="A job's artifacts: student weights, config, exported program, results.json",
-    responses=problem_responses(404, 422, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactRead]:
-    jobs_service.get_or_raise(session, job_id=job_id)
+def list_artifacts(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> list[ArtifactRead]:
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     return [artifacts_service.to_read(a) for a in artifacts_service.list_for_job(session, job_id=job_id)]
 
 
@@ -226,12 +316,18 @@ def list_artifacts(job_id: str, session: SessionDep) -> list[ArtifactRead]:
     response_class=FileResponse,
     summary="Download one artifact",
     responses={
-        **problem_responses(404, 422, 503),
+        **problem_responses(401, 404, 422, 503),
         200: {"content": {"application/octet-stream": {}}, "description": "The file"},
     },
 )
-def download_artifact(job_id: str, name: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    jobs_service.get_or_raise(session, job_id=job_id)
+def download_artifact(
+    job_id: JobId,
+    name: Annotated[str, Path(min_length=1, max_length=255)],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+) -> FileResponse:
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
     return FileResponse(
         path,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from typing import Annotated
 
-from app.api.deps import SessionDep, SettingsDep
+from fastapi import APIRouter, Path, Response, status
+
+from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep
 from app.schemas.problem import problem_responses
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
 from app.services import teachers as teachers_service
@@ -15,21 +17,27 @@ router = APIRouter(prefix="/distillation/teachers", tags=["teachers"])
 @router.get(
     "",
     response_model=list[TeacherRead],
-    summary="Registered teachers (the default registry plus registrations)",
-    responses=problem_responses(503),
+    summary="Teachers you can use: the default registry plus your registrations",
+    responses=problem_responses(401, 503),
 )
-def list_teachers(session: SessionDep) -> list[TeacherRead]:
-    return [teachers_service.to_read(t) for t in teachers_service.list_all(session)]
+def list_teachers(session: SessionDep, tenant: CurrentTenantDep) -> list[TeacherRead]:
+    return [
+        teachers_service.to_read(t) for t in teachers_service.list_all(session, tenant_id=tenant.tenant_id)
+    ]
 
 
 @router.get(
     "/{name}",
     response_model=TeacherRead,
     summary="One teacher",
-    responses=problem_responses(404, 422, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-def get_teacher(name: str, session: SessionDep) -> TeacherRead:
-    return teachers_service.to_read(teachers_service.get_or_raise(session, name=name))
+def get_teacher(
+    name: Annotated[str, Path(min_length=1, max_length=512)], session: SessionDep, tenant: CurrentTenantDep
+) -> TeacherRead:
+    return teachers_service.to_read(
+        teachers_service.get_or_raise(session, name=name, tenant_id=tenant.tenant_id)
+    )
 
 
 @router.post(
@@ -40,11 +48,17 @@ def get_teacher(name: str, session: SessionDep) -> TeacherRead:
     description="Local directories must lie under ALLOWED_FILE_ROOT (default DATA_DIR), symlinks resolved. "
     "Hub ids are checked for form only; this service cannot reach the network, so they are reported with "
     "`available_offline: false`.",
-    responses=problem_responses(409, 422, 503),
+    responses=problem_responses(401, 409, 422, 503),
 )
 def register_teacher(
-    request: TeacherCreate, session: SessionDep, settings: SettingsDep, response: Response
+    request: TeacherCreate,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+    response: Response,
 ) -> TeacherRead:
-    teacher = teachers_service.register(session, request=request, settings=settings)
+    teacher = teachers_service.register(
+        session, request=request, settings=settings, tenant_id=tenant.tenant_id
+    )
     response.headers["Location"] = f"/distillation/teachers/{teacher.name}"
     return teachers_service.to_read(teacher)

@@ -1,0 +1,115 @@
+"""API keys: issue (shown once), store only their sha256, authenticate bearer tokens, revoke.
+
+Keys are 256-bit random tokens, so a plain sha256 is a safe verifier (no slow hash needed: there is nothing
+to brute-force) and lets a request find its key with one indexed lookup.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.errors import NotFound
+from app.models import ApiKey, Tenant, utcnow
+from app.services import tenants as tenants_service
+
+KEY_PREFIX = "dk_"
+# Characters of the key shown in listings so people can tell keys apart ("dk_" + 8).
+DISPLAY_PREFIX_LENGTH = 11
+# A longer header value cannot be one of our keys; refuse it before hashing.
+MAX_KEY_LENGTH = 200
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts for: the tenant and the key it presented."""
+
+    tenant_id: str
+    tenant_name: str
+    key_id: str
+    key_prefix: str
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A newly created key: `key` is the secret, returned once and never stored."""
+
+    record: ApiKey
+    tenant: Tenant
+    key: str
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def generate_key() -> str:
+    """A new random key, `dk_` + 43 URL-safe characters (256 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_key(session: Session, *, tenant_name: str, name: str) -> IssuedKey:
+    """Issue a key for `tenant_name` (created if new) and commit; the secret is only in the return value."""
+    tenant = tenants_service.get_or_create(session, name=tenant_name)
+    key = generate_key()
+    record = ApiKey(
+        tenant_id=tenant.id, name=name, prefix=key[:DISPLAY_PREFIX_LENGTH], key_hash=hash_key(key)
+    )
+    session.add(record)
+    session.commit()
+    return IssuedKey(record=record, tenant=tenant, key=key)
+
+
+def authenticate(session: Session, *, key: str) -> Principal | None:
+    """The principal for a presented key, or None when it is unknown or revoked."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        return None
+    row = session.execute(
+        select(ApiKey, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(key))
+    ).first()
+    if row is None:
+        return None
+    api_key, tenant = row
+    if api_key.revoked_at is not None:
+        return None
+    return Principal(
+        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
+    )
+
+
+def is_admin_key(presented: str, admin_key: str) -> bool:
+    """Constant-time comparison with the configured admin key (never true when none is configured)."""
+    if not admin_key or not presented:
+        return False
+    return hmac.compare_digest(presented.encode("utf-8"), admin_key.encode("utf-8"))
+
+
+def list_keys(session: Session) -> list[tuple[ApiKey, Tenant]]:
+    """Every key with its tenant, newest first (hashes stay inside; listings show the prefix)."""
+    rows = session.execute(
+        select(ApiKey, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .order_by(ApiKey.created_at.desc(), ApiKey.id)
+    ).all()
+    return [(api_key, tenant) for api_key, tenant in rows]
+
+
+def revoke_key(session: Session, *, key_id: str) -> tuple[ApiKey, Tenant]:
+    """Mark a key revoked (idempotent: revoking again keeps the first time) and commit."""
+    row = session.execute(
+        select(ApiKey, Tenant).join(Tenant, Tenant.id == ApiKey.tenant_id).where(ApiKey.id == key_id)
+    ).first()
+    if row is None:
+        raise NotFound(f"No API key with id '{key_id}'; GET /admin/keys lists them.")
+    api_key, tenant = row
+    if api_key.revoked_at is None:
+        api_key.revoked_at = utcnow()
+        session.commit()
+    return api_key, tenant
