@@ -1,0 +1,246 @@
+"""The dashboard: server-rendered pages for people (jobs, curves, results, downloads, cancel).
+
+Sign-in puts the API key in an HttpOnly, SameSite=Strict cookie; forms that change something carry a CSRF
+token, an HMAC of that key, which a page of another site can neither read nor compute. No JavaScript or
+external assets are needed: pages refresh themselves while a job is live.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request, status
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
+
+from app.api.deps import SessionDep, SettingsDep
+from app.errors import ProblemError
+from app.models import TERMINAL_STATUSES, Job
+from app.services import artifacts as artifacts_service
+from app.services import auth as auth_service
+from app.services import events as events_service
+from app.services import jobs as jobs_service
+from app.services.auth import Principal
+from app.web.charts import history_charts
+
+router = APIRouter(include_in_schema=False)
+templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "web" / "templates"))
+
+SESSION_COOKIE = "distillery_session"
+SESSION_MAX_AGE = 8 * 3600
+CSRF_FIELD = "csrf_token"
+REFRESH_SECONDS = 3
+# Metric events read to draw a running job's curves (one per epoch and stage).
+MAX_CURVE_EVENTS = 5000
+
+
+def csrf_token(api_key: str) -> str:
+    """The CSRF token for a signed-in browser: bound to its key, unguessable without it."""
+    return hmac.new(api_key.encode("utf-8"), b"distillery-dashboard-csrf", hashlib.sha256).hexdigest()
+
+
+def _signed_in(request: Request, session: Session) -> tuple[Principal, str] | None:
+    """The principal and key of the session cookie, or None (no cookie, unknown or revoked key)."""
+    key = request.cookies.get(SESSION_COOKIE)
+    if not key:
+        return None
+    principal = auth_service.authenticate(session, key=key)
+    session.rollback()  # end the lookup's transaction (SQLite: its lock) before rendering
+    return (principal, key) if principal is not None else None
+
+
+def _to_signin() -> RedirectResponse:
+    return RedirectResponse("/signin", status_code=status.HTTP_303_SEE_OTHER)
+
+
+def _page(request: Request, name: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
+    response = templates.TemplateResponse(request, name, context, status_code=status_code)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Content-Security-Policy"] = (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "
+        "frame-ancestors 'none'"
+    )
+    response.headers["X-Frame-Options"] = "DENY"
+    return response
+
+
+@router.get("/signin", response_class=HTMLResponse)
+def signin_form(request: Request) -> HTMLResponse:
+    return _page(request, "signin.html", {"error": None})
+
+
+@router.post("/signin", response_class=HTMLResponse)
+def signin(
+    request: Request, session: SessionDep, api_key: Annotated[str, Form(max_length=500)] = ""
+) -> Response:
+    principal = auth_service.authenticate(session, key=api_key.strip())
+    session.rollback()
+    if principal is None:
+        return _page(
+            request,
+            "signin.html",
+            {"error": "That API key is unknown or revoked."},
+            status.HTTP_401_UNAUTHORIZED,
+        )
+    response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
+    response.set_cookie(
+        SESSION_COOKIE,
+        api_key.strip(),
+        max_age=SESSION_MAX_AGE,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/",
+    )
+    return response
+
+
+@router.post("/signout")
+def signout(
+    request: Request, session: SessionDep, csrf: Annotated[str, Form(alias=CSRF_FIELD)] = ""
+) -> Response:
+    signed_in = _signed_in(request, session)
+    if signed_in is not None and not hmac.compare_digest(csrf.encode(), csrf_token(signed_in[1]).encode()):
+        return _forbidden(request)
+    response = _to_signin()
+    response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
+    return response
+
+
+def _forbidden(request: Request) -> HTMLResponse:
+    return _page(
+        request,
+        "error.html",
+        {"title": "Forbidden", "message": "The form's CSRF token is missing or wrong; reload the page."},
+        status.HTTP_403_FORBIDDEN,
+    )
+
+
+@router.get("/", response_class=HTMLResponse)
+def jobs_page(request: Request, session: SessionDep) -> Response:
+    signed_in = _signed_in(request, session)
+    if signed_in is None:
+        return _to_signin()
+    principal, key = signed_in
+    jobs, _, _ = jobs_service.list_page(
+        session, limit=100, cursor=None, statuses=[], teacher=None, tenant_id=principal.tenant_id
+    )
+    summaries = [jobs_service.to_summary(job) for job in jobs]
+    live = any(s.status not in TERMINAL_STATUSES for s in summaries)
+    return _page(
+        request,
+        "jobs.html",
+        {
+            "principal": principal,
+            "jobs": summaries,
+            "csrf_token": csrf_token(key),
+            "refresh": REFRESH_SECONDS if live else None,
+        },
+    )
+
+
+def _curve_history(session: Session, job: Job) -> list[dict[str, Any]]:
+    """Per-epoch figures: the stored training history when finished, else the metric events so far."""
+    history = (job.results or {}).get("training_history")
+    if isinstance(history, list) and history:
+        return [entry for entry in history if isinstance(entry, dict)]
+    events, _ = events_service.list_events(session, job_id=job.id, after=0, limit=MAX_CURVE_EVENTS)
+    by_epoch: dict[tuple[int, int], dict[str, Any]] = {}
+    for event in events:
+        data = event.data or {}
+        phase = str(data.get("phase") or "")
+        if event.kind != "metric" or "epoch" not in data or phase.startswith(("baseline", "teacher")):
+            continue
+        by_epoch[(int(data.get("stage") or 1), int(data["epoch"]))] = data  # a resumed epoch: latest wins
+    return [by_epoch[k] for k in sorted(by_epoch)]
+
+
+@router.get("/jobs/{job_id}", response_class=HTMLResponse)
+def job_page(request: Request, job_id: str, session: SessionDep) -> Response:
+    signed_in = _signed_in(request, session)
+    if signed_in is None:
+        return _to_signin()
+    principal, key = signed_in
+    return _render_job(request, session, principal, key, job_id)
+
+
+def _render_job(
+    request: Request,
+    session: Session,
+    principal: Principal,
+    key: str,
+    job_id: str,
+    *,
+    notice: str | None = None,
+    status_code: int = 200,
+) -> HTMLResponse:
+    try:
+        job = jobs_service.get_or_raise(session, job_id=job_id, tenant_id=principal.tenant_id)
+    except ProblemError as exc:
+        return _page(request, "error.html", {"title": exc.title, "message": exc.detail}, exc.status)
+    read = jobs_service.to_read(job)
+    results = job.results or {}
+    charts = history_charts(
+        _curve_history(session, job),
+        teacher_accuracy=results.get("teacher_accuracy"),
+        metric=str(results.get("metric", "accuracy")),
+    )
+    artifacts = artifacts_service.list_for_job(session, job_id=job.id)
+    live = read.status not in TERMINAL_STATUSES
+    return _page(
+        request,
+        "job.html",
+        {
+            "principal": principal,
+            "job": read,
+            "results": results,
+            "charts": charts,
+            "artifacts": artifacts,
+            "csrf_token": csrf_token(key),
+            "cancellable": live and read.status != "cancelling",
+            "notice": notice,
+            "refresh": REFRESH_SECONDS if live else None,
+        },
+        status_code,
+    )
+
+
+@router.post("/jobs/{job_id}/cancel")
+def cancel_from_page(
+    request: Request,
+    job_id: str,
+    session: SessionDep,
+    csrf: Annotated[str, Form(alias=CSRF_FIELD, max_length=200)] = "",
+) -> Response:
+    signed_in = _signed_in(request, session)
+    if signed_in is None:
+        return _to_signin()
+    principal, key = signed_in
+    if not hmac.compare_digest(csrf.encode(), csrf_token(key).encode()):
+        return _forbidden(request)
+    try:
+        job = jobs_service.cancel(session, job_id=job_id, tenant_id=principal.tenant_id)
+    except ProblemError as exc:
+        return _render_job(
+            request, session, principal, key, job_id, notice=exc.detail, status_code=exc.status
+        )
+    return RedirectResponse(f"/jobs/{job.id}", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.get("/jobs/{job_id}/artifacts/{name}")
+def download_from_page(
+    request: Request, job_id: str, name: str, session: SessionDep, settings: SettingsDep
+) -> Response:
+    signed_in = _signed_in(request, session)
+    if signed_in is None:
+        return _to_signin()
+    try:
+        jobs_service.get_or_raise(session, job_id=job_id, tenant_id=signed_in[0].tenant_id)
+        artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
+    except ProblemError as exc:
+        return _page(request, "error.html", {"title": exc.title, "message": exc.detail}, exc.status)
+    return FileResponse(path, media_type=artifact.media_type, filename=artifact.name)

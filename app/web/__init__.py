@@ -1,0 +1,1 @@
+"""The server-rendered dashboard: templates and the inline SVG charts they draw."""
