@@ -120,11 +120,8 @@ class Compression(_Strict):
 
 # Parts of the spec the engine does not implement yet. Each entry names what is refused and why,
 # so the API and the CLI give the same precise message. Later issues empty these sets.
-UNSUPPORTED_TASKS: dict[Task, str] = {
-    Task.masked_lm: "task 'masked-lm' is not implemented yet; use 'classification', "
-    "'sequence-classification' or 'causal-lm'",
-}
-COMPRESSION_SUPPORTED = False
+UNSUPPORTED_TASKS: dict[Task, str] = {}
+COMPRESSION_SUPPORTED = True
 
 
 class JobSpec(_Strict):

@@ -161,9 +161,15 @@ def load_int8_student(fp32_skeleton: nn.Module, directory: Path) -> nn.Module:
     tensors = load_file(str(directory / INT8_WEIGHTS))
     recipe = json.loads((directory / INT8_RECIPE).read_text())
     layers = set(recipe["int8_linear_layers"])
-    quantized = quantize_int8(fp32_skeleton)
     plain = {k: v for k, v in tensors.items() if not any(k.startswith(f"{n}.") for n in layers)}
-    missing, _ = quantized.load_state_dict(plain, strict=False)
+    # Everything but the int8 layers goes into the fp32 skeleton first (same names), then it is quantized.
+    missing, unexpected = fp32_skeleton.load_state_dict(plain, strict=False)
+    unloaded = [k for k in missing if not any(k.startswith(f"{n}.") for n in layers)]
+    if unexpected or unloaded:
+        raise ValueError(
+            f"int8 weights do not fit this model: missing {unloaded[:5]}, unexpected {unexpected[:5]}"
+        )
+    quantized = quantize_int8(fp32_skeleton)
     for name, module in _quantized_linears(quantized):
         if name not in layers:
             raise ValueError(f"layer {name} is quantized here but not in the saved recipe")
@@ -173,7 +179,6 @@ def load_int8_student(fp32_skeleton: nn.Module, directory: Path) -> nn.Module:
             int(tensors[f"{name}.weight_zero_point"]),
         )
         module.set_weight_bias(weight, tensors.get(f"{name}.bias"))  # type: ignore[operator]
-    del missing  # quantized layers' own keys, set above
     return quantized.eval()
 
 
@@ -199,12 +204,12 @@ def measure_latency_ms(
     batch: Batch,
     device: torch.device,
     *,
-    repeats: int = 10,
+    repeats: int = 7,
 ) -> float:
     """Median milliseconds of one forward pass after warm-up (synchronised on CUDA)."""
     model.eval()
     batch = to_device(batch, device)
-    for _ in range(3):
+    for _ in range(2):
         forward(model, batch)
     timings = []
     for _ in range(repeats):

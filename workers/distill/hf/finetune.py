@@ -17,8 +17,6 @@ from workers.distill.adapters.base import TensorDictDataset, iterate_batches, to
 from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress
 
 _STOP_CHECK_EVERY = 5
-# Share of the whole job's progress bar given to teacher fine-tuning (the trainer reports the rest).
-TEACHER_PHASE_SHARE = 0.1
 
 
 def finetune_key(location: str, fingerprint: str, spec: JobSpec, num_labels: int) -> str:
@@ -80,11 +78,11 @@ def finetune_classifier(
             callbacks.on_progress(
                 Progress(
                     phase="teacher_finetune",
-                    fraction=TEACHER_PHASE_SHARE * done,
+                    fraction=done,
                     epoch=epoch,
                     step=step,
                     total_steps=steps_per_epoch,
-                    metrics={"teacher_loss": loss_value, "phase_fraction": done},
+                    metrics={"teacher_loss": loss_value},
                     eta_seconds=elapsed / done * (1 - done) if done > 0 else None,
                 )
             )
