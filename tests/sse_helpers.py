@@ -12,6 +12,7 @@ import httpx
 from app.core.config import Settings
 from app.core.db import session_scope
 from app.schemas.jobs import JobCreate
+from app.services import auth as auth_service
 from app.services import jobs as jobs_service
 from app.services import lifecycle, scheduler
 from app.services.lifecycle import Claim
@@ -65,17 +66,26 @@ def iter_sse(response: httpx.Response) -> Iterator[SseMessage]:
             message.retry = int(value)
 
 
-def create_job(settings: Settings, **overrides: Any) -> str:
-    """A pending job created through the jobs service; returns its id."""
+def tenant_of(headers: dict[str, str]) -> str:
+    """The tenant id behind bearer `headers` (as the API resolves it)."""
     with session_scope() as session:
-        job = jobs_service.create(session, request=JobCreate(**(DIGITS_JOB | overrides)), settings=settings)
+        principal = auth_service.authenticate(session, key=headers["Authorization"].removeprefix("Bearer "))
+    assert principal is not None
+    return principal.tenant_id
+
+
+def create_job(settings: Settings, tenant_id: str, **overrides: Any) -> str:
+    """A pending job of `tenant_id` created through the jobs service; returns its id."""
+    with session_scope() as session:
+        request = JobCreate(**(DIGITS_JOB | overrides))
+        job = jobs_service.create(session, request=request, settings=settings, tenant_id=tenant_id)
         return job.id
 
 
 def start_and_claim(settings: Settings, job_id: str, worker: str = "test-worker") -> Claim:
     """pending -> queued -> dispatched -> running, through the API's, scheduler's and worker's services."""
     with session_scope() as session:
-        jobs_service.start(session, job_id=job_id, settings=settings)
+        jobs_service.start(session, job_id=job_id, settings=settings, tenant_id=None)
     with session_scope() as session:
         admitted = scheduler.admit_queued_jobs(session, settings)
     assert job_id in admitted

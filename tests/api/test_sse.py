@@ -19,6 +19,7 @@ from tests.sse_helpers import (
     iter_sse,
     report_epoch,
     start_and_claim,
+    tenant_of,
 )
 
 SSE = {"Accept": "text/event-stream"}
@@ -36,24 +37,35 @@ def settings(clean_database: str) -> Settings:
     return Settings(**(get_settings().model_dump() | {"max_concurrent_jobs": 100}))
 
 
-def _events_in_db(server: str, job_id: str) -> list[dict[str, Any]]:
-    page = httpx.get(f"{server}/distillation/jobs/{job_id}/events", params={"limit": 1000}).json()
+@pytest.fixture()
+def auth(auth_headers: dict[str, str]) -> dict[str, str]:
+    return auth_headers
+
+
+@pytest.fixture()
+def tenant(auth: dict[str, str]) -> str:
+    return tenant_of(auth)
+
+
+def _events_in_db(server: str, job_id: str, auth: dict[str, str]) -> list[dict[str, Any]]:
+    url = f"{server}/distillation/jobs/{job_id}/events"
+    page = httpx.get(url, params={"limit": 1000}, headers=auth).json()
     assert page["has_more"] is False
     events: list[dict[str, Any]] = page["data"]
     return events
 
 
-def _collect(server: str, job_id: str, headers: dict[str, str] | None = None) -> list[SseMessage]:
+def _collect(server: str, job_id: str, headers: dict[str, str]) -> list[SseMessage]:
     url = f"{server}/distillation/jobs/{job_id}/events"
-    with httpx.stream("GET", url, headers=SSE | (headers or {}), timeout=STREAM_TIMEOUT) as response:
+    with httpx.stream("GET", url, headers=SSE | headers, timeout=STREAM_TIMEOUT) as response:
         assert response.status_code == 200
         return list(iter_sse(response))
 
 
 def test_stream_is_live_in_order_keeps_alive_and_ends_at_the_terminal_state(
-    server: str, settings: Settings
+    server: str, settings: Settings, auth: dict[str, str], tenant: str
 ) -> None:
-    job_id = create_job(settings)
+    job_id = create_job(settings, tenant)
     epochs = 3
     received: list[SseMessage] = []
     driver_error: list[BaseException] = []
@@ -74,7 +86,7 @@ def test_stream_is_live_in_order_keeps_alive_and_ends_at_the_terminal_state(
     driver = threading.Thread(target=drive)
     started = time.monotonic()
     url = f"{server}/distillation/jobs/{job_id}/events"
-    with httpx.stream("GET", url, headers=SSE, timeout=STREAM_TIMEOUT) as response:
+    with httpx.stream("GET", url, headers=SSE | auth, timeout=STREAM_TIMEOUT) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         assert response.headers["cache-control"] == "no-cache"
@@ -88,7 +100,7 @@ def test_stream_is_live_in_order_keeps_alive_and_ends_at_the_terminal_state(
     assert time.monotonic() - started < 15
 
     assert received[0].retry == 2000
-    stored = _events_in_db(server, job_id)
+    stored = _events_in_db(server, job_id, auth)
     streamed = [m for m in received if m.id is not None]
     # Every stored event, once, in id order, with kind as the SSE event name and the event as data.
     assert [m.id for m in streamed] == [e["id"] for e in stored]
@@ -106,15 +118,17 @@ def test_stream_is_live_in_order_keeps_alive_and_ends_at_the_terminal_state(
     assert last_event_index < len(received) - 1
 
 
-def test_resume_with_last_event_id_sends_only_the_rest(server: str, settings: Settings) -> None:
-    job_id = create_job(settings)
+def test_resume_with_last_event_id_sends_only_the_rest(
+    server: str, settings: Settings, auth: dict[str, str], tenant: str
+) -> None:
+    job_id = create_job(settings, tenant)
     claim = start_and_claim(settings, job_id)
     report_epoch(claim, 1, 2, accuracy=0.7, loss=0.9)
 
     # First connection: read up to the claim, then drop the connection mid-stream.
     url = f"{server}/distillation/jobs/{job_id}/events"
     first: list[SseMessage] = []
-    with httpx.stream("GET", url, headers=SSE, timeout=STREAM_TIMEOUT) as response:
+    with httpx.stream("GET", url, headers=SSE | auth, timeout=STREAM_TIMEOUT) as response:
         for message in iter_sse(response):
             first.append(message)
             if message.event == "claim":
@@ -124,8 +138,8 @@ def test_resume_with_last_event_id_sends_only_the_rest(server: str, settings: Se
     report_epoch(claim, 2, 2, accuracy=0.8, loss=0.5)
     complete(claim, 2)
 
-    resumed = _collect(server, job_id, {"Last-Event-ID": str(last_id)})
-    stored = _events_in_db(server, job_id)
+    resumed = _collect(server, job_id, auth | {"Last-Event-ID": str(last_id)})
+    stored = _events_in_db(server, job_id, auth)
     resumed_ids = [m.id for m in resumed if m.id is not None]
     assert resumed_ids == [e["id"] for e in stored if e["id"] > last_id]
     assert resumed_ids and min(resumed_ids) > last_id
@@ -134,22 +148,29 @@ def test_resume_with_last_event_id_sends_only_the_rest(server: str, settings: Se
     assert resumed[-1].event == "end" and resumed[-1].data["status"] == "completed"
 
 
-def test_stream_of_a_finished_job_replays_and_ends_at_once(server: str, settings: Settings) -> None:
-    job_id = create_job(settings)
-    cancelled = httpx.post(f"{server}/distillation/jobs/{job_id}/cancel")
+def test_stream_of_a_finished_job_replays_and_ends_at_once(
+    server: str, settings: Settings, auth: dict[str, str], tenant: str
+) -> None:
+    job_id = create_job(settings, tenant)
+    cancelled = httpx.post(f"{server}/distillation/jobs/{job_id}/cancel", headers=auth)
     assert cancelled.json()["status"] == "cancelled"
-    messages = _collect(server, job_id)
+    messages = _collect(server, job_id, auth)
     assert [m.data["data"]["to"] for m in messages if m.event == "state"] == ["pending", "cancelled"]
     assert messages[-1].event == "end" and messages[-1].data["status"] == "cancelled"
 
 
-def test_stream_errors_are_problems_and_json_stays_the_default(server: str, settings: Settings) -> None:
-    missing = httpx.get(f"{server}/distillation/jobs/nope/events", headers=SSE)
+def test_stream_errors_are_problems_and_json_stays_the_default(
+    server: str, settings: Settings, auth: dict[str, str], tenant: str, make_api_key: Any
+) -> None:
+    missing = httpx.get(f"{server}/distillation/jobs/nope/events", headers=SSE | auth)
     assert missing.status_code == 404
     assert missing.headers["content-type"].startswith("application/problem+json")
-    job_id = create_job(settings)
-    bad = httpx.get(f"{server}/distillation/jobs/{job_id}/events", headers=SSE | {"Last-Event-ID": "x"})
+    job_id = create_job(settings, tenant)
+    url = f"{server}/distillation/jobs/{job_id}/events"
+    assert httpx.get(url, headers=SSE).status_code == 401
+    assert httpx.get(url, headers=SSE | make_api_key()).status_code == 404  # another tenant's job
+    bad = httpx.get(url, headers=SSE | auth | {"Last-Event-ID": "x"})
     assert bad.status_code == 422
-    page = httpx.get(f"{server}/distillation/jobs/{job_id}/events")
+    page = httpx.get(url, headers=auth)
     assert page.headers["content-type"] == "application/json"
     assert [e["kind"] for e in page.json()["data"]] == ["state"]
