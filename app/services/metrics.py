@@ -88,7 +88,7 @@ class DatabaseCollector(Collector):
 
     def _read(self, session: Session) -> Iterator[Metric]:
         now = utcnow()
-        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+        counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
         jobs = GaugeMetricFamily("distillery_jobs", "Jobs in the database by status", labels=["status"])
         for status in JobStatus:
             jobs.add_metric([status.value], float(counts.get(status.value, 0)))
@@ -108,7 +108,7 @@ class DatabaseCollector(Collector):
         waits: dict[tuple[str, ...], list[float]] = {(): []}
         rows = session.execute(
             select(Job.queued_at, Job.dispatched_at).where(Job.dispatched_at.is_not(None))
-        ).tuples()
+        )
         for queued_at, dispatched_at in rows:
             wait = _seconds(queued_at, dispatched_at)
             if wait is not None:
@@ -126,7 +126,7 @@ class DatabaseCollector(Collector):
             select(Job.status, Job.started_at, Job.finished_at).where(
                 Job.status.in_(TERMINAL_STATUSES), Job.finished_at.is_not(None)
             )
-        ).tuples()
+        )
         for final_status, started_at, finished_at in finished:
             duration = _seconds(started_at, finished_at)
             if duration is not None:
@@ -148,7 +148,7 @@ class DatabaseCollector(Collector):
             select(ServiceHeartbeat.kind, ServiceHeartbeat.id, ServiceHeartbeat.last_seen_at).order_by(
                 ServiceHeartbeat.id
             )
-        ).tuples():
+        ):
             beats.add_metric([kind, sid], _seconds(last_seen, now) or 0.0)
         yield beats
 
@@ -159,7 +159,7 @@ class DatabaseCollector(Collector):
         )
         for job_id, heartbeat_at in session.execute(
             select(Job.id, Job.heartbeat_at).where(Job.status == JobStatus.running)
-        ).tuples():
+        ):
             job_beats.add_metric([job_id], _seconds(heartbeat_at, now) or 0.0)
         yield job_beats
 

@@ -21,7 +21,7 @@ distillery_http_request_duration_seconds_count{method="GET",route="/distillation
     summary="Prometheus metrics",
     description="Jobs by status, queue depth and the oldest queued job's wait, admission wait and job "
     "duration histograms (from stored timestamps), scheduler/worker heartbeat ages, HTTP latency by route "
-    "template, process figures. Text exposition format 0.0.4; public, like /health.",
+    "template, process figures. Prometheus text format; public, like /health.",
     response_class=Response,
     responses={200: {"content": {"text/plain": {"schema": {"type": "string"}, "example": _EXAMPLE}}}},
 )
