@@ -106,9 +106,7 @@ class DatabaseCollector(Collector):
         )
 
         waits: dict[tuple[str, ...], list[float]] = {(): []}
-        rows = session.execute(
-            select(Job.queued_at, Job.dispatched_at).where(Job.dispatched_at.is_not(None))
-        )
+        rows = session.execute(select(Job.queued_at, Job.dispatched_at).where(Job.dispatched_at.is_not(None)))
         for queued_at, dispatched_at in rows:
             wait = _seconds(queued_at, dispatched_at)
             if wait is not None:
