@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker
+from app.core.logging import bind as bind_log_fields
 from app.errors import Forbidden, Unauthorized
 from app.services import auth as auth_service
 from app.services.auth import Principal
@@ -69,6 +70,7 @@ def get_current_tenant(
     session.rollback()
     if principal is None:
         raise Unauthorized("The API key is unknown or has been revoked.")
+    bind_log_fields(tenant=principal.tenant_name)
     return principal
 
 
