@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.schemas.jobs import JobCreate
 from app.services import auth as auth_service
@@ -182,8 +182,15 @@ def results_for(epochs: int) -> dict[str, Any]:
     }
 
 
-def complete(claim: Claim, epochs: int) -> None:
-    """running -> completed with full results (no artifacts)."""
+def complete(claim: Claim, epochs: int, artifact_files: dict[str, bytes] | None = None) -> None:
+    """running -> completed with full results and `artifact_files` written under the job's folder."""
+    settings = get_settings()
+    artifacts = []
+    for name, content in (artifact_files or {}).items():
+        path = settings.jobs_dir / claim.job_id / "artifacts" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        artifacts.append(lifecycle.describe_artifact(path))
     with session_scope() as session:
         assert lifecycle.complete_job(
             session,
@@ -191,5 +198,5 @@ def complete(claim: Claim, epochs: int) -> None:
             lease_token=claim.lease_token,
             attempt=claim.attempt,
             results=results_for(epochs),
-            artifacts=[],
+            artifacts=artifacts,
         )

@@ -1,0 +1,148 @@
+"""The dashboard: sign-in cookie flags, tenant-scoped pages, curves as inline SVG, CSRF on cancel."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.models import Job
+from tests.sse_helpers import complete, create_job, report_epoch, start_and_claim, tenant_of
+
+ClientFactory = Callable[..., TestClient]
+
+
+@pytest.fixture()
+def settings(clean_database: str) -> Settings:
+    return Settings(**(get_settings().model_dump() | {"max_concurrent_jobs": 100}))
+
+
+@pytest.fixture()
+def browser(make_client: ClientFactory) -> TestClient:
+    """A client without an Authorization header, as a browser is."""
+    return make_client(headers={})
+
+
+def _key(headers: dict[str, str]) -> str:
+    return headers["Authorization"].removeprefix("Bearer ")
+
+
+def _sign_in(browser: TestClient, headers: dict[str, str]) -> None:
+    response = browser.post("/signin", data={"api_key": _key(headers)}, follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/"
+
+
+def _csrf(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([0-9a-f]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+def test_pages_need_sign_in_and_the_cookie_is_httponly_samesite_strict(
+    browser: TestClient, auth_headers: dict[str, str]
+) -> None:
+    response = browser.get("/", follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/signin"
+    form = browser.get("/signin")
+    assert form.status_code == 200 and 'name="api_key"' in form.text
+
+    refused = browser.post("/signin", data={"api_key": "dk_not-a-key"}, follow_redirects=False)
+    assert refused.status_code == 401 and "unknown or revoked" in refused.text
+    assert "set-cookie" not in refused.headers
+
+    accepted = browser.post("/signin", data={"api_key": _key(auth_headers)}, follow_redirects=False)
+    assert accepted.status_code == 303
+    cookie = accepted.headers["set-cookie"]
+    assert cookie.startswith("distillery_session=")
+    flags = {part.strip().lower() for part in cookie.split(";")[1:]}
+    assert "httponly" in flags and "samesite=strict" in flags and "path=/" in flags
+    page = browser.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+
+
+def test_jobs_table_shows_own_jobs_with_status_and_progress_only(
+    browser: TestClient,
+    settings: Settings,
+    auth_headers: dict[str, str],
+    make_api_key: Callable[..., dict[str, str]],
+) -> None:
+    own = create_job(settings, tenant_of(auth_headers))
+    claim = start_and_claim(settings, own)
+    report_epoch(claim, 1, 4, accuracy=0.6, loss=1.1)
+    other = create_job(settings, tenant_of(make_api_key()))
+    _sign_in(browser, auth_headers)
+    html = browser.get("/").text
+    row = re.search(rf'<tr data-job-id="{own}">(.*?)</tr>', html, re.S)
+    assert row, html
+    assert "running" in row.group(1) and "width: 25.0%" in row.group(1) and "25%" in row.group(1)
+    assert other not in html
+    assert browser.get(f"/jobs/{other}").status_code == 404
+
+
+def test_job_page_draws_one_curve_point_per_epoch_with_results_and_downloads(
+    browser: TestClient, settings: Settings, auth_headers: dict[str, str]
+) -> None:
+    epochs = 5
+    job_id = create_job(settings, tenant_of(auth_headers))
+    claim = start_and_claim(settings, job_id)
+    for epoch in range(1, 3):
+        report_epoch(claim, epoch, epochs, accuracy=0.5 + 0.05 * epoch, loss=1.0 / epoch)
+    _sign_in(browser, auth_headers)
+
+    running = browser.get(f"/jobs/{job_id}").text  # while running: curves from the metric events so far
+    assert re.search(r'<meta http-equiv="refresh"', running)
+    loss = re.search(r'<polyline data-series="total_loss" points="([^"]*)"', running)
+    assert loss and len(loss.group(1).split()) == 2
+
+    complete(claim, epochs, {"student.safetensors": b"weights", "results.json": b"{}"})
+    page = browser.get(f"/jobs/{job_id}").text
+    assert "http-equiv" not in page  # finished: no more refreshing
+    for series in ("total_loss", "distillation_loss", "student_loss", "student_accuracy"):
+        points = re.search(rf'<polyline data-series="{series}" points="([^"]*)"', page)
+        assert points, series
+        assert len(points.group(1).split()) == epochs
+    assert 'data-series="teacher accuracy"' in page
+    assert re.search(r'<table id="results">.*0\.9806.*0\.9556', page, re.S)  # teacher vs student
+    link = f'href="/jobs/{job_id}/artifacts/student.safetensors"'
+    assert link in page
+    download = browser.get(f"/jobs/{job_id}/artifacts/student.safetensors")
+    assert download.status_code == 200 and download.content == b"weights"
+    # Works offline: no script, stylesheet or image from anywhere else.
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    assert "<script" not in page
+
+
+def test_cancel_needs_the_csrf_token_of_the_signed_in_key(
+    browser: TestClient, settings: Settings, auth_headers: dict[str, str]
+) -> None:
+    job_id = create_job(settings, tenant_of(auth_headers))
+    _sign_in(browser, auth_headers)
+    token = _csrf(browser.get(f"/jobs/{job_id}").text)
+
+    for data in ({}, {"csrf_token": "0" * 64}):
+        refused = browser.post(f"/jobs/{job_id}/cancel", data=data, follow_redirects=False)
+        assert refused.status_code == 403
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and job.status == "pending"
+
+    done = browser.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}, follow_redirects=False)
+    assert done.status_code == 303 and done.headers["location"] == f"/jobs/{job_id}"
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None and job.status == "cancelled"
+    again = browser.post(f"/jobs/{job_id}/cancel", data={"csrf_token": token}, follow_redirects=False)
+    assert again.status_code == 409 and "cancelled" in again.text
+
+
+def test_signed_out_cookie_no_longer_opens_pages(browser: TestClient, auth_headers: dict[str, str]) -> None:
+    _sign_in(browser, auth_headers)
+    token = _csrf(browser.get("/").text)
+    out = browser.post("/signout", data={"csrf_token": token}, follow_redirects=False)
+    assert out.status_code == 303 and 'distillery_session=""' in out.headers["set-cookie"]
+    assert browser.get("/", follow_redirects=False).status_code == 303
