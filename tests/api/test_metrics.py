@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.core.db import session_scope
 from app.core.logging import JsonFormatter, bind, configure_logging, log_context, tenant_var
 from app.models import Job, JobStatus, ServiceHeartbeat, utcnow
+from app.services.auth import authenticate
 from tests.sse_helpers import DIGITS_JOB, tenant_of
 
 
@@ -147,7 +148,9 @@ def test_json_logs_carry_job_id_and_tenant_from_the_context() -> None:
     assert third["tenant"] == "beta"
 
 
-def test_each_request_is_logged_as_json_with_its_route_and_job_id(client: TestClient) -> None:
+def test_each_request_is_logged_as_json_with_its_route_job_id_and_tenant(
+    client: TestClient, auth_headers: dict[str, str]
+) -> None:
     job_id = client.post("/distillation/jobs", json=DIGITS_JOB).json()["job_id"]
     stream = io.StringIO()
     handler = configure_logging(fmt="json", level="INFO", stream=stream)
@@ -160,4 +163,7 @@ def test_each_request_is_logged_as_json_with_its_route_and_job_id(client: TestCl
     assert len(access) == 1
     assert access[0]["route"] == "/distillation/jobs/{job_id}" and access[0]["status"] == 200
     assert access[0]["job_id"] == job_id and access[0]["request_id"]
+    with session_scope() as session:
+        principal = authenticate(session, key=auth_headers["Authorization"].removeprefix("Bearer "))
+    assert principal is not None and access[0]["tenant"] == principal.tenant_name
     assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
