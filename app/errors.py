@@ -9,7 +9,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("distillery.api")
@@ -205,6 +205,20 @@ async def _database_unavailable_handler(request: Request, exc: Exception) -> JSO
     )
 
 
+async def _database_data_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """A value the database type cannot hold (NUL in text, integer out of range): the client's input."""
+    assert isinstance(exc, DataError)
+    reason = str(getattr(exc, "orig", exc)).splitlines()[0] if str(getattr(exc, "orig", exc)) else "bad value"
+    logger.info("database refused a value on %s %s: %s", request.method, request.url.path, reason)
+    return problem_response(
+        request,
+        status=422,
+        title="Invalid request",
+        detail=f"A value in the request cannot be stored: {reason}.",
+        slug="validation-error",
+    )
+
+
 async def _unexpected_handler(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
@@ -222,4 +236,5 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(OperationalError, _database_unavailable_handler)
+    app.add_exception_handler(DataError, _database_data_error_handler)
     app.add_exception_handler(Exception, _unexpected_handler)

@@ -44,7 +44,7 @@ class TeacherCreate(BaseModel):
     )
     type: TeacherType
     task: Task | None = None
-    params: int | None = Field(default=None, ge=0, description="Parameter count, when known")
+    params: int | None = Field(default=None, ge=0, le=10**13, description="Parameter count, when known")
     description: str = Field(default="", max_length=2000)
 
 

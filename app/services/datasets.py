@@ -20,7 +20,7 @@ from app.schemas.datasets import DatasetRead
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
-_INTEGER = re.compile(r"^[+-]?[0-9]+$")
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,18}$")
 _EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
 
@@ -48,6 +48,10 @@ def detect_format(filename: str, path: Path) -> str:
     return "jsonl" if head.startswith(b"{") else "csv"
 
 
+# Labels are class indices; a classification head needs max(label) + 1 outputs, so they are capped.
+MAX_LABEL = 9_999
+
+
 def _parse_label(value: Any, where: str) -> int:
     if isinstance(value, bool):
         raise Unprocessable(f"{where}: label {value!r} is not an integer >= 0.")
@@ -59,6 +63,10 @@ def _parse_label(value: Any, where: str) -> int:
         raise Unprocessable(f"{where}: label {value!r} is not an integer >= 0.")
     if label < 0:
         raise Unprocessable(f"{where}: label {label} is negative; labels are integers >= 0.")
+    if label > MAX_LABEL:
+        raise Unprocessable(
+            f"{where}: label {label} is out of range; labels are class indices 0..{MAX_LABEL}."
+        )
     return label
 
 
@@ -101,6 +109,10 @@ def _check_jsonl(path: Path) -> DatasetSummary:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise Unprocessable(f"{where}: not valid JSON ({exc.msg}).") from exc
+            except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit parsing limit
+                raise Unprocessable(f"{where}: not valid JSON ({exc}).") from exc
+            except RecursionError as exc:
+                raise Unprocessable(f"{where}: JSON nested too deeply.") from exc
             if not isinstance(record, dict):
                 raise Unprocessable(f"{where}: each line must be a JSON object.")
             for key in record:

@@ -60,7 +60,9 @@ def list_keys(session: SessionDep, _admin: AdminDep) -> list[ApiKeyRead]:
     responses=problem_responses(401, 403, 404, 422, 503),
 )
 def revoke_key(
-    key_id: Annotated[str, Path(max_length=36)], session: SessionDep, _admin: AdminDep
+    key_id: Annotated[str, Path(min_length=1, max_length=36, pattern=r"^[A-Za-z0-9-]+$")],
+    session: SessionDep,
+    _admin: AdminDep,
 ) -> ApiKeyRead:
     api_key, tenant = auth_service.revoke_key(session, key_id=key_id)
     return _read(api_key, tenant)

@@ -99,7 +99,7 @@ def list_datasets(session: SessionDep, tenant: CurrentTenantDep) -> list[Dataset
     responses=problem_responses(401, 404, 422, 503),
 )
 def get_dataset(
-    dataset_id: Annotated[str, Path(min_length=1, max_length=64)],
+    dataset_id: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")],
     session: SessionDep,
     tenant: CurrentTenantDep,
 ) -> DatasetRead:

@@ -19,7 +19,9 @@ from app.services import jobs as jobs_service
 
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
 
-JobId = Annotated[str, Path(min_length=1, max_length=64, description="The job's id")]
+JobId = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="The job's id")
+]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -192,7 +194,8 @@ def list_jobs(
         str | None, Query(max_length=512, description="next_cursor of the previous page")
     ] = None,
     status_filter: Annotated[
-        list[JobStatus] | None, Query(alias="status", description="Only jobs in these states")
+        list[JobStatus] | None,
+        Query(alias="status", max_length=len(JobStatus), description="Only jobs in these states"),
     ] = None,
     teacher: Annotated[str | None, Query(max_length=512, description="Only jobs of this teacher")] = None,
 ) -> Page[JobSummary]:
@@ -273,10 +276,13 @@ def list_job_events(
     session: SessionDep,
     tenant: CurrentTenantDep,
     settings: SettingsDep,
-    after: Annotated[int, Query(ge=0, description="Only events with a larger id (next_cursor)")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=2**63 - 1, description="Only events with a larger id (next_cursor)")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     last_event_id: Annotated[
-        int | None, Header(ge=0, description="Stream: resume after this event id (sent by EventSource)")
+        int | None,
+        Header(ge=0, le=2**63 - 1, description="Stream: resume after this event id (sent by EventSource)"),
     ] = None,
 ) -> Page[JobEventRead] | StreamingResponse:
     jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)

@@ -33,7 +33,9 @@ def list_teachers(session: SessionDep, tenant: CurrentTenantDep) -> list[Teacher
     responses=problem_responses(401, 404, 422, 503),
 )
 def get_teacher(
-    name: Annotated[str, Path(min_length=1, max_length=512)], session: SessionDep, tenant: CurrentTenantDep
+    name: Annotated[str, Path(min_length=1, max_length=512, pattern=r"^[^\x00-\x1f\x7f]+$")],
+    session: SessionDep,
+    tenant: CurrentTenantDep,
 ) -> TeacherRead:
     return teachers_service.to_read(
         teachers_service.get_or_raise(session, name=name, tenant_id=tenant.tenant_id)
