@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -120,8 +122,137 @@ def results_table(results: dict[str, Any]) -> Table:
     return outer
 
 
+@dataclass
+class _SseMessage:
+    event: str = "message"
+    id: int | None = None
+    data: str = ""
+
+
+def _iter_sse(response: httpx.Response) -> Iterator[_SseMessage]:
+    """Server-Sent Events of a streaming response, as they arrive (comments/keep-alives skipped)."""
+    message, data_lines = _SseMessage(), list[str]()
+    for line in response.iter_lines():
+        if not line:
+            if data_lines:
+                message.data = "\n".join(data_lines)
+                yield message
+            message, data_lines = _SseMessage(), []
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            message.event = value
+        elif name == "id" and value.isdigit():
+            message.id = int(value)
+        elif name == "data":
+            data_lines.append(value)
+
+
+class _StreamUnavailable(Exception):
+    """The live event stream cannot be used (old server, proxy, repeated drops): poll instead."""
+
+
+# Reconnects in a row before giving up on the stream (about 30 s); backoff doubles from 0.25 s up to 2 s.
+MAX_STREAM_RETRIES = 18
+STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # keep-alives arrive every ~15 s
+
+
+class _JobView:
+    """The progress bar and the log lines above it, fed by stream events or polled job documents."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task = bar.add_task("", total=100.0, status="pending", eta="-")
+
+    def show(self, job: dict[str, Any]) -> None:
+        metrics = job.get("metrics") or {}
+        parts = [job.get("phase") or ""]
+        for key in ("stage", "epoch"):
+            if metrics.get(key) is not None:
+                parts.append(f"{key} {metrics[key]}")
+        for key in ("total_loss", "distillation_loss", "student_accuracy"):
+            if metrics.get(key) is not None:
+                parts.append(f"{key} {_fmt(metrics[key])}")
+        eta = job.get("eta_seconds")
+        self.bar.update(
+            self.task,
+            completed=float(job.get("progress") or 0.0),
+            description="  ".join(p for p in parts if p),
+            status=job["status"],
+            eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "-",
+        )
+
+    def log_event(self, kind: str, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if kind == "state":
+            self.bar.console.print(f"[dim]{event.get('created_at', '')[11:19]}[/dim] {event.get('message')}")
+        elif kind == "metric" and data.get("epoch") is not None:
+            figures = "  ".join(
+                f"{key} {_fmt(data[key])}"
+                for key in ("total_loss", "distillation_loss", "student_loss", "student_accuracy")
+                if isinstance(data.get(key), int | float)
+            )
+            where = f"stage {data.get('stage', 1)} epoch {data['epoch']}"
+            phase = data.get("phase")
+            self.bar.console.print(f"  {phase + ' ' if phase else ''}{where}: {figures}")
+
+
+def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
+    """Follow the job's event stream until its `end` event, resuming after drops with Last-Event-ID."""
+    last_id: int | None = None
+    failures = 0
+    while True:
+        headers = {"Accept": "text/event-stream"}
+        if last_id is not None:
+            headers["Last-Event-ID"] = str(last_id)
+        try:
+            with client.stream(
+                "GET", f"/distillation/jobs/{job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
+            ) as response:
+                if response.status_code in (401, 403, 404, 422):
+                    response.read()
+                    raise _fail(response)
+                content_type = response.headers.get("content-type", "")
+                if response.is_error or not content_type.startswith("text/event-stream"):
+                    raise _StreamUnavailable(f"{response.status_code} {content_type or 'no content type'}")
+                for message in _iter_sse(response):
+                    failures = 0
+                    if message.id is not None:
+                        last_id = message.id
+                    data = json.loads(message.data) if message.data else {}
+                    if message.event == "snapshot":
+                        view.show(data)
+                    elif message.event == "end":
+                        return
+                    else:
+                        view.log_event(message.event, data)
+        except (httpx.TransportError, _StreamUnavailable) as exc:
+            failures += 1
+            if failures > MAX_STREAM_RETRIES:
+                raise _StreamUnavailable(str(exc) or exc.__class__.__name__) from exc
+            view.bar.console.print(
+                f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]"
+            )
+            time.sleep(min(2.0, 0.25 * 2 ** (failures - 1)))
+            continue
+        failures += 1  # closed without `end` (a proxy, a restart): reconnect after the last event
+        if failures > MAX_STREAM_RETRIES:
+            raise _StreamUnavailable("the stream kept closing before the job ended")
+
+
+def _poll(client: httpx.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
+    while True:
+        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        view.show(job)
+        if job["status"] in TERMINAL:
+            return job
+        time.sleep(interval)
+
+
 def _watch(client: httpx.Client, job_id: str, interval: float) -> dict[str, Any]:
-    """Poll the job until it ends, drawing a progress bar; returns the final job."""
+    """Follow the job live over its event stream (polling if that fails), drawing a progress bar;
+    returns the final job."""
     columns = (
         TextColumn("[bold]{task.fields[status]}[/bold]"),
         BarColumn(),
@@ -131,28 +262,21 @@ def _watch(client: httpx.Client, job_id: str, interval: float) -> dict[str, Any]
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=console, transient=False) as bar:
-        task = bar.add_task("", total=100.0, status="pending", eta="-")
-        while True:
-            job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
-            metrics = job.get("metrics") or {}
-            parts = [job.get("phase") or ""]
-            for key in ("stage", "epoch"):
-                if metrics.get(key) is not None:
-                    parts.append(f"{key} {metrics[key]}")
-            for key in ("total_loss", "distillation_loss", "student_accuracy"):
-                if metrics.get(key) is not None:
-                    parts.append(f"{key} {_fmt(metrics[key])}")
-            eta = job.get("eta_seconds")
-            bar.update(
-                task,
-                completed=float(job.get("progress") or 0.0),
-                description="  ".join(p for p in parts if p),
-                status=job["status"],
-                eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "-",
+        view = _JobView(bar)
+        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        view.show(job)
+        if job["status"] in TERMINAL:
+            return job
+        try:
+            _follow_stream(client, job_id, view)
+        except _StreamUnavailable as exc:
+            bar.console.print(
+                f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]"
             )
-            if job["status"] in TERMINAL:
-                return job
-            time.sleep(interval)
+            return _poll(client, job_id, interval, view)
+        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        view.show(job)
+        return job
 
 
 def _finish(job: dict[str, Any]) -> None:
@@ -173,7 +297,9 @@ def register(app: typer.Typer) -> None:
     def submit(
         job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Job spec JSON.")],
         watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
-        interval: Annotated[float, typer.Option(help="Seconds between polls with --watch.")] = 1.0,
+        interval: Annotated[
+            float, typer.Option(help="Seconds between polls with --watch, if the event stream fails.")
+        ] = 1.0,
         url: UrlOption = DEFAULT_URL,
         api_key: KeyOption = None,
     ) -> None:
@@ -188,7 +314,9 @@ def register(app: typer.Typer) -> None:
     @app.command("watch")
     def watch_job(
         job_id: str,
-        interval: Annotated[float, typer.Option(help="Seconds between polls.")] = 1.0,
+        interval: Annotated[
+            float, typer.Option(help="Seconds between polls, if the event stream fails.")
+        ] = 1.0,
         url: UrlOption = DEFAULT_URL,
         api_key: KeyOption = None,
     ) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+# Open event streams would otherwise hold a graceful shutdown until their jobs end.
+GRACE = ["--timeout-graceful-shutdown", "1"]
 
 
 def free_port() -> int:
@@ -24,14 +26,26 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(env: dict[str, str] | None = None, *, startup_timeout: float = 30.0) -> Iterator[str]:
-    """Start `uvicorn app.main:app` on a free port with the test environment (+ `env`); yield its URL."""
-    port = free_port()
+def live_server(
+    env: dict[str, str] | None = None, *, port: int | None = None, startup_timeout: float = 30.0
+) -> Iterator[str]:
+    """Start `uvicorn app.main:app` on `port` (default: a free one) with the test environment (+ `env`)."""
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     # A file, not a pipe: a chatty server never blocks on a full pipe.
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                *GRACE,
+            ],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=log,

@@ -16,6 +16,7 @@ from app.services import auth as auth_service
 from app.services import jobs as jobs_service
 from app.services import lifecycle, scheduler
 from app.services.lifecycle import Claim
+from app.services.teachers import seed_default_teachers
 
 DIGITS_JOB: dict[str, Any] = {
     "teacher_model_name": "digits-cnn",
@@ -76,6 +77,8 @@ def tenant_of(headers: dict[str, str]) -> str:
 
 def create_job(settings: Settings, tenant_id: str, **overrides: Any) -> str:
     """A pending job of `tenant_id` created through the jobs service; returns its id."""
+    with session_scope() as session:
+        seed_default_teachers(session)  # as the API does at start (a test may run before any server)
     with session_scope() as session:
         request = JobCreate(**(DIGITS_JOB | overrides))
         job = jobs_service.create(session, request=request, settings=settings, tenant_id=tenant_id)
