@@ -75,6 +75,7 @@ class HFTaskAdapter(TaskAdapter):
     def __init__(self) -> None:
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.splits: TextSplits | None = None
+        self.compile_students = False  # training_config.compile on a CUDA device
 
     # ---- data and models ---------------------------------------------------------------------------
 
@@ -115,6 +116,7 @@ class HFTaskAdapter(TaskAdapter):
     ) -> nn.Module:
         """Load the teacher and its tokenizer, tokenise the data; fine-tune a missing classification head."""
         attn = _attn_implementation(spec)
+        self.compile_students = spec.training_config.compile and device.type == "cuda"
         loaded = load_hf_teacher(
             source,
             self.task,
@@ -181,7 +183,12 @@ class HFTaskAdapter(TaskAdapter):
     def build_student(self, teacher: nn.Module, target_compression: float, *, seed: int) -> nn.Module:
         """A narrower/shallower model of the teacher's class, initialised from its layers."""
         assert isinstance(teacher, PreTrainedModel)
-        return build_hf_student(teacher, target_compression, seed=seed).cpu()
+        student = build_hf_student(teacher, target_compression, seed=seed).cpu()
+        if self.compile_students:
+            # In place (state_dict keys unchanged, so checkpoints and save_pretrained are unaffected);
+            # dynamic shapes because batches differ in size (the last one) and splits in length.
+            student.compile(dynamic=True)
+        return student
 
     # ---- forward, targets, metric ------------------------------------------------------------------
 
