@@ -82,7 +82,45 @@ class MLP(nn.Module):
         return self.forward_with_features(x)[0]
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digits_cnn": DigitsCNN, "mlp": MLP}
+class SmallCNN(nn.Module):
+    """The scaled student of a CNN teacher: one conv block, then a hidden layer. (B, S*S) -> (B, classes)."""
+
+    config: dict[str, Any]
+
+    def __init__(
+        self, in_features: int = 64, num_classes: int = 10, channels: int = 8, hidden: int = 32
+    ) -> None:
+        super().__init__()
+        side = math.isqrt(in_features)
+        if side * side != in_features:
+            raise ValueError(f"SmallCNN needs a square image, got {in_features} features")
+        self.side = side
+        self.conv = nn.Conv2d(1, channels, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(channels * (side // 2) ** 2, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        self.config = {
+            "in_features": in_features,
+            "num_classes": num_classes,
+            "channels": channels,
+            "hidden": hidden,
+        }
+
+    def forward_with_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        image = x.view(-1, 1, self.side, self.side)  # (B, 1, S, S)
+        h1 = self.pool(torch.relu(self.conv(image))).flatten(1)  # (B, C*S*S/4)
+        h2 = torch.relu(self.fc1(h1))  # (B, hidden)
+        return self.fc2(h2), [h1, h2]  # (B, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(x)[0]
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "digits_cnn": DigitsCNN,
+    "small_cnn": SmallCNN,
+    "mlp": MLP,
+}
 
 
 def architecture_name(model: nn.Module) -> str:
@@ -100,7 +138,7 @@ def model_config(model: nn.Module) -> dict[str, Any]:
 
 def small_model_config(model: nn.Module) -> dict[str, Any]:
     """The constructor kwargs of a DigitsCNN or MLP."""
-    if not isinstance(model, DigitsCNN | MLP):
+    if not isinstance(model, DigitsCNN | SmallCNN | MLP):
         raise ValueError(f"{type(model).__name__} is not one of {sorted(ARCHITECTURES)}")
     return model.config
 
@@ -134,3 +172,27 @@ def scaled_mlp_hidden(in_features: int, num_classes: int, budget: int) -> list[i
     while mlp_parameters(in_features, num_classes, [width, width]) > budget:
         width -= 1
     return [max(1, width), max(1, width)]
+
+
+def small_cnn_parameters(in_features: int, num_classes: int, channels: int, hidden: int) -> int:
+    """Parameter count of `SmallCNN(in_features, num_classes, channels, hidden)`."""
+    pooled = channels * (math.isqrt(in_features) // 2) ** 2
+    return 10 * channels + pooled * hidden + hidden + hidden * num_classes + num_classes
+
+
+def scaled_small_cnn(in_features: int, num_classes: int, budget: int) -> dict[str, int]:
+    """Channels and hidden width of the largest SmallCNN not above `budget` parameters.
+
+    Channels grow with the square root of the budget (8 at ~4k parameters), the hidden layer takes the rest.
+    """
+    pooled_per_channel = (math.isqrt(in_features) // 2) ** 2
+    channels = max(2, round(math.sqrt(budget) / 8))
+    while channels > 1:
+        hidden = (budget - 10 * channels - num_classes) // (channels * pooled_per_channel + 1 + num_classes)
+        if hidden >= 4:
+            return {"channels": channels, "hidden": hidden}
+        channels -= 1
+    return {
+        "channels": 1,
+        "hidden": max(1, (budget - 10 - num_classes) // (pooled_per_channel + 1 + num_classes)),
+    }

@@ -418,9 +418,9 @@ def train_run(
             for name, value in (("total", total), *terms.items()):
                 sums[name] = sums[name] + value.detach() if name in sums else value.detach()
             if stopper.due():
-                if not math.isfinite(float(total)):
-                    raise _nan_error(plan, epoch, step, float(total))
-                progressor.report(phase, plan, epoch, step, steps_per_epoch, {"loss": float(total)})
+                if not math.isfinite(float(total.detach())):
+                    raise _nan_error(plan, epoch, step, float(total.detach()))
+                progressor.report(phase, plan, epoch, step, steps_per_epoch, {"loss": float(total.detach())})
                 stopper.check(f"in {phase} stage {plan.stage} epoch {epoch}")
         means = {name: float(value) / max(steps, 1) for name, value in sums.items()}
         if not math.isfinite(means["total"]):

@@ -15,7 +15,15 @@ from workers.distill.adapters import register_adapter
 from workers.distill.adapters.base import Batch, ModelOutputs, TaskAdapter, TaskData, count_parameters
 from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
 from workers.distill.data import load_classification_data, resolve_under_root
-from workers.distill.models import MLP, DigitsCNN, model_config, scaled_mlp_hidden, small_model_config
+from workers.distill.models import (
+    MLP,
+    DigitsCNN,
+    SmallCNN,
+    model_config,
+    scaled_mlp_hidden,
+    scaled_small_cnn,
+    small_model_config,
+)
 from workers.distill.teachers import get_digits_teacher, load_model_dir
 
 BUILTIN_TEACHERS = ("digits-cnn",)
@@ -80,15 +88,19 @@ class ClassificationAdapter(TaskAdapter):
         return teacher.to(device).eval()
 
     def build_student(self, teacher: nn.Module, target_compression: float, *, seed: int) -> nn.Module:
-        if not isinstance(teacher, DigitsCNN | MLP):
+        if not isinstance(teacher, DigitsCNN | SmallCNN | MLP):
             raise EngineError("unsupported", f"cannot derive a student from {type(teacher).__name__}")
         config = teacher.config
         budget = int(count_parameters(teacher) * target_compression)
-        hidden = scaled_mlp_hidden(config["in_features"], config["num_classes"], budget)
         generator_state = torch.get_rng_state()
         torch.manual_seed(seed)
         try:
-            return MLP(config["in_features"], config["num_classes"], hidden)
+            if isinstance(teacher, MLP):  # an MLP teaches a narrower MLP
+                hidden = scaled_mlp_hidden(config["in_features"], config["num_classes"], budget)
+                return MLP(config["in_features"], config["num_classes"], hidden)
+            # A CNN teaches a scaled CNN: convolutions keep the image prior a small MLP lacks.
+            shape = scaled_small_cnn(config["in_features"], config["num_classes"], budget)
+            return SmallCNN(config["in_features"], config["num_classes"], **shape)
         finally:
             torch.set_rng_state(generator_state)
 
@@ -101,7 +113,7 @@ class ClassificationAdapter(TaskAdapter):
                 "attention_distillation needs transformer models; CNN/MLP models have no attention maps",
             )
         if hidden_states:
-            if not isinstance(model, DigitsCNN | MLP):
+            if not isinstance(model, DigitsCNN | SmallCNN | MLP):
                 raise EngineError("unsupported", f"{type(model).__name__} exposes no hidden states")
             logits, hidden = model.forward_with_features(batch["inputs"])  # (B, C), [(B, H_l)]
             return ModelOutputs(logits=logits, hidden_states=hidden)
