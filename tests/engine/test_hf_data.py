@@ -18,7 +18,13 @@ from workers.distill.adapters.base import IGNORE_INDEX
 from workers.distill.contract import EngineError
 from workers.distill.hf.data import causal_targets, mask_tokens, read_text_splits, tokenise_split
 from workers.distill.hf.models import load_hf_teacher
-from workers.distill.hf.tiny import classification_rows, make_bert_tokenizer, save_tiny_gpt2, write_jsonl
+from workers.distill.hf.tiny import (
+    classification_rows,
+    make_bert_tokenizer,
+    save_tiny_bert,
+    save_tiny_gpt2,
+    write_jsonl,
+)
 
 
 def _spec(path: str, task: str = "sequence-classification", **dataset: Any) -> JobSpec:
@@ -90,6 +96,18 @@ def test_hub_dataset_without_the_datasets_package_is_a_clear_error(monkeypatch: 
     )
     with pytest.raises(EngineError, match="pip install datasets"):
         read_text_splits(spec, file_root=None)
+
+
+def test_language_model_teacher_without_its_head_is_refused(tmp_path: Path) -> None:
+    save_tiny_bert(tmp_path / "base", head="none", layers=1, hidden=16, heads=2)
+    source = TeacherSource(name="base", kind=TeacherSourceKind.local, location="base", type="transformer")
+    with pytest.raises(EngineError, match="no trained masked-lm head") as info:
+        load_hf_teacher(source, Task.masked_lm, num_labels=None, file_root=tmp_path)
+    assert info.value.code == "teacher_invalid"
+    missing_config = source.model_copy(update={"location": "nowhere"})
+    with pytest.raises(EngineError, match=r"no config\.json") as info:
+        load_hf_teacher(missing_config, Task.masked_lm, num_labels=None, file_root=tmp_path)
+    assert info.value.code == "teacher_not_found"
 
 
 def test_masking_is_deterministic_and_skips_special_tokens() -> None:

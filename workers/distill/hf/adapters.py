@@ -30,7 +30,7 @@ from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCa
 from workers.distill.hf.data import TextSplits, causal_targets, read_text_splits, tokenise_split
 from workers.distill.hf.finetune import finetune_classifier, finetune_key, finetune_lock, finetuned_dir
 from workers.distill.hf.losses import token_kl, topk_teacher_logits
-from workers.distill.hf.models import build_hf_student, load_hf_teacher, teacher_location
+from workers.distill.hf.models import AUTO_CLASSES, build_hf_student, load_hf_teacher, teacher_location
 from workers.distill.losses import LossInputs, register_loss
 
 ONNX_FILE = "student.onnx"
@@ -51,7 +51,7 @@ class LogitsOnly(nn.Module):
 def _attn_implementation(spec: JobSpec) -> str:
     """Eager attention when attention maps are distilled (sdpa returns none); sdpa otherwise (faster)."""
     method = spec.distillation_method
-    return "eager" if method in (DistillationMethod.attention, DistillationMethod.progressive) else "sdpa"
+    return "eager" if method == DistillationMethod.attention else "sdpa"
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
@@ -254,7 +254,7 @@ class HFTaskAdapter(TaskAdapter):
             "task": str(self.task),
             "config": "config.json",
             "weights": "model.safetensors",
-            "load": "transformers.AutoModelFor...from_pretrained(<this directory>)",
+            "load": f"transformers.{AUTO_CLASSES[self.task].__name__}.from_pretrained(<this directory>)",
         }
         (out_dir / ARTIFACT_CONFIG).write_text(json.dumps(recipe, indent=2))
         return sorted(p for p in out_dir.iterdir() if p.is_file())

@@ -125,15 +125,14 @@ def load_hf_teacher(
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.eval()
-    # Only a classification head can be trained here; other missing weights mean the wrong checkpoint.
+    # Only a classification head can be trained here; a language-model teacher must bring its own head.
     needs_finetune = task == Task.sequence_classification and bool(missing)
     if task != Task.sequence_classification and missing:
-        body = [k for k in missing if "lm_head" not in k and "predictions" not in k]
-        if body:
-            raise EngineError(
-                "teacher_invalid",
-                f"teacher '{source.name}' lacks weights for {task}: {', '.join(sorted(body)[:5])}",
-            )
+        raise EngineError(
+            "teacher_invalid",
+            f"teacher '{source.name}' has no trained {task} head (missing {', '.join(sorted(missing)[:4])}); "
+            f"give a checkpoint saved from a {AUTO_CLASSES[task].__name__.removeprefix('Auto')}-style model",
+        )
     return LoadedTeacher(
         model=model, tokenizer=tokenizer, needs_finetune=needs_finetune, missing_head_keys=missing
     )
