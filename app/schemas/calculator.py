@@ -41,6 +41,32 @@ class CalculatorInput(BaseModel):
 class CalculatorResult(BaseModel):
     """Derived figures as fractions (and a ratio for speed), plus the seed's display strings."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "compression_ratio": 0.04,
+                    "parameter_reduction": 0.96,
+                    "accuracy_retention": 0.9684782608695652,
+                    "accuracy_drop": 0.029,
+                    "memory_reduction": 0.96,
+                    "speed_improvement": 5.0,
+                    "speed_improvement_estimated": True,
+                    "cost_savings": 0.8,
+                    "display": {
+                        "compression_ratio": "4.00%",
+                        "teacher_accuracy": "92.0%",
+                        "student_accuracy": "89.1%",
+                        "accuracy_retention": "96.8%",
+                        "memory_reduction": "96.0%",
+                        "speed_improvement": "5.0x (estimated)",
+                        "cost_savings": "80.0%",
+                    },
+                }
+            ]
+        }
+    )
+
     compression_ratio: float = Field(description="student params / teacher params")
     parameter_reduction: float = Field(description="1 - compression_ratio")
     accuracy_retention: float = Field(description="student accuracy / teacher accuracy")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ComponentHealth(BaseModel):
@@ -17,6 +17,22 @@ class WorkersHealth(ComponentHealth):
 
 
 class HealthRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "status": "ok",
+                    "database": {"status": "ok", "detail": "postgresql"},
+                    "broker": {"status": "ok", "detail": "redis"},
+                    "scheduler": {"status": "ok", "detail": "last tick 1.2 s ago"},
+                    "workers": {"status": "ok", "detail": "", "alive": 2},
+                    "active_jobs": 1,
+                    "total_jobs": 17,
+                }
+            ]
+        }
+    )
+
     status: Literal["ok", "degraded"] = Field(description="ok when every part is up")
     database: ComponentHealth
     broker: ComponentHealth

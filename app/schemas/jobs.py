@@ -50,6 +50,29 @@ class JobError(BaseModel):
 class JobSummary(BaseModel):
     """A job in a list: state and progress, without spec, metrics and results."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "5b0f4c8e-8d3a-4a53-9d7c-2f1f0b6f4a11",
+                    "status": "running",
+                    "progress": 42.5,
+                    "phase": "distill",
+                    "teacher_model_name": "digits-cnn",
+                    "target_compression": 0.25,
+                    "distillation_method": "response_distillation",
+                    "task": "classification",
+                    "attempt": 1,
+                    "created_at": "2026-11-29T03:08:02Z",
+                    "queued_at": "2026-11-29T03:08:02Z",
+                    "started_at": "2026-11-29T03:08:03Z",
+                    "finished_at": None,
+                    "error": None,
+                }
+            ]
+        }
+    )
+
     job_id: str
     status: str
     progress: float = Field(ge=0, le=100)
@@ -118,6 +141,40 @@ class JobRead(BaseModel):
 
 
 class JobEventRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": 57,
+                    "job_id": "5b0f4c8e-8d3a-4a53-9d7c-2f1f0b6f4a11",
+                    "created_at": "2026-11-29T03:08:05Z",
+                    "kind": "metric",
+                    "attempt": 1,
+                    "message": "distill stage 1 epoch 4/10: val accuracy 0.9417",
+                    "data": {
+                        "phase": "distill",
+                        "stage": 1,
+                        "epoch": 4,
+                        "student_accuracy": 0.9417,
+                        "distillation_loss": 0.731,
+                        "student_loss": 0.214,
+                        "total_loss": 0.576,
+                        "seconds": 0.41,
+                    },
+                },
+                {
+                    "id": 41,
+                    "job_id": "5b0f4c8e-8d3a-4a53-9d7c-2f1f0b6f4a11",
+                    "created_at": "2026-11-29T03:08:03Z",
+                    "kind": "state",
+                    "attempt": 1,
+                    "message": "dispatched -> running",
+                    "data": {"from": "dispatched", "to": "running", "worker": "worker-gpu0@host"},
+                },
+            ]
+        }
+    )
+
     id: int
     job_id: str
     created_at: datetime
@@ -128,6 +185,22 @@ class JobEventRead(BaseModel):
 
 
 class ArtifactRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "student.safetensors",
+                    "size_bytes": 168904,
+                    "sha256": "3c9a0f5e2b8d4c7a1e6f0b9d8c7a6e5f4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a",
+                    "media_type": "application/octet-stream",
+                    "created_at": "2026-11-29T03:10:41Z",
+                    "url": "/distillation/jobs/5b0f4c8e-8d3a-4a53-9d7c-2f1f0b6f4a11/artifacts/"
+                    "student.safetensors",
+                }
+            ]
+        }
+    )
+
     name: str
     size_bytes: int
     sha256: str

@@ -49,6 +49,24 @@ class TeacherCreate(BaseModel):
 
 
 class TeacherRead(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "digits-cnn",
+                    "kind": "builtin",
+                    "location": "digits-cnn",
+                    "type": "cnn",
+                    "params": 120906,
+                    "task": "classification",
+                    "description": "A small CNN trained on the digits train split on first use",
+                    "builtin": True,
+                    "available_offline": True,
+                    "created_at": "2026-11-29T02:00:00Z",
+                }
+            ]
+        }
+    )
     name: str
     kind: str = Field(description="builtin | local | hub")
     location: str
