@@ -50,10 +50,14 @@ def _beat_worker(sid: str, info: dict[str, Any], stop: threading.Event) -> None:
 
 @signals.worker_init.connect
 def _preload_engine(**_kwargs: Any) -> None:
-    """Import the engine (torch) once in the parent, before the pool forks its processes."""
+    """Import the engine (torch, transformers, every task adapter) once in the parent, before the pool forks
+    its processes: each job then starts in well under a second instead of re-importing for ~10 s."""
     settings = get_settings()
     settings.ensure_dirs()
     import workers.distill.runner  # noqa: F401
+    from workers.distill.adapters import registered_tasks
+
+    log.info("engine loaded; tasks: %s", ", ".join(registered_tasks()))
 
 
 @signals.worker_ready.connect

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from integration_helpers import TINY_JOB, Stack, tiny_spec
+from integration_helpers import TINY_JOB, Proc, Stack, tiny_spec
 from sqlalchemy import delete
 
 
@@ -73,14 +73,24 @@ def stack(
             print(stack.logs())
 
 
+@pytest.fixture(scope="module")
+def shared_worker(digits_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proc]:
+    """One real worker with capacity 4 (`-c 4`), shared by the tests of a module (it starts in ~10 s)."""
+    owner = Stack(log_dir=tmp_path_factory.mktemp("shared-worker"))
+    try:
+        yield owner.start_worker(concurrency=4)
+    finally:
+        owner.close()
+
+
 @pytest.fixture()
-def api() -> Iterator[Any]:
+def api(auth_headers: dict[str, str]) -> Iterator[Any]:
     """The real FastAPI app in-process (TestClient); starts admit and send to the real broker."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app()) as client:
+    with TestClient(create_app(), headers=auth_headers) as client:
         yield client
 
 

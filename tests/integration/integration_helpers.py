@@ -87,9 +87,9 @@ class Proc:
         self.process.wait(timeout=30)
 
     def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM, then SIGKILL after `grace` seconds."""
+        """SIGTERM to the leader (a worker then stops its pool itself), SIGKILL after `grace` seconds."""
         if self.alive():
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=grace)
             except subprocess.TimeoutExpired:
@@ -107,6 +107,7 @@ class Stack:
     log_dir: Path
     procs: list[Proc] = field(default_factory=list)
     counter: int = 0
+    shared: list[Proc] = field(default_factory=list)  # started elsewhere (module scope): logged, not stopped
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Proc:
         self.counter += 1
@@ -153,7 +154,7 @@ class Stack:
             proc.stop()
 
     def logs(self) -> str:
-        return "\n".join(f"----- {p.name} -----\n{p.log_tail(80)}" for p in self.procs)
+        return "\n".join(f"----- {p.name} -----\n{p.log_tail(80)}" for p in [*self.shared, *self.procs])
 
 
 def _raise_if_dead(proc: Proc) -> None:

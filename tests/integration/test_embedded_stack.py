@@ -18,6 +18,8 @@ from integration_helpers import REPO_ROOT, base_env, free_port, tiny_spec, wait_
 
 pytestmark = pytest.mark.integration
 
+ADMIN_KEY = "embedded-stack-test-admin-key"
+
 
 def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_teacher: Path) -> None:
     port = free_port()
@@ -30,6 +32,7 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
         BROKER_URL="",  # Kombu's filesystem transport under DATA_DIR
         BROKER_KEY_PREFIX="",
         PORT=str(port),
+        ADMIN_API_KEY=ADMIN_KEY,
     )
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
@@ -59,6 +62,13 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
                 return response.json() if response.status_code == 200 else None
 
             wait_for("the API to answer /health", healthy, timeout=90, interval=0.25)
+            issued = client.post(
+                "/admin/keys",
+                json={"tenant": "embedded", "name": "test"},
+                headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+            )
+            assert issued.status_code == 201, issued.text
+            client.headers["Authorization"] = f"Bearer {issued.json()['key']}"
 
             created = client.post("/distillation/jobs", json={**tiny_spec(), "auto_start": True})
             assert created.status_code == 201, created.text
