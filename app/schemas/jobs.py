@@ -112,10 +112,158 @@ _RUNNING_JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+# Measured: DIGITS_JOB_EXAMPLE run with `distillery run` on a 2-core CPU, as the engine reported it.
+_COMPLETED_RESULTS_EXAMPLE: dict[str, Any] = {
+    "task": "classification",
+    "metric": "accuracy",
+    "device": "cpu",
+    "teacher_accuracy": 0.9889,
+    "initial_student_accuracy": 0.1,
+    "final_student_accuracy": 0.9278,
+    "best_student_accuracy": 0.9278,
+    "accuracy_retention": 0.9382,
+    "original_parameters": 846826,
+    "compressed_parameters": 210926,
+    "compression_ratio": 0.2491,
+    "target_compression": 0.25,
+    "parameter_reduction": 0.7509,
+    "model_size_mb": {"teacher": 3.2304, "student": 0.8046},
+    "memory_savings": 0.7509,
+    "latency_ms": {
+        "teacher": {"batch_1": 0.3142, "batch_64": 12.833},
+        "student": {"batch_1": 0.0877, "batch_64": 6.9578},
+    },
+    "inference_speedup": 1.8444,
+    "cost_savings": 0.4578,
+    "training_history": [
+        {
+            "stage": 1,
+            "epoch": 1,
+            "student_accuracy": 0.6806,
+            "distillation_loss": 24.8601,
+            "student_loss": 1.8756,
+            "total_loss": 17.9647,
+            "seconds": 0.4296,
+        },
+        {
+            "stage": 1,
+            "epoch": 2,
+            "student_accuracy": 0.7917,
+            "distillation_loss": 18.3071,
+            "student_loss": 0.8717,
+            "total_loss": 13.0765,
+            "seconds": 0.5607,
+        },
+        {
+            "stage": 1,
+            "epoch": 3,
+            "student_accuracy": 0.8264,
+            "distillation_loss": 9.9769,
+            "student_loss": 0.4306,
+            "total_loss": 7.113,
+            "seconds": 0.4284,
+        },
+        {
+            "stage": 1,
+            "epoch": 4,
+            "student_accuracy": 0.8819,
+            "distillation_loss": 5.0807,
+            "student_loss": 0.3139,
+            "total_loss": 3.6507,
+            "seconds": 0.3111,
+        },
+        {
+            "stage": 1,
+            "epoch": 5,
+            "student_accuracy": 0.9097,
+            "distillation_loss": 3.1293,
+            "student_loss": 0.2544,
+            "total_loss": 2.2668,
+            "seconds": 0.2907,
+        },
+        {
+            "stage": 1,
+            "epoch": 6,
+            "student_accuracy": 0.9097,
+            "distillation_loss": 2.4712,
+            "student_loss": 0.2116,
+            "total_loss": 1.7933,
+            "seconds": 0.3528,
+        },
+        {
+            "stage": 1,
+            "epoch": 7,
+            "student_accuracy": 0.9028,
+            "distillation_loss": 2.0741,
+            "student_loss": 0.1809,
+            "total_loss": 1.5061,
+            "seconds": 0.4891,
+        },
+        {
+            "stage": 1,
+            "epoch": 8,
+            "student_accuracy": 0.9236,
+            "distillation_loss": 1.9394,
+            "student_loss": 0.1764,
+            "total_loss": 1.4105,
+            "seconds": 0.3595,
+        },
+        {
+            "stage": 1,
+            "epoch": 9,
+            "student_accuracy": 0.9167,
+            "distillation_loss": 1.8206,
+            "student_loss": 0.1569,
+            "total_loss": 1.3215,
+            "seconds": 0.3274,
+        },
+        {
+            "stage": 1,
+            "epoch": 10,
+            "student_accuracy": 0.9167,
+            "distillation_loss": 1.8133,
+            "student_loss": 0.1563,
+            "total_loss": 1.3162,
+            "seconds": 0.3135,
+        },
+    ],
+    "stages": [
+        {
+            "stage": 1,
+            "compression_ratio": 0.2491,
+            "parameters": 210926,
+            "best_student_accuracy": 0.9278,
+            "temperature": 4.0,
+            "alpha": 0.7,
+        }
+    ],
+    "baseline_accuracy": 0.9556,
+    "kd_gain": -2.7778,
+    "teacher_cache_used": True,
+    "training_seconds": 7.535,
+    "total_seconds": 20.1921,
+    "compression_stages": [],
+}
+
+_COMPLETED_JOB_EXAMPLE: dict[str, Any] = {
+    **_RUNNING_JOB_EXAMPLE,
+    "status": "completed",
+    "progress": 100.0,
+    "phase": "done",
+    "estimated_completion": None,
+    "eta_seconds": 0.0,
+    "updated_at": "2026-11-29T03:08:24Z",
+    "finished_at": "2026-11-29T03:08:24Z",
+    "heartbeat_at": "2026-11-29T03:08:24Z",
+    "metrics": {"stage": 1, "epoch": 10, "student_accuracy": 0.9167, "total_loss": 1.3162},
+    "results": _COMPLETED_RESULTS_EXAMPLE,
+}
+
+
 class JobRead(BaseModel):
     """One job: state, progress and ETA, timestamps, the spec, the latest metrics, results or error."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [_RUNNING_JOB_EXAMPLE]})
+    model_config = ConfigDict(json_schema_extra={"examples": [_RUNNING_JOB_EXAMPLE, _COMPLETED_JOB_EXAMPLE]})
 
     job_id: str
     status: str = Field(
