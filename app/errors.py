@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 logger = logging.getLogger("distillery.api")
 
@@ -179,15 +180,41 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     detail = exc.detail if isinstance(exc.detail, str) else _title_for(exc.status_code)
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"No resource at {request.method} {request.url.path}."
-    elif exc.status_code == 405:
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 400 and detail == "There was an error parsing the body":
+        # FastAPI's answer to a body that is not UTF-8 JSON; the same class of error as malformed JSON (422).
+        return problem_response(
+            request,
+            status=422,
+            title="Invalid request",
+            detail="The request body is not valid UTF-8 JSON.",
+            slug="validation-error",
+        )
+    if exc.status_code == 405:
         detail = f"{request.method} is not allowed on {request.url.path}."
+        allowed = _allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
     return problem_response(
         request,
         status=exc.status_code,
         title=_title_for(exc.status_code),
         detail=detail,
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
     )
+
+
+_PROBED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's Allow names only the first route's)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _PROBED_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
 
 
 async def _database_unavailable_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -22,14 +22,23 @@ class CalculatorInput(BaseModel):
         },
     )
 
-    teacher_params: int = Field(gt=0, le=10**13)
-    student_params: int = Field(gt=0, le=10**13)
-    teacher_accuracy: float = Field(gt=0, le=1, description="Fraction 0-1 (0.92 for 92%)")
-    student_accuracy: float = Field(ge=0, le=1, description="Fraction 0-1 (0.891 for 89.1%)")
-    teacher_latency_ms: float | None = Field(default=None, gt=0, description="Measured, per forward pass")
-    student_latency_ms: float | None = Field(default=None, gt=0, description="Measured, per forward pass")
-    teacher_bytes_per_param: float = Field(default=4.0, gt=0, le=16, description="4 for fp32, 2 bf16, 1 int8")
-    student_bytes_per_param: float = Field(default=4.0, gt=0, le=16, description="4 for fp32, 2 bf16, 1 int8")
+    teacher_params: int = Field(strict=True, gt=0, le=10**13)
+    student_params: int = Field(strict=True, gt=0, le=10**13)
+    teacher_accuracy: float = Field(strict=True, ge=1e-3, le=1, description="Fraction 0.001-1 (0.92 for 92%)")
+    student_accuracy: float = Field(strict=True, ge=0, le=1, description="Fraction 0-1 (0.891 for 89.1%)")
+    # Bounded so every derived ratio stays finite (a 5e-324 latency would make the speed-up infinite).
+    teacher_latency_ms: float | None = Field(
+        strict=True, default=None, ge=1e-6, le=1e9, description="Measured, per forward pass"
+    )
+    student_latency_ms: float | None = Field(
+        strict=True, default=None, ge=1e-6, le=1e9, description="Measured, per forward pass"
+    )
+    teacher_bytes_per_param: float = Field(
+        strict=True, default=4.0, ge=0.125, le=16, description="4 for fp32, 2 bf16, 1 int8, 0.125 1-bit"
+    )
+    student_bytes_per_param: float = Field(
+        strict=True, default=4.0, ge=0.125, le=16, description="4 for fp32, 2 bf16, 1 int8, 0.125 1-bit"
+    )
 
     @model_validator(mode="after")
     def _latencies_together(self) -> CalculatorInput:
@@ -74,7 +83,7 @@ class CalculatorResult(BaseModel):
     memory_reduction: float = Field(description="1 - student bytes / teacher bytes")
     speed_improvement: float = Field(description="teacher latency / student latency, or the estimate")
     speed_improvement_estimated: bool = Field(
-        description="True when no latencies were given: sqrt(teacher params / student params), as the seed"
+        description="True when no latencies were given: sqrt(teacher params / student params), as the seed",
     )
     cost_savings: float = Field(description="1 - 1 / speed_improvement")
     display: dict[str, str] = Field(description="The same figures formatted as the seed shows them")

@@ -45,41 +45,51 @@ class _Strict(BaseModel):
 class StageSchedule(_Strict):
     """How temperature and alpha change from one progressive stage to the next (seed: T +1, alpha -0.1)."""
 
-    temperature_step: float = Field(default=1.0, ge=-9, le=9)
-    alpha_step: float = Field(default=-0.1, ge=-1, le=1)
+    temperature_step: float = Field(strict=True, default=1.0, ge=-9, le=9)
+    alpha_step: float = Field(strict=True, default=-0.1, ge=-1, le=1)
 
 
 class TrainingConfig(_Strict):
-    epochs: int = Field(default=10, ge=1, le=1000, description="Epochs (per stage for progressive).")
-    batch_size: int = Field(default=64, ge=1, le=65536)
-    learning_rate: float = Field(default=1e-3, gt=0, le=1.0)
-    weight_decay: float = Field(default=0.01, ge=0, le=1.0)
+    epochs: int = Field(
+        strict=True, default=10, ge=1, le=1000, description="Epochs (per stage for progressive)."
+    )
+    batch_size: int = Field(strict=True, default=64, ge=1, le=65536)
+    learning_rate: float = Field(strict=True, default=1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(strict=True, default=0.01, ge=0, le=1.0)
     temperature: float = Field(
+        strict=True,
         default=4.0,
         ge=1.0,
         le=10.0,
         description="Softmax temperature, 1-10 (the seed warns above 10).",
     )
-    alpha: float = Field(default=0.7, ge=0.0, le=1.0, description="Weight of the KD term vs labels.")
-    feature_weight: float = Field(default=0.1, ge=0.0, le=100.0)
-    attention_weight: float = Field(default=0.05, ge=0.0, le=100.0)
-    num_stages: int = Field(default=3, ge=1, le=10, description="Stages of progressive distillation.")
+    alpha: float = Field(
+        strict=True, default=0.7, ge=0.0, le=1.0, description="Weight of the KD term vs labels."
+    )
+    feature_weight: float = Field(strict=True, default=0.1, ge=0.0, le=100.0)
+    attention_weight: float = Field(strict=True, default=0.05, ge=0.0, le=100.0)
+    num_stages: int = Field(
+        strict=True, default=3, ge=1, le=10, description="Stages of progressive distillation."
+    )
     stage_schedule: StageSchedule = Field(default_factory=StageSchedule)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    seed: int = Field(strict=True, default=0, ge=0, le=2**31 - 1)
     device: Device = Device.auto
     teacher_cache: TeacherCache = TeacherCache.auto
     teacher_cache_top_k: int = Field(
+        strict=True,
         default=64,
         ge=1,
         le=1_000_000,
         description="Logits kept per token in a language-model cache.",
     )
-    baseline: bool = Field(default=False, description="Also train the same student on labels only.")
-    teacher_finetune_epochs: int = Field(
-        default=1, ge=0, le=100, description="Epochs to fine-tune a teacher without a task head."
+    baseline: bool = Field(
+        strict=True, default=False, description="Also train the same student on labels only."
     )
-    max_seq_length: int = Field(default=128, ge=8, le=8192)
-    compile: bool = Field(default=False, description="torch.compile the student (CUDA).")
+    teacher_finetune_epochs: int = Field(
+        strict=True, default=1, ge=0, le=100, description="Epochs to fine-tune a teacher without a task head."
+    )
+    max_seq_length: int = Field(strict=True, default=128, ge=8, le=8192)
+    compile: bool = Field(strict=True, default=False, description="torch.compile the student (CUDA).")
 
 
 class BuiltinDataset(_Strict):
@@ -114,7 +124,9 @@ DatasetConfig = Annotated[
 
 
 class Compression(_Strict):
-    prune_amount: float = Field(default=0.0, ge=0.0, le=0.95, description="Global magnitude pruning.")
+    prune_amount: float = Field(
+        strict=True, default=0.0, ge=0.0, le=0.95, description="Global magnitude pruning."
+    )
     quantize: Literal["none", "int8"] = "none"
 
 
@@ -134,6 +146,7 @@ class JobSpec(_Strict):
         examples=["digits-cnn"],
     )
     target_compression: float = Field(
+        strict=True,
         default=0.1,
         gt=0.0,
         lt=1.0,

@@ -33,7 +33,9 @@ class JobCreate(JobSpec):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [DIGITS_JOB_EXAMPLE]})
 
-    auto_start: bool = Field(default=False, description="Queue the job at once (as POST .../start does).")
+    auto_start: bool = Field(
+        strict=True, default=False, description="Queue the job at once (as POST .../start does)."
+    )
 
     def spec(self) -> JobSpec:
         """The job spec without the request-only fields."""

@@ -44,7 +44,9 @@ class TeacherCreate(BaseModel):
     )
     type: TeacherType
     task: Task | None = None
-    params: int | None = Field(default=None, ge=0, le=10**13, description="Parameter count, when known")
+    params: int | None = Field(
+        strict=True, default=None, ge=0, le=10**13, description="Parameter count, when known"
+    )
     description: str = Field(default="", max_length=2000)
 
 
@@ -67,6 +69,7 @@ class TeacherRead(BaseModel):
             ]
         }
     )
+
     name: str
     kind: str = Field(description="builtin | local | hub")
     location: str

@@ -191,13 +191,15 @@ def list_jobs(
     tenant: CurrentTenantDep,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
     cursor: Annotated[
-        str | None, Query(max_length=512, description="next_cursor of the previous page")
+        str | None, Query(min_length=1, max_length=512, description="next_cursor of the previous page")
     ] = None,
     status_filter: Annotated[
         list[JobStatus] | None,
         Query(alias="status", max_length=len(JobStatus), description="Only jobs in these states"),
     ] = None,
-    teacher: Annotated[str | None, Query(max_length=512, description="Only jobs of this teacher")] = None,
+    teacher: Annotated[
+        str | None, Query(min_length=1, max_length=512, description="Only jobs of this teacher")
+    ] = None,
 ) -> Page[JobSummary]:
     jobs, has_more, next_cursor = jobs_service.list_page(
         session,
