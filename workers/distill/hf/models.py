@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import (
@@ -197,7 +198,20 @@ def plan_student(teacher: PreTrainedModel, target_compression: float) -> tuple[P
     head_dim = hidden_t // heads_t
     ratio = inter_t / hidden_t
 
-    # Params are affine in depth at fixed width: P(L) = base + L * per_layer, measured on the meta device.
+    # Params are affine in depth and quadratic in width (attention heads do not change the count):
+    # P(L, h) = base(h) + L * per_layer(h). Both quadratics are fitted from 6 models on the meta device.
+    def count(layers: int, hidden: int) -> int:
+        inter = max(1, round(hidden * ratio))
+        shape = student_config(config, layers=layers, hidden=hidden, heads=1, intermediate=inter)
+        return _meta_param_count(model_class, shape)
+
+    samples = sorted({hidden_t, max(1, hidden_t // 2), max(1, hidden_t // 4)})
+    ones = [count(1, h) for h in samples]
+    twos = [count(2, h) for h in samples]
+    degree = len(samples) - 1
+    per_layer_fit = np.polyfit(samples, [t - o for o, t in zip(ones, twos, strict=True)], degree)
+    base_fit = np.polyfit(samples, [2 * o - t for o, t in zip(ones, twos, strict=True)], degree)
+
     widths: set[tuple[int, int]] = set()
     for head_count in range(1, heads_t + 1):
         for dim in {head_dim, max(1, head_dim // 2), max(1, head_dim // 4)}:
@@ -207,14 +221,8 @@ def plan_student(teacher: PreTrainedModel, target_compression: float) -> tuple[P
     for hidden, heads in sorted(widths, reverse=True):
         if hidden > hidden_t:
             continue
-        inter = max(1, round(hidden * ratio))
-        one = _meta_param_count(
-            model_class, student_config(config, layers=1, hidden=hidden, heads=heads, intermediate=inter)
-        )
-        two = _meta_param_count(
-            model_class, student_config(config, layers=2, hidden=hidden, heads=heads, intermediate=inter)
-        )
-        per_layer, base = two - one, one - (two - one)
+        per_layer = float(np.polyval(per_layer_fit, hidden))
+        base = float(np.polyval(base_fit, hidden))
         max_layers = layers_t - 1 if hidden == hidden_t else layers_t
         for layers in range(1, max_layers + 1):
             error = abs(base + layers * per_layer - target) / target
