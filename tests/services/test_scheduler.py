@@ -114,11 +114,15 @@ def test_concurrent_admitters_never_exceed_the_limit(db: str) -> None:
         admitted: list[list[str]] = []
         errors: list[BaseException] = []
 
-        def admit_once(barrier: threading.Barrier = barrier, admitted: list[list[str]] = admitted) -> None:
+        def admit_once(
+            barrier: threading.Barrier = barrier,
+            admitted: list[list[str]] = admitted,
+            errors: list[BaseException] = errors,
+        ) -> None:
             try:
                 barrier.wait(timeout=10)
                 admitted.append(_admit(settings))
-            except BaseException as exc:
+            except BaseException as exc:  # reported by the main thread's assertion
                 errors.append(exc)
 
         threads = [threading.Thread(target=admit_once) for _ in range(admitters)]
@@ -147,7 +151,9 @@ def test_claim_is_a_compare_and_set_with_a_lease(db: str) -> None:
     assert (job.status, job.attempt, job.lease_token, job.worker) == ("running", 1, first.lease_token, "w1")
     assert job.started_at is not None and job.heartbeat_at is not None
     with session_scope() as session:
-        claims = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "claim")).all()
+        claims = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "claim")
+        ).all()
         assert [(c.data["attempt"], c.data["lease_token"], c.data["worker"]) for c in claims] == [
             (1, first.lease_token, "w1")
         ]
@@ -157,9 +163,16 @@ def test_claim_is_a_compare_and_set_with_a_lease(db: str) -> None:
             session, job_id=job_id, lease_token="not-the-lease", attempt=1, code="x", message="y"
         )
         assert lifecycle.update_progress(
-            session, job_id=job_id, lease_token=first.lease_token, progress=42.0, phase="distill", eta_seconds=3
+            session,
+            job_id=job_id,
+            lease_token=first.lease_token,
+            progress=42.0,
+            phase="distill",
+            eta_seconds=3,
         )
-        assert lifecycle.read_lease(session, job_id=job_id, lease_token=first.lease_token).should_stop is False
+        assert (
+            lifecycle.read_lease(session, job_id=job_id, lease_token=first.lease_token).should_stop is False
+        )
     assert _job(job_id).progress == 42.0
 
 
@@ -230,7 +243,9 @@ def test_unclaimed_dispatch_is_resent_with_backoff(db: str) -> None:
 
 def test_abandoned_cancels_are_finished_by_the_scheduler(db: str) -> None:
     settings = _settings(heartbeat_timeout=5.0)
-    unclaimed, live, dead = _make_jobs([(JobStatus.queued, 30), (JobStatus.queued, 20), (JobStatus.queued, 10)])
+    unclaimed, live, dead = _make_jobs(
+        [(JobStatus.queued, 30), (JobStatus.queued, 20), (JobStatus.queued, 10)]
+    )
     assert _admit(_settings(max_concurrent_jobs=3)) == [unclaimed, live, dead]
     assert _claim(live) is not None and _claim(dead) is not None
     with session_scope() as session:
