@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -113,3 +115,28 @@ def revoke_key(session: Session, *, key_id: str) -> tuple[ApiKey, Tenant]:
         api_key.revoked_at = utcnow()
         session.commit()
     return api_key, tenant
+
+
+LOCAL_TENANT = "local"
+
+
+def ensure_local_key(session: Session, *, path: Path, tenant_name: str = LOCAL_TENANT) -> tuple[str, bool]:
+    """The local key stored at `path` (`DATA_DIR/api_key`), issued and written (mode 0600) if missing.
+
+    A stored key this database does not accept (revoked, or a fresh database) is replaced. Returns
+    (key, created) so `distillery up` can print a new key once.
+    """
+    if path.is_file():
+        stored = path.read_text(encoding="utf-8").strip()
+        if authenticate(session, key=stored) is not None:
+            session.rollback()
+            return stored, False
+    issued = create_key(session, tenant_name=tenant_name, name="local (distillery up)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(issued.key + "\n")
+    os.chmod(temporary, 0o600)  # the umask may have narrowed it further; never wider
+    temporary.replace(path)
+    return issued.key, True
