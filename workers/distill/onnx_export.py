@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 import warnings
 from pathlib import Path
@@ -47,7 +48,7 @@ def export_onnx(model: nn.Module, path: Path, example: dict[str, torch.Tensor]) 
 
     Raises EngineError('export_failed') when the exporter fails or the outputs differ beyond tolerance.
     """
-    wrapper = _LogitsOnly(model).cpu().eval()
+    wrapper = _LogitsOnly(copy.deepcopy(model)).cpu().eval()  # a CPU copy; `model` stays where it is
     inputs = {"input_ids": example["input_ids"].cpu(), "attention_mask": example["attention_mask"].cpu()}
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=8192)

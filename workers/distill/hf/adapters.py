@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -263,16 +264,15 @@ class HFTaskAdapter(TaskAdapter):
         """torch.export of (input_ids, attention_mask) -> logits with dynamic batch and sequence length."""
         assert isinstance(student, PreTrainedModel)
         example = self.example_batch(data, 2)
-        wrapper = LogitsOnly(student).eval()
+        # A CPU copy (not compiled): the program loads anywhere, the student is left where it was.
+        cpu_student = copy.deepcopy(student).cpu().eval()
+        wrapper = LogitsOnly(cpu_student).eval()
         batch = torch.export.Dim("batch", min=1, max=4096)
         seq = torch.export.Dim("seq", min=2, max=int(student.config.max_position_embeddings))
         dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
-        device = next(student.parameters()).device
         with torch.no_grad():
             program = torch.export.export(
-                wrapper,
-                (example["input_ids"].to(device), example["attention_mask"].to(device)),
-                dynamic_shapes=dynamic,
+                wrapper, (example["input_ids"], example["attention_mask"]), dynamic_shapes=dynamic
             )
         torch.export.save(program, str(path))
 
