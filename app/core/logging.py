@@ -29,6 +29,8 @@ _RECORD_FIELDS = frozenset(
 )
 
 _CONTEXT_FIELDS = frozenset({"job_id", "tenant", "request_id"})
+# Extras other libraries attach that a JSON reader does not want (uvicorn's ANSI-coloured copy).
+_DROPPED_FIELDS = frozenset({"color_message"})
 
 
 def current_fields() -> dict[str, str]:
@@ -68,7 +70,9 @@ class JsonFormatter(logging.Formatter):
             if value is not None:
                 payload[name] = value
         for key, value in record.__dict__.items():
-            if key not in _RECORD_FIELDS and key not in _CONTEXT_FIELDS and key not in payload:
+            if key in _RECORD_FIELDS or key in _CONTEXT_FIELDS or key in _DROPPED_FIELDS:
+                continue
+            if key not in payload:
                 payload[key] = value
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)

@@ -52,7 +52,8 @@ def _nice_range(low: float, high: float) -> tuple[float, float]:
         pad = abs(low) * 0.1 or 1.0
         return low - pad, high + pad
     pad = (high - low) * 0.05
-    return low - pad, high + pad
+    # Losses and accuracies are never negative: don't draw an axis below zero for them.
+    return (max(0.0, low - pad) if low >= 0 else low - pad), high + pad
 
 
 def line_chart(

@@ -18,6 +18,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
 from app.api.deps import SessionDep, SettingsDep
+from app.core.logging import bind as bind_log_fields
 from app.errors import ProblemError
 from app.models import TERMINAL_STATUSES, Job
 from app.services import artifacts as artifacts_service
@@ -50,7 +51,10 @@ def _signed_in(request: Request, session: Session) -> tuple[Principal, str] | No
         return None
     principal = auth_service.authenticate(session, key=key)
     session.rollback()  # end the lookup's transaction (SQLite: its lock) before rendering
-    return (principal, key) if principal is not None else None
+    if principal is None:
+        return None
+    bind_log_fields(tenant=principal.tenant_name)
+    return principal, key
 
 
 def _to_signin() -> RedirectResponse:
