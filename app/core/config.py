@@ -64,11 +64,16 @@ class Settings(BaseSettings):
         description="Bearer key for /admin/keys (creates and revokes tenant keys). Empty: admin endpoints "
         "answer 403.",
     )
-    tenant_max_running_jobs: int = Field(
-        default=2, ge=1, description="Jobs of one tenant dispatched or running at once (admission)."
+    tenant_max_running_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Jobs of one tenant dispatched or running at once (admission). Unset: "
+        "MAX_CONCURRENT_JOBS.",
     )
-    tenant_max_queued_jobs: int = Field(
-        default=50, ge=1, description="Queued jobs of one tenant before start answers 429."
+    tenant_max_queued_jobs: int | None = Field(
+        default=None,
+        ge=1,
+        description="Queued jobs of one tenant before start answers 429. Unset: MAX_QUEUED_JOBS.",
     )
     idempotency_ttl_hours: float = Field(
         default=24.0, ge=24.0, description="Hours an Idempotency-Key's first response is kept for replay."
@@ -124,6 +129,14 @@ class Settings(BaseSettings):
         if self.broker_key_prefix:
             options["global_keyprefix"] = self.broker_key_prefix
         return options
+
+    @property
+    def effective_tenant_max_running_jobs(self) -> int:
+        return self.tenant_max_running_jobs or self.max_concurrent_jobs
+
+    @property
+    def effective_tenant_max_queued_jobs(self) -> int:
+        return self.tenant_max_queued_jobs or self.max_queued_jobs
 
     @property
     def file_root(self) -> Path:

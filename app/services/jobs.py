@@ -148,14 +148,15 @@ def _check_queue_room(session: Session, settings: Settings, tenant_id: str | Non
     if tenant_id is not None:
         _lock_tenant_queue(session, tenant_id)
         own = _count_queued(session, tenant_id)
-        if own >= settings.tenant_max_queued_jobs:
+        limit = settings.effective_tenant_max_queued_jobs
+        if own >= limit:
             retry_after = max(1, math.ceil(settings.tick_seconds))
             raise QuotaExceeded(
-                f"Your tenant already has {own} queued jobs (TENANT_MAX_QUEUED_JOBS="
-                f"{settings.tenant_max_queued_jobs}); retry in {retry_after} s or cancel a queued job.",
+                f"Your tenant already has {own} queued jobs (TENANT_MAX_QUEUED_JOBS={limit}); "
+                f"retry in {retry_after} s or cancel a queued job.",
                 retry_after=retry_after,
                 queued_jobs=own,
-                max_queued_jobs=settings.tenant_max_queued_jobs,
+                max_queued_jobs=limit,
             )
     queued = _count_queued(session)
     if queued >= settings.max_queued_jobs:

@@ -54,9 +54,21 @@ def count_active(session: Session) -> int:
     )
 
 
+def _active_by_tenant(session: Session) -> dict[str, int]:
+    """Slots each tenant holds (dispatched, running, cancelling); unowned jobs are not counted."""
+    rows = session.execute(
+        select(Job.tenant_id, func.count())
+        .where(Job.status.in_(ACTIVE_STATUSES), Job.tenant_id.is_not(None))
+        .group_by(Job.tenant_id)
+    ).all()
+    return {str(tenant_id): int(count) for tenant_id, count in rows}
+
+
 def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     """Move queued jobs to `dispatched` in queued_at order while fewer than the limit are active.
 
+    A job whose tenant already holds TENANT_MAX_RUNNING_JOBS slots waits (later jobs of other tenants may
+    pass it); the counts are read under the same lock, so both limits hold across processes.
     The caller commits, then sends one message per returned id.
     """
     postgres = _is_postgres(session)
@@ -65,15 +77,20 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     free = settings.max_concurrent_jobs - count_active(session)
     if free <= 0:
         return []
-    stmt = select(Job.id).where(Job.status == JobStatus.queued).order_by(Job.queued_at, Job.id).limit(free)
+    active_by_tenant = _active_by_tenant(session)
+    stmt = select(Job.id, Job.tenant_id).where(Job.status == JobStatus.queued).order_by(Job.queued_at, Job.id)
     if postgres:
         stmt = stmt.with_for_update(skip_locked=True)
-    candidates = list(session.scalars(stmt))
-    if not candidates:
-        return []
     now = utcnow()
     admitted: list[str] = []
-    for job_id in candidates:
+    for job_id, tenant_id in session.execute(stmt).all():
+        if len(admitted) >= free:
+            break
+        if (
+            tenant_id is not None
+            and active_by_tenant.get(tenant_id, 0) >= settings.effective_tenant_max_running_jobs
+        ):
+            continue
         result = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == JobStatus.queued)
@@ -82,6 +99,8 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             admitted.append(job_id)
+            if tenant_id is not None:
+                active_by_tenant[tenant_id] = active_by_tenant.get(tenant_id, 0) + 1
             record_transition(session, job_id=job_id, old=JobStatus.queued, new=JobStatus.dispatched)
     return admitted
 
