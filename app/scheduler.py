@@ -21,6 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app.core.celery_client import wake_channel
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
+from app.core.logging import configure_logging
 from app.services import heartbeats
 from app.services.scheduler import run_tick
 
@@ -131,7 +132,8 @@ def serve(settings: Settings | None = None, *, stop: threading.Event | None = No
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = get_settings()
+    configure_logging(fmt=settings.log_format, level=settings.log_level)
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -140,7 +142,7 @@ def main() -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    serve(get_settings(), stop=stop)
+    serve(settings, stop=stop)
 
 
 if __name__ == "__main__":

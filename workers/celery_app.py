@@ -16,14 +16,18 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from contextvars import ContextVar, Token
 from typing import Any
 
 from celery import Celery, signals
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.celery_client import QUEUE_TRAINING, celery_config
 from app.core.config import get_settings
 from app.core.db import get_engine, session_scope
+from app.core.logging import configure_logging, job_id_var, tenant_var
+from app.models import Job, Tenant
 from app.services import heartbeats
 
 log = logging.getLogger(__name__)
@@ -96,3 +100,44 @@ def _stop_service_heartbeat(**_kwargs: Any) -> None:
 def _fresh_connections_after_fork(**_kwargs: Any) -> None:
     """A forked pool process must not reuse the parent's database connections."""
     get_engine().dispose(close=False)
+
+
+@signals.setup_logging.connect
+def _json_logging(loglevel: Any = None, **_kwargs: Any) -> None:
+    """Celery leaves logging to us when this signal has a receiver: JSON lines (LOG_FORMAT) like the API."""
+    settings = get_settings()
+    level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else (loglevel or settings.log_level)
+    configure_logging(fmt=settings.log_format, level=str(level))
+
+
+_task_log_context: dict[str, list[tuple[ContextVar[str | None], Token[str | None]]]] = {}
+
+
+def _tenant_name(job_id: str) -> str | None:
+    try:
+        with session_scope() as session:
+            return session.scalar(
+                select(Tenant.name).join(Job, Job.tenant_id == Tenant.id).where(Job.id == job_id)
+            )
+    except SQLAlchemyError as exc:
+        log.warning("tenant of job %s unknown for logs: %s", job_id, exc.__class__.__name__)
+        return None
+
+
+@signals.task_prerun.connect
+def _tag_task_logs(task_id: str | None = None, args: Any = None, kwargs: Any = None, **_: Any) -> None:
+    """Every log line of a run-job task carries its job_id and tenant (JSON logs)."""
+    job_id = (kwargs or {}).get("job_id") or (args[0] if args else None)
+    if not isinstance(job_id, str) or task_id is None:
+        return
+    tokens = [(job_id_var, job_id_var.set(job_id))]
+    tenant = _tenant_name(job_id)
+    if tenant is not None:
+        tokens.append((tenant_var, tenant_var.set(tenant)))
+    _task_log_context[task_id] = tokens
+
+
+@signals.task_postrun.connect
+def _untag_task_logs(task_id: str | None = None, **_: Any) -> None:
+    for var, token in reversed(_task_log_context.pop(task_id or "", [])):
+        var.reset(token)
