@@ -54,6 +54,15 @@ def seed_teachers() -> int:
         return seed_default_teachers(session)
 
 
+def local_api_key(data_dir: Path) -> tuple[str, bool]:
+    """The local tenant's key in DATA_DIR/api_key (mode 0600), created on first start; (key, created)."""
+    from app.core.db import session_scope
+    from app.services.auth import ensure_local_key
+
+    with session_scope() as session:
+        return ensure_local_key(session, path=data_dir / "api_key")
+
+
 def child_commands(host: str, port: int, concurrency: int) -> list[Child]:
     """The three processes of the stack, run with this interpreter."""
     python = sys.executable
@@ -175,6 +184,12 @@ def register(app: typer.Typer) -> None:
         migrate()
         seeded = seed_teachers()
         typer.echo(f"migrated; {seeded} teacher(s) newly registered")
+        key, created = local_api_key(settings.data_dir)
+        key_file = settings.data_dir / "api_key"
+        if created:
+            typer.echo(f"API key (new, saved to {key_file}; the CLI reads it from there): {key}")
+        else:
+            typer.echo(f"API key: {key[:11]}... (in {key_file})")
         host = host or settings.host
         port = port or settings.port
         typer.echo(f"API on http://{host}:{port}  (docs: /docs)")
