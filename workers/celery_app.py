@@ -52,12 +52,24 @@ def _beat_worker(sid: str, info: dict[str, Any], stop: threading.Event) -> None:
             return
 
 
+def _seed_teachers() -> None:
+    """Register the default teachers (idempotent) so jobs resolve them even before the API first started."""
+    from app.services.teachers import seed_default_teachers
+
+    try:
+        with session_scope() as session:
+            seed_default_teachers(session)
+    except SQLAlchemyError as exc:  # not migrated yet, or the database is down: the API seeds them too
+        log.warning("could not seed the default teachers: %s", exc.__class__.__name__)
+
+
 @signals.worker_init.connect
 def _preload_engine(**_kwargs: Any) -> None:
     """Import the engine (torch, transformers, every task adapter) once in the parent, before the pool forks
     its processes: each job then starts in well under a second instead of re-importing for ~10 s."""
     settings = get_settings()
     settings.ensure_dirs()
+    _seed_teachers()
     import workers.distill.runner  # noqa: F401
     from workers.distill.adapters import registered_tasks
 

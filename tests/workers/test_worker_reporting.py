@@ -1,0 +1,174 @@
+"""The worker side without Celery: JobReporter (throttled writes, heartbeat, stop checks), execute_job."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, select
+
+from app.core.config import Settings, get_settings
+from app.core.db import session_scope
+from app.models import Job, JobEvent, JobStatus, utcnow
+from app.services import lifecycle
+from app.services.scheduler import admit_queued_jobs
+from workers.distill.contract import Progress
+from workers.reporting import JobReporter
+
+TINY_JOB = Path(__file__).resolve().parents[2] / "examples" / "tiny.json"
+
+
+@pytest.fixture()
+def db(clean_database: str) -> Iterator[str]:
+    """No jobs; the default teachers registered (as the worker does at start-up)."""
+    from app.services.teachers import seed_default_teachers
+
+    with session_scope() as session:
+        session.execute(delete(JobEvent))
+        session.execute(delete(Job))
+        seed_default_teachers(session)
+    yield clean_database
+
+
+def _claimed_job(
+    spec: dict[str, Any] | None = None, *, claim: bool = True
+) -> tuple[str, lifecycle.Claim | None]:
+    """A job admitted (dispatched) and, by default, claimed by this test as worker 'test'."""
+    spec = spec or json.loads(TINY_JOB.read_text())
+    with session_scope() as session:
+        job = Job(
+            spec=spec, teacher_model_name=spec["teacher_model_name"], status="queued", queued_at=utcnow()
+        )
+        session.add(job)
+        session.flush()
+        job_id = job.id
+    with session_scope() as session:
+        assert admit_queued_jobs(session, Settings(max_concurrent_jobs=10)) == [job_id]
+    if not claim:
+        return job_id, None
+    with session_scope() as session:
+        return job_id, lifecycle.claim_job(session, job_id=job_id, worker="test")
+
+
+def _job(job_id: str) -> Job:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _events(job_id: str, kind: str) -> list[JobEvent]:
+    with session_scope() as session:
+        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind)))
+        for row in rows:
+            session.expunge(row)
+        return rows
+
+
+def _wait(what: str, probe: Any, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value
+
+
+def test_progress_writes_are_throttled_but_phase_changes_and_close_flush(db: str) -> None:
+    job_id, claim = _claimed_job()
+    assert claim is not None
+    reporter = JobReporter(claim, Settings(progress_min_interval=60.0, heartbeat_interval=60.0))
+    with reporter:
+        reporter.on_progress(Progress(phase="distill", fraction=0.10, epoch=1, metrics={"loss": 2.0}))
+        for step in range(50):  # within the interval: kept in memory, not written
+            reporter.on_progress(Progress(phase="distill", fraction=0.10 + step / 1000, epoch=1))
+        assert _job(job_id).progress == 10.0
+        reporter.on_progress(Progress(phase="evaluate", fraction=0.92, eta_seconds=3.0))  # phase change: now
+        job = _job(job_id)
+        assert (job.phase, job.progress, job.eta_seconds) == ("evaluate", 92.0, 3.0)
+        reporter.on_progress(Progress(phase="evaluate", fraction=0.95))
+        reporter.on_event("metric", "epoch 1", {"epoch": 1, "student_accuracy": 0.5})
+    assert _job(job_id).progress == 95.0  # closing flushed the last report
+    (metric,) = _events(job_id, "metric")
+    assert metric.attempt == 1 and metric.data["student_accuracy"] == 0.5
+    assert [e.data["phase"] for e in _events(job_id, "progress")] == ["distill", "evaluate"]
+
+
+def test_heartbeat_thread_refreshes_heartbeat_at(db: str) -> None:
+    job_id, claim = _claimed_job()
+    assert claim is not None
+    first = _job(job_id).heartbeat_at
+    with JobReporter(claim, Settings(heartbeat_interval=0.05)):
+        _wait("a heartbeat", lambda: _job(job_id).heartbeat_at > first)  # type: ignore[operator]
+
+
+def test_should_stop_on_cancel_and_on_a_lost_lease(db: str) -> None:
+    job_id, claim = _claimed_job()
+    assert claim is not None
+    with JobReporter(claim, Settings(heartbeat_interval=60.0)) as reporter:
+        assert reporter.should_stop() is False
+        with session_scope() as session:  # the API's cancel of a running job
+            session.get(Job, job_id).status = JobStatus.cancelling  # type: ignore[union-attr]
+        _wait("should_stop after a cancel", reporter.should_stop, timeout=2)
+        assert not reporter.lease_lost
+        with session_scope() as session:
+            assert lifecycle.cancel_stopped_job(
+                session, job_id=job_id, lease_token=claim.lease_token, attempt=claim.attempt
+            )
+    assert _job(job_id).status == "cancelled"
+
+    job_id, claim = _claimed_job()
+    assert claim is not None
+    with JobReporter(claim, Settings(heartbeat_interval=0.05)) as reporter:
+        with session_scope() as session:  # the scheduler re-queued it (stale heartbeat): the lease is gone
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.status, job.lease_token = JobStatus.queued, None
+        _wait(
+            "the lease loss to be noticed", lambda: reporter.should_stop() and reporter.lease_lost, timeout=2
+        )
+
+
+def test_execute_job_fails_cleanly_with_a_code(db: str) -> None:
+    from workers.tasks import execute_job
+
+    spec = json.loads(TINY_JOB.read_text())
+    spec["teacher_model_name"] = "no-such-teacher"  # the API refuses this; a registry change could cause it
+    job_id, _ = _claimed_job(spec, claim=False)
+    assert execute_job(job_id, worker="test").startswith("failed (unknown_teacher)")
+    job = _job(job_id)
+    assert job.status == "failed" and job.finished_at is not None
+    assert job.error is not None and job.error["code"] == "unknown_teacher"
+    assert "digits-cnn" in job.error["message"]  # names the valid ones
+    assert execute_job(job_id, worker="test") == "dropped"  # a duplicate message cannot claim it again
+
+
+def test_execute_job_stops_on_cancel_and_keeps_its_checkpoint(db: str) -> None:
+    import torch
+
+    from workers.tasks import execute_job
+
+    torch.set_num_threads(1)
+    spec = json.loads(TINY_JOB.read_text())
+    spec["training_config"].update(epochs=30, batch_size=16)
+    job_id, _ = _claimed_job(spec, claim=False)
+
+    def cancel_once_training() -> None:
+        _wait("an epoch", lambda: _events(job_id, "metric"), timeout=300)
+        with session_scope() as session:
+            session.get(Job, job_id).status = JobStatus.cancelling  # type: ignore[union-attr]
+
+    canceller = threading.Thread(target=cancel_once_training)
+    canceller.start()
+    outcome = execute_job(job_id, worker="test", settings=Settings(heartbeat_interval=0.5))
+    canceller.join()
+    assert outcome == "cancelled"
+    job = _job(job_id)
+    assert job.status == "cancelled" and job.results is None and job.finished_at is not None
+    assert len(_events(job_id, "metric")) < 30
+    assert any((get_settings().jobs_dir / job_id / "checkpoints").iterdir())
