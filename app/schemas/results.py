@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -80,6 +82,10 @@ class DistillationResults(_Open):
     teacher_cache_used: bool = False
     training_seconds: float = 0.0
     total_seconds: float = 0.0
+    onnx_export: dict[str, Any] | None = Field(
+        default=None,
+        description="sequence-classification: {file, opset, max_abs_difference vs PyTorch} or {error}",
+    )
     compression_stages: list[CompressionStage] = Field(
         default_factory=list,
         description="Post-training compression, one entry per stage, the distilled student first",

@@ -105,6 +105,7 @@ def test_sequence_classification_finetunes_headless_teacher_then_distils(workspa
     assert results.metric == "accuracy" and _falling(results.training_history)
     assert results.training_history[0].losses["attention_kd"] > 0  # type: ignore[attr-defined]
     assert abs(results.compression_ratio - 0.4) / 0.4 <= 0.25
+    assert results.onnx_export is not None and results.onnx_export["max_abs_difference"] < 1e-4
 
     # Compression stages, each re-measured; the int8 copy reloads from plain tensors.
     stages = {s.stage: s for s in results.compression_stages}

@@ -287,14 +287,35 @@ class SequenceClassificationAdapter(HFTaskAdapter):
     def targets(self, batch: Batch) -> torch.Tensor:
         return batch["labels"]  # (B,)
 
-    def save_student(self, student: nn.Module, out_dir: Path, data: TaskData) -> list[Path]:
-        """save_pretrained files plus `student.onnx`, checked against the PyTorch logits."""
-        paths = super().save_student(student, out_dir, data)
-        from workers.distill.onnx_export import export_onnx
+    def post_training(
+        self,
+        student: nn.Module,
+        data: TaskData,
+        spec: JobSpec,
+        *,
+        out_dir: Path,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+    ) -> dict[str, Any]:
+        """Compression, then `student.onnx` of the final fp32 student beside the save_pretrained files.
 
-        example = self.example_batch(data, 2)
-        export_onnx(student, out_dir / ONNX_FILE, example)
-        return [*paths, out_dir / ONNX_FILE]
+        The ONNX logits are checked against PyTorch's; the outcome (or the exporter's error, which then
+        does not fail an otherwise finished job) is reported in the results as `onnx_export`.
+        """
+        extra = super().post_training(
+            student, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
+        )
+        from workers.distill.onnx_export import ONNX_OPSET, export_onnx
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            difference = export_onnx(student, out_dir / ONNX_FILE, self.example_batch(data, 2))
+        except EngineError as exc:
+            callbacks.on_event("warning", f"ONNX export failed: {exc.message}", {"phase": "export"})
+            extra["onnx_export"] = {"file": None, "error": exc.message}
+        else:
+            extra["onnx_export"] = {"file": ONNX_FILE, "opset": ONNX_OPSET, "max_abs_difference": difference}
+        return extra
 
 
 class _TokenAdapter(HFTaskAdapter):
