@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import select
 
 from app.core.config import Settings, get_settings
 from tests.live_server import live_server
@@ -174,3 +175,37 @@ def test_stream_errors_are_problems_and_json_stays_the_default(
     page = httpx.get(url, headers=auth)
     assert page.headers["content-type"] == "application/json"
     assert [e["kind"] for e in page.json()["data"]] == ["state"]
+
+
+@pytest.mark.skipif(
+    not get_settings().resolved_database_url.startswith("postgresql"),
+    reason="needs PostgreSQL: SQLite serialises writers, so an event id cannot commit after a higher one",
+)
+def test_an_event_committed_after_a_higher_id_is_still_sent(
+    server: str, settings: Settings, auth: dict[str, str], tenant: str
+) -> None:
+    from app.core.db import get_sessionmaker, session_scope
+    from app.models import JobEvent
+    from app.services import lifecycle
+
+    job_id = create_job(settings, tenant)
+    slow = get_sessionmaker()()
+    try:
+        lifecycle.record_event(slow, job_id=job_id, kind="log", message="slow writer")
+        slow.flush()  # takes its id from the sequence now, commits later
+        slow_id = slow.scalars(select(JobEvent.id).where(JobEvent.message == "slow writer")).one()
+        with session_scope() as session:
+            lifecycle.record_event(session, job_id=job_id, kind="log", message="fast writer")
+        url = f"{server}/distillation/jobs/{job_id}/events"
+        received: list[SseMessage] = []
+        with httpx.stream("GET", url, headers=SSE | auth, timeout=STREAM_TIMEOUT) as response:
+            for message in iter_sse(response):
+                received.append(message)
+                if message.data and message.data.get("message") == "fast writer":
+                    slow.commit()  # the lower id becomes visible only now
+                    assert httpx.post(f"{server}/distillation/jobs/{job_id}/cancel", headers=auth).is_success
+    finally:
+        slow.close()
+    sent = [m.data["message"] for m in received if m.id is not None]
+    assert sent[-3:-1] == ["fast writer", "slow writer"] and sent[-1].startswith("pending -> cancelled")
+    assert [m.id for m in received if m.data and m.data.get("message") == "slow writer"] == [slow_id]
