@@ -29,7 +29,7 @@ if not CHROMIUM.exists():
         f"{CHROMIUM} is absent: `apt-get install -y chromium` (Debian's package) runs the browser test",
         allow_module_level=True,
     )
-sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (pip) drives the browser test")
+from playwright import sync_api  # noqa: E402  (a dev dependency: missing it is an error, not a skip)
 
 
 @pytest.fixture(scope="module")
