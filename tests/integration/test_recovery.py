@@ -63,4 +63,4 @@ def test_running_job_whose_worker_died_is_requeued_and_resumes(stack: Stack, api
     assert len(epochs(1) | epochs(2)) == EPOCHS_WHEN_KILLED
 
 
-EPOCHS_WHEN_KILLED = 20
+EPOCHS_WHEN_KILLED = 12
