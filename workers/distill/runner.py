@@ -166,6 +166,10 @@ def run_job(
     answered True (the last checkpoint is kept).
     """
     callbacks = callbacks or NullCallbacks()
+    threads = get_adapter(spec.task).cpu_threads()
+    previous_threads = torch.get_num_threads()
+    if threads is not None and resolve_device(spec.training_config.device).type == "cpu":
+        torch.set_num_threads(threads)
     try:
         return _run_job(
             spec,
@@ -183,6 +187,8 @@ def run_job(
         if "out of memory" in str(exc).lower():
             raise _oom_error(spec) from exc
         raise
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def _oom_error(spec: JobSpec) -> EngineError:

@@ -388,6 +388,8 @@ def train_run(
         for step, (indices, cpu_batch) in enumerate(
             iterate_batches(data.train, config.batch_size, data.collate, generator=generator), 1
         ):
+            if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+                cpu_batch = {key: value.pin_memory() for key, value in cpu_batch.items()}
             batch = to_device(cpu_batch, device, non_blocking=True)
             with autocast(device):
                 student_out = adapter.forward(student, batch, hidden_states=need_hidden, attentions=need_attn)
@@ -432,7 +434,7 @@ def train_run(
             "stage": plan.stage,
             "epoch": epoch,
             "student_accuracy": metric,
-            "distillation_loss": means.get("soft_target_kl", 0.0),
+            "distillation_loss": means.get("soft_target_kl", means.get("token_kl", 0.0)),
             "student_loss": means.get("hard_target_ce", 0.0),
             "total_loss": means["total"],
             "seconds": round(time.monotonic() - started, 4),

@@ -203,6 +203,10 @@ class TaskAdapter(ABC):
             raise ValueError("evaluation split has no labelled examples")
         return correct / total
 
+    def cpu_threads(self) -> int | None:
+        """Intra-op threads to train with on CPU (None: leave torch's setting). Tiny models want 1."""
+        return None
+
     def retention(self, teacher_metric: float, student_metric: float) -> float:
         """Student quality relative to the teacher (1.0 = as good)."""
         if self.higher_is_better:
