@@ -25,7 +25,7 @@ from workers.distill.runner import resolve_teacher, run_job
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--data-dir", type=Path, default=Path(".distillery"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

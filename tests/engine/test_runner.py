@@ -24,6 +24,7 @@ from workers.distill.contract import (
 )
 from workers.distill.models import build_model
 from workers.distill.runner import CHECKPOINT_FILE, resolve_teacher, run_job
+from workers.distill.trainer import load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CNN = resolve_teacher("digits-cnn")
@@ -101,7 +102,7 @@ def test_stop_then_resume_gives_identical_state(tmp_path: Path, data_dir: Path, 
         run_job(
             spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path / "b"), data_dir=data_dir, callbacks=stopper
         )
-    checkpoint = torch.load(tmp_path / "b" / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    checkpoint = load_checkpoint(tmp_path / "b" / "checkpoints" / CHECKPOINT_FILE)
     assert checkpoint["run_index"] == 1 and checkpoint["run"]["epoch"] == 1
     assert not (tmp_path / "b" / "artifacts" / ARTIFACT_RESULTS).exists()
 
@@ -118,6 +119,22 @@ def test_stop_then_resume_gives_identical_state(tmp_path: Path, data_dir: Path, 
         assert (x.epoch, x.total_loss, x.student_accuracy) == (y.epoch, y.total_loss, y.student_accuracy)
     assert straight.baseline_accuracy == resumed.baseline_accuracy
     assert straight.kd_gain == pytest.approx(resumed.kd_gain)
+
+
+def test_checkpoint_round_trips_nested_state_without_pickle(tmp_path: Path) -> None:
+    payload = {
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"betas": (0.9, 0.999)}]},
+        "rng": torch.get_rng_state(),
+        "history": [{"epoch": 1, "loss": 0.5, "note": None, "ok": True}],
+    }
+    save_checkpoint(tmp_path / "c.safetensors", payload)
+    loaded = load_checkpoint(tmp_path / "c.safetensors")
+    assert loaded is not None
+    assert torch.equal(loaded["optimizer"]["state"][0]["step"], torch.tensor(3.0))
+    assert loaded["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)
+    assert torch.equal(loaded["rng"], payload["rng"]) and loaded["rng"].dtype == torch.uint8
+    assert loaded["history"] == payload["history"]
+    assert load_checkpoint(tmp_path / "absent.safetensors") is None
 
 
 def test_cancel_mid_epoch_raises_and_keeps_a_checkpoint(
@@ -182,7 +199,7 @@ def test_feature_distillation_trains_with_a_projection(tmp_path: Path, data_dir:
     results = run_job(spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path), data_dir=data_dir)
     losses = results.training_history[0].losses  # type: ignore[attr-defined]
     assert losses["feature_kd"] > 0
-    checkpoint = torch.load(tmp_path / "checkpoints" / CHECKPOINT_FILE, weights_only=True)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints" / CHECKPOINT_FILE)
     assert checkpoint["completed"][-1]["kind"] == "distill"
 
 

@@ -72,24 +72,24 @@ def get_loss(name: str) -> LossTerm:
         raise KeyError(f"unknown loss '{name}'; valid losses: {', '.join(sorted(LOSSES))}") from None
 
 
-def _valid_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Flatten (B, C) | (B, T, V) logits to (N, C) rows whose target is not ignored."""
-    flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-    return flat[targets.reshape(-1) != IGNORE_INDEX]
-
-
 def soft_target_kl_value(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float
 ) -> torch.Tensor:
-    """KL(teacher_T || student_T) x T^2, averaged over valid positions (Hinton et al.)."""
-    student = _valid_logits(student_logits, targets)  # (N, C)
-    teacher = _valid_logits(teacher_logits, targets)  # (N, C)
-    if student.shape[0] == 0:
-        return student_logits.sum() * 0.0
-    log_p_student = F.log_softmax(student / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
-    return kl * temperature**2
+    """KL(teacher_T || student_T) x T^2 (Hinton et al.), averaged over rows / valid token positions.
+
+    (B, C) logits: every row counts (classification labels are never ignored). (B, T, V) logits: positions
+    whose target is IGNORE_INDEX are zeroed with a mask, not dropped by boolean indexing (which would force a
+    host-device sync every step).
+    """
+    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, [T,] V)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, [T,] V)
+    if student_logits.dim() == 2:
+        kl = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
+        return kl * temperature**2
+    per_position = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(dim=-1)
+    valid = targets != IGNORE_INDEX  # (B, T)
+    per_position = torch.where(valid, per_position, per_position.new_zeros(()))  # (B, T)
+    return per_position.sum() / valid.sum().clamp_min(1) * temperature**2
 
 
 @register_loss("soft_target_kl")

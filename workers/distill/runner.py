@@ -44,8 +44,8 @@ from workers.distill.trainer import (
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FILE = "last.safetensors"
+CHECKPOINT_FORMAT = 2
 # Overall progress fractions at which phases begin.
 TEACHER_END = 0.15
 TRAINING_END = 0.92

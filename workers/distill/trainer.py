@@ -7,6 +7,8 @@ on CUDA only, a checkpoint each epoch that `resume` restores exactly, progress a
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from app.schemas.job_spec import JobSpec, TeacherCache
@@ -43,7 +47,9 @@ EVAL_BATCH_SIZE = 256
 
 def autocast(device: torch.device) -> Any:
     """bf16 autocast on CUDA, nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def eval_loader(dataset: Any, data: TaskData, batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
@@ -132,7 +138,7 @@ class TeacherCacheStore:
         flat: dict[str, torch.Tensor] = {}
         for key, entry in self.entries.items():
             if isinstance(entry, torch.Tensor):
-                flat[key] = entry[indices.to(entry.device)]
+                flat[key] = entry[indices if indices.device == entry.device else indices.to(entry.device)]
             else:
                 rows = [entry[int(i)] for i in indices]
                 length = _sequence_length(like, rows[0].dim())
@@ -378,19 +384,22 @@ def train_run(
             cache = None
         cache_info = {"used": cache is not None, "seconds": time.monotonic() - started}
 
+    plan_terms = [name for name, weight in plan.weights.items() if weight != 0]  # combine_losses' order
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         started = time.monotonic()
         student.train()
         if projector is not None:
             projector.train()
-        sums: dict[str, torch.Tensor] = {}
+        running: torch.Tensor | None = None  # per-epoch sums of [total, *terms]
         steps = 0
         for step, (indices, cpu_batch) in enumerate(
             iterate_batches(data.train, config.batch_size, data.collate, generator=generator), 1
         ):
+            batch = cpu_batch
             if device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-                cpu_batch = {key: value.pin_memory() for key, value in cpu_batch.items()}
-            batch = to_device(cpu_batch, device, non_blocking=True)
+                batch = to_device(
+                    {k: v.pin_memory() for k, v in cpu_batch.items()}, device, non_blocking=True
+                )
             with autocast(device):
                 student_out = adapter.forward(student, batch, hidden_states=need_hidden, attentions=need_attn)
                 teacher_out: ModelOutputs | None = None
@@ -417,14 +426,18 @@ def train_run(
             optimizer.step()
             scheduler.step()
             steps = step
-            for name, value in (("total", total), *terms.items()):
-                sums[name] = sums[name] + value.detach() if name in sums else value.detach()
+            step_values = torch.stack([total.detach(), *(v.detach() for v in terms.values())])  # (1 + terms,)
+            running = step_values if running is None else running + step_values
             if stopper.due():
                 if not math.isfinite(float(total.detach())):
                     raise _nan_error(plan, epoch, step, float(total.detach()))
                 progressor.report(phase, plan, epoch, step, steps_per_epoch, {"loss": float(total.detach())})
                 stopper.check(f"in {phase} stage {plan.stage} epoch {epoch}")
-        means = {name: float(value) / max(steps, 1) for name, value in sums.items()}
+        assert running is not None
+        names = ["total", *plan_terms]
+        means = {
+            name: float(value) / max(steps, 1) for name, value in zip(names, running.tolist(), strict=True)
+        }
         if not math.isfinite(means["total"]):
             raise _nan_error(plan, epoch, steps, means["total"])
         metric = adapter.evaluate(student, eval_loader(data.val, data), device)
@@ -469,17 +482,55 @@ def _nan_error(plan: RunPlan, epoch: int, step: int, value: float) -> EngineErro
     )
 
 
+def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:
+    """A JSON-able mirror of `value` whose tensors are moved into `tensors` (by key)."""
+    if isinstance(value, torch.Tensor):
+        key = seen.get(id(value))
+        if key is None:
+            key = seen[id(value)] = f"t{len(tensors)}"
+            tensors[key] = value.detach().to("cpu").contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, dict):
+        return {
+            "__dict__": [[_encode(k, tensors, seen), _encode(v, tensors, seen)] for k, v in value.items()]
+        }
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors, seen) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, seen) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path` (weights_only), or None when there is none."""
+    """The checkpoint at `path`, or None when there is none. Safetensors + JSON: nothing is unpickled."""
     if not path.is_file():
         return None
-    payload: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    with safe_open(str(path), framework="pt") as handle:
+        structure = json.loads(handle.metadata()["structure"])
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    payload: dict[str, Any] = _decode(structure, tensors)
     return payload
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    """Write atomically (temp file + rename): a crash mid-write leaves the previous checkpoint intact."""
+    tensors: dict[str, torch.Tensor] = {}
+    structure = _encode(payload, tensors, {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"structure": json.dumps(structure)})
     os.replace(tmp, path)
