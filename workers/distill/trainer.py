@@ -314,7 +314,11 @@ def train_run(
     parameters = [p for p in student.parameters() if p.requires_grad]
     if projector is not None:
         parameters += list(projector.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    # The fused kernel updates every parameter in one op (CPU and CUDA): far less per-step overhead.
+    fused = device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in parameters)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=fused or None
+    )
     steps_per_epoch = math.ceil(len(data.train) / config.batch_size)  # type: ignore[arg-type]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=max(1, plan.epochs * steps_per_epoch)
