@@ -65,7 +65,8 @@ def _job(job_id: str) -> Job:
 
 def _events(job_id: str, kind: str) -> list[JobEvent]:
     with session_scope() as session:
-        rows = list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind)))
+        stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == kind).order_by(JobEvent.id)
+        rows = list(session.scalars(stmt))
         for row in rows:
             session.expunge(row)
         return rows
