@@ -105,7 +105,9 @@ def soft_target_kl(inputs: LossInputs) -> torch.Tensor:
 def hard_target_ce(inputs: LossInputs) -> torch.Tensor:
     """Cross-entropy with the true labels (ignored positions excluded)."""
     logits = inputs.student.logits
-    return F.cross_entropy(
+    if logits.dim() == 2:  # (B, C)
+        return F.cross_entropy(logits.float(), inputs.targets, ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(  # (B, T, V) -> (B*T, V)
         logits.reshape(-1, logits.shape[-1]).float(), inputs.targets.reshape(-1), ignore_index=IGNORE_INDEX
     )
 

@@ -42,6 +42,8 @@ logger = logging.getLogger(__name__)
 TEACHER_CACHE_MAX_BYTES = int(os.environ.get("DISTILLERY_TEACHER_CACHE_MAX_BYTES", str(2 * 2**30)))
 # Seconds between should_stop / progress calls inside an epoch (a cancel lands well within ~1 s).
 CHECK_INTERVAL_S = 0.2
+# Minimum seconds between epoch checkpoints (0: every epoch).
+CHECKPOINT_MIN_INTERVAL_S = float(os.environ.get("DISTILLERY_CHECKPOINT_MIN_INTERVAL_S", "1.0"))
 EVAL_BATCH_SIZE = 256
 
 
@@ -341,7 +343,10 @@ def train_run(
             best_state=resume_from["best_state"],
         )
 
+    last_saved = {"epoch": -1, "at": 0.0}
+
     def save() -> None:
+        last_saved.update(epoch=state.epoch, at=time.monotonic())
         checkpoint(
             {
                 "epoch": state.epoch,
@@ -394,7 +399,8 @@ def train_run(
         student.train()
         if projector is not None:
             projector.train()
-        running: torch.Tensor | None = None  # per-epoch sums of [total, *terms]
+        running = torch.zeros(1 + len(plan_terms), device=device)  # per-epoch sums of [total, *terms]
+        pending: list[torch.Tensor] = []  # detached per-step losses, summed in chunks (one op per chunk)
         steps = 0
         for step, (indices, cpu_batch) in enumerate(
             iterate_batches(data.train, config.batch_size, data.collate, generator=generator), 1
@@ -430,14 +436,18 @@ def train_run(
             optimizer.step()
             scheduler.step()
             steps = step
-            step_values = torch.stack([total.detach(), *(v.detach() for v in terms.values())])  # (1 + terms,)
-            running = step_values if running is None else running + step_values
+            pending.append(total.detach())
+            pending.extend(v.detach() for v in terms.values())
+            if len(pending) >= 512:
+                running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
+                pending.clear()
             if stopper.due():
                 if not math.isfinite(float(total.detach())):
                     raise _nan_error(plan, epoch, step, float(total.detach()))
                 progressor.report(phase, plan, epoch, step, steps_per_epoch, {"loss": float(total.detach())})
                 stopper.check(f"in {phase} stage {plan.stage} epoch {epoch}")
-        assert running is not None
+        if pending:
+            running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
         names = ["total", *plan_terms]
         means = {
             name: float(value) / max(steps, 1) for name, value in zip(names, running.tolist(), strict=True)
@@ -460,7 +470,10 @@ def train_run(
         }
         state.history.append(entry)
         state.epoch = epoch
-        save()
+        # Every epoch, but sub-second epochs at most once per CHECKPOINT_MIN_INTERVAL_S (the run's last epoch
+        # and a stop always write): on tiny jobs a write per 30 ms epoch would cost more than the training.
+        if epoch == plan.epochs or time.monotonic() - last_saved["at"] >= CHECKPOINT_MIN_INTERVAL_S:
+            save()
         callbacks.on_event(
             "metric",
             f"{phase} stage {plan.stage} epoch {epoch}/{plan.epochs}: val {adapter.metric} {metric:.4f}",
@@ -474,7 +487,12 @@ def train_run(
             steps_per_epoch,
             {"loss": means["total"], adapter.metric: metric},
         )
-        stopper.check(f"after {phase} stage {plan.stage} epoch {epoch}")
+        try:
+            stopper.check(f"after {phase} stage {plan.stage} epoch {epoch}")
+        except JobStopped:
+            if last_saved["epoch"] != state.epoch:
+                save()  # stopping at an epoch boundary keeps that epoch
+            raise
     return state, cache_info
 
 
@@ -486,8 +504,18 @@ def _nan_error(plan: RunPlan, epoch: int, step: int, value: float) -> EngineErro
     )
 
 
+_MARKERS = frozenset({"__tensor__", "__tuple__", "__dict__"})
+_PRIMITIVES = (bool, int, float, str, type(None))
+
+
 def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:
-    """A JSON-able mirror of `value` whose tensors are moved into `tensors` (by key)."""
+    """A JSON-able mirror of `value` whose tensors are moved into `tensors` (by key).
+
+    Dicts with string keys stay JSON objects; other dicts (e.g. an optimizer's int-keyed state) and tuples
+    are wrapped in a marker object so they come back as they were.
+    """
+    if isinstance(value, _PRIMITIVES):
+        return value
     if isinstance(value, torch.Tensor):
         key = seen.get(id(value))
         if key is None:
@@ -495,15 +523,17 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) 
             tensors[key] = value.detach().to("cpu").contiguous()
         return {"__tensor__": key}
     if isinstance(value, dict):
+        if all(type(k) is str for k in value) and not _MARKERS.intersection(value):
+            return {
+                k: v if isinstance(v, _PRIMITIVES) else _encode(v, tensors, seen) for k, v in value.items()
+            }
         return {
             "__dict__": [[_encode(k, tensors, seen), _encode(v, tensors, seen)] for k, v in value.items()]
         }
     if isinstance(value, tuple):
         return {"__tuple__": [_encode(v, tensors, seen) for v in value]}
     if isinstance(value, list):
-        return [_encode(v, tensors, seen) for v in value]
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
+        return [v if isinstance(v, _PRIMITIVES) else _encode(v, tensors, seen) for v in value]
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
@@ -515,7 +545,9 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
             return tensors[value["__tensor__"]]
         if "__tuple__" in value:
             return tuple(_decode(v, tensors) for v in value["__tuple__"])
-        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+        if "__dict__" in value:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
+        return {k: _decode(v, tensors) for k, v in value.items()}
     return value
 
 
