@@ -92,6 +92,23 @@ def test_tiny_job_writes_measured_results_and_usable_artifacts(
     assert again.teacher_accuracy == pytest.approx(results.best_student_accuracy)
 
 
+def test_builtin_teacher_is_built_once_and_reloaded(data_dir: Path) -> None:
+    from workers.distill.contract import NullCallbacks
+    from workers.distill.data import load_digits_data
+    from workers.distill.teachers import get_digits_teacher
+
+    data = load_digits_data()
+    first, _ = get_digits_teacher(data_dir, data, NullCallbacks())  # built by an earlier test or now
+    again, built_now = get_digits_teacher(data_dir, data, NullCallbacks())
+    assert not built_now
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True)
+    )
+    meta = json.loads((data_dir / "teachers" / "digits-cnn" / "meta.json").read_text())
+    assert meta["test_accuracy"] >= 0.98 and meta["parameters"] < 1_000_000
+
+
 def test_stop_then_resume_gives_identical_state(tmp_path: Path, data_dir: Path, recording: Any) -> None:
     spec = tiny_spec(epochs=3, baseline=True)
     straight = run_job(spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path / "a"), data_dir=data_dir)

@@ -364,8 +364,9 @@ def _run_job(
     latency = {"teacher": {}, "student": {}}  # type: dict[str, dict[str, float]]
     for batch_size in (1, 64):
         batch = adapter.example_batch(data, batch_size)
-        latency["teacher"][f"batch_{batch_size}"] = measure_latency_ms(adapter, teacher_model, batch, device)
-        latency["student"][f"batch_{batch_size}"] = measure_latency_ms(adapter, student, batch, device)
+        for role, model in (("teacher", teacher_model), ("student", student)):
+            stopper.check("while measuring latency")
+            latency[role][f"batch_{batch_size}"] = measure_latency_ms(adapter, model, batch, device)
     speedup = latency["teacher"]["batch_64"] / latency["student"]["batch_64"]
     teacher_mb, student_mb = model_size_mb(teacher_model), model_size_mb(student)
 
