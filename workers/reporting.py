@@ -100,22 +100,28 @@ class JobReporter:
                 self._write_latest(now)
 
     def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
-        """Store the event; a metric event also becomes the job's latest metrics; phase events flush."""
+        """Store the event while the lease holds; a metric event also becomes the job's latest metrics."""
         if kind == "metric":
             with self._lock:
                 self._epoch_metrics = {k: v for k, v in data.items() if isinstance(v, int | float | str)}
         if kind == "phase":
             self._flush()
+        if self._lease_lost.is_set():
+            return
         try:
             with session_scope() as session:
-                lifecycle.record_event(
+                held = lifecycle.record_event_if_held(
                     session,
                     job_id=self.claim.job_id,
+                    lease_token=self.claim.lease_token,
                     kind=kind[:16],
                     message=message,
                     data=_jsonable(data),
                     attempt=self.claim.attempt,
                 )
+            if not held:
+                log.warning("job %s: lease lost; %s event not stored", self.claim.job_id, kind)
+                self._lease_lost.set()
         except SQLAlchemyError as exc:
             log.warning(
                 "job %s: could not store a %s event: %s", self.claim.job_id, kind, exc.__class__.__name__

@@ -201,6 +201,33 @@ def update_progress(
     return _rowcount(result) == 1
 
 
+def record_event_if_held(
+    session: Session,
+    *,
+    job_id: str,
+    lease_token: str,
+    kind: str,
+    message: str = "",
+    data: dict[str, Any] | None = None,
+    attempt: int = 0,
+) -> bool:
+    """Append an event only while `lease_token` holds the job; False once the lease is gone.
+
+    The guarded heartbeat update locks the job row until commit, so a takeover cannot slip in between the
+    check and the insert: a worker whose lease was taken writes no more history.
+    """
+    now = utcnow()
+    result = session.execute(
+        _guarded(job_id, lease_token)
+        .where(Job.status.in_(_HELD_STATUSES))
+        .values(heartbeat_at=now, updated_at=now)
+    )
+    if _rowcount(result) != 1:
+        return False
+    record_event(session, job_id=job_id, kind=kind, message=message, data=data, attempt=attempt)
+    return True
+
+
 def read_lease(session: Session, *, job_id: str, lease_token: str) -> LeaseState:
     """The job's status and whether `lease_token` still holds it."""
     row = session.execute(select(Job.status, Job.lease_token).where(Job.id == job_id)).one_or_none()
