@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -17,16 +18,23 @@ from app.services import auth as auth_service
 from app.services.auth import Principal
 
 
-def get_session() -> Iterator[Session]:
-    """One session per request; closed (rolled back if uncommitted) when the request ends."""
+async def get_session() -> AsyncIterator[Session]:
+    """One session per request; closed (rolled back if uncommitted) when the request ends.
+
+    Async so that opening it costs no worker-thread hop (a Session does no I/O until first used); the close
+    runs in the thread pool only when the session holds a connection (its rollback is a round trip).
+    """
     session = get_sessionmaker()()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction():
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     """The settings the app was built with (tests build apps with their own), else the process-wide ones."""
     settings = getattr(request.app.state, "settings", None)
     return settings if isinstance(settings, Settings) else get_settings()
@@ -38,7 +46,7 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 
 
-def get_wake_scheduler(request: Request) -> bool:
+async def get_wake_scheduler(request: Request) -> bool:
     """Whether a start asks the scheduler for admission at once (off in API tests that check states)."""
     return bool(getattr(request.app.state, "wake_scheduler", True))
 
@@ -58,16 +66,29 @@ _admin_bearer = HTTPBearer(
 )
 
 
-def get_current_tenant(
+def _authenticate(session: Session, key: str, ttl_seconds: float) -> Principal | None:
+    principal = auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
+    # End the lookup's transaction: on SQLite it holds the write lock, and an upload may stream for long.
+    session.rollback()
+    return principal
+
+
+async def get_current_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
 ) -> Principal:
-    """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked."""
+    """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
+
+    A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop; otherwise the
+    lookup runs in the thread pool.
+    """
     if credentials is None:
         raise Unauthorized("Send an API key as `Authorization: Bearer <key>` (issued by POST /admin/keys).")
-    principal = auth_service.authenticate(session, key=credentials.credentials)
-    # End the lookup's transaction: on SQLite it holds the write lock, and an upload may stream for long.
-    session.rollback()
+    ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
+    principal = auth_service.cached_principal(credentials.credentials) if ttl_seconds > 0 else None
+    if principal is None:
+        principal = await run_in_threadpool(_authenticate, session, credentials.credentials, ttl_seconds)
     if principal is None:
         raise Unauthorized("The API key is unknown or has been revoked.")
     bind_log_fields(tenant=principal.tenant_name)

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     sse_keepalive_seconds: float = Field(
         default=15.0, gt=0, description="Seconds of silence after which an event stream sends a comment."
     )
+    auth_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=60,
+        description="Seconds an API process reuses an accepted key's lookup (0: off). A key revoked "
+        "through another API process is still accepted here for at most this long.",
+    )
     log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
     log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
 

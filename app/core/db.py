@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import get_settings
@@ -39,7 +41,48 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    engine = create_engine(url, pool_size=10, max_overflow=20, pool_recycle=1800)
+    _ping_after_idle(engine, IDLE_PING_SECONDS)
+    return engine
+
+
+# A pooled connection idle longer than this is pinged before use (a server restart or an idle timeout may
+# have closed it); one reused within it is not: under load that saves a round trip (BEGIN + SELECT 1) per
+# checkout, and a disconnect on a busy connection still invalidates the whole pool at the first error.
+IDLE_PING_SECONDS = 1.0
+
+
+def _ping_after_idle(engine: Engine, idle_seconds: float) -> None:
+    """`pool_pre_ping`, but only for connections that sat in the pool longer than `idle_seconds`."""
+
+    @event.listens_for(engine, "checkin")
+    def _stamp_checkin(_dbapi_connection: Any, record: Any) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        checked_in_at = record.info.get("checked_in_at")
+        if checked_in_at is None or time.monotonic() - checked_in_at < idle_seconds:
+            return  # fresh from connect, or just returned by another request
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+            dbapi_connection.rollback()  # the ping's implicit transaction
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if engine.dialect.is_disconnect(exc, dbapi_connection, None):
+                # The pool discards this connection and checks out (or opens) another.
+                raise DisconnectionError(f"stale pooled connection: {exc}") from exc
+            raise
+
+
+def begin_autocommit_read(session: Session) -> None:
+    """Run this session's next statements without BEGIN/ROLLBACK round trips (PostgreSQL; single reads).
+
+    Only for request paths that read with one statement: each statement is its own snapshot. SQLite keeps
+    its transactions (its BEGIN IMMEDIATE is local and cheap). Call before the session's first query.
+    """
+    if session.in_transaction() or session.get_bind().dialect.name == "sqlite":
+        return
+    session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 @lru_cache(maxsize=1)

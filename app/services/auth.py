@@ -10,6 +10,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,70 @@ def authenticate(session: Session, *, key: str) -> Principal | None:
     )
 
 
+class PrincipalCache:
+    """Key hash -> Principal for a few seconds, so a hot client's requests skip the key lookup.
+
+    Only accepted keys are cached (an unknown key always asks the database, so a key issued by another
+    process works at once). A revocation through this process clears its cache at once; another API process
+    keeps accepting a revoked key for at most `ttl_seconds` (the bound documented in README's settings).
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self._entries: dict[str, tuple[float, Principal]] = {}
+        self._lock = threading.Lock()
+        self._max_entries = max_entries
+
+    def get(self, key_hash: str) -> Principal | None:
+        entry = self._entries.get(key_hash)
+        if entry is None:
+            return None
+        expires, principal = entry
+        if time.monotonic() >= expires:
+            with self._lock:
+                self._entries.pop(key_hash, None)
+            return None
+        return principal
+
+    def put(self, key_hash: str, principal: Principal, ttl_seconds: float) -> None:
+        with self._lock:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()  # bounded memory; a burst of keys only costs lookups
+            self._entries[key_hash] = (time.monotonic() + ttl_seconds, principal)
+
+    def forget_key(self, key_id: str) -> None:
+        """Drop every entry of this key (revocation)."""
+        with self._lock:
+            for key_hash in [h for h, (_, p) in self._entries.items() if p.key_id == key_id]:
+                del self._entries[key_hash]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+principal_cache = PrincipalCache()
+
+
+def cached_principal(key: str) -> Principal | None:
+    """The cached principal of an accepted key still within its TTL; no database access."""
+    if not key or len(key) > MAX_KEY_LENGTH:
+        return None
+    return principal_cache.get(hash_key(key))
+
+
+def authenticate_cached(session: Session, *, key: str, ttl_seconds: float) -> Principal | None:
+    """`authenticate`, answered from the in-process cache for `ttl_seconds` after a key was accepted."""
+    if ttl_seconds <= 0:
+        return authenticate(session, key=key)
+    principal = cached_principal(key)
+    if principal is not None:
+        return principal
+    principal = authenticate(session, key=key)
+    if principal is not None:
+        principal_cache.put(hash_key(key), principal, ttl_seconds)
+    return principal
+
+
 def is_admin_key(presented: str, admin_key: str) -> bool:
     """Constant-time comparison with the configured admin key (never true when none is configured)."""
     if not admin_key or not presented:
@@ -114,6 +180,7 @@ def revoke_key(session: Session, *, key_id: str) -> tuple[ApiKey, Tenant]:
     if api_key.revoked_at is None:
         api_key.revoked_at = utcnow()
         session.commit()
+    principal_cache.forget_key(api_key.id)
     return api_key, tenant
 
 

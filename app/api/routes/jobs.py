@@ -5,9 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Path, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
+from app.core.config import Settings
+from app.core.db import begin_autocommit_read
 from app.models import JobStatus
 from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
 from app.schemas.page import Page
@@ -16,6 +20,7 @@ from app.services import artifacts as artifacts_service
 from app.services import event_stream, idempotency
 from app.services import events as events_service
 from app.services import jobs as jobs_service
+from app.services.auth import Principal
 
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
 
@@ -76,7 +81,7 @@ _CREATE_EXAMPLES: dict[str, Any] = {
         201: {"description": "The job", "headers": _REPLAY_HEADER_DOC},
     },
 )
-def create_job(
+async def create_job(
     session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenantDep,
@@ -85,6 +90,22 @@ def create_job(
     response: Response,
     request: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
     idempotency_key: IdempotencyKey = None,
+) -> Any:
+    # One worker-thread hop for the database work; the response is validated on the event loop.
+    return await run_in_threadpool(
+        _create_job, session, settings, tenant, wake, background, response, request, idempotency_key
+    )
+
+
+def _create_job(
+    session: Session,
+    settings: Settings,
+    tenant: Principal,
+    wake: bool,
+    background: BackgroundTasks,
+    response: Response,
+    request: JobCreate,
+    idempotency_key: str | None,
 ) -> Any:
     record = None
     if idempotency_key is not None:
@@ -176,8 +197,18 @@ def start_job(
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 422, 503),
 )
-def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
-    return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id))
+async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
+    # The hot polling path: one worker-thread hop for the query (not one per dependency and one more for
+    # response validation, as a sync endpoint costs).
+    return await run_in_threadpool(_read_job, session, job_id, tenant.tenant_id)
+
+
+def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
+    try:
+        begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
+        return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant_id))
+    finally:
+        session.close()  # returns the connection here, in the thread, not on the event loop
 
 
 @router.get(
