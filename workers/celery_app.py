@@ -38,17 +38,23 @@ celery_app.conf.update(task_create_missing_queues=True, worker_send_task_events=
 app = celery_app  # `celery -A workers.celery_app` finds `app` or `celery_app`
 
 _service: dict[str, Any] = {}
+# Longest wait between heartbeat retries while the database is unreachable.
+_MAX_HEARTBEAT_BACKOFF_SECONDS = 30.0
 
 
 def _beat_worker(sid: str, info: dict[str, Any], stop: threading.Event) -> None:
+    """Beat every HEARTBEAT_INTERVAL; while the database is down, retry with backoff (doubling, ≤30 s)."""
     interval = get_settings().heartbeat_interval
+    wait = interval
     while True:
         try:
             with session_scope() as session:
                 heartbeats.beat(session, kind="worker", sid=sid, info=info)
+            wait = interval
         except SQLAlchemyError as exc:
-            log.warning("worker heartbeat failed (retrying): %s", exc.__class__.__name__)
-        if stop.wait(interval):
+            wait = min(_MAX_HEARTBEAT_BACKOFF_SECONDS, max(interval, wait * 2))
+            log.warning("worker heartbeat failed (retrying in %.1f s): %s", wait, exc.__class__.__name__)
+        if stop.wait(wait):
             return
 
 
