@@ -43,7 +43,7 @@ TEACHER_CACHE_MAX_BYTES = int(os.environ.get("DISTILLERY_TEACHER_CACHE_MAX_BYTES
 # Seconds between should_stop / progress calls inside an epoch (a cancel lands well within ~1 s).
 CHECK_INTERVAL_S = 0.2
 # Minimum seconds between epoch checkpoints (0: every epoch).
-CHECKPOINT_MIN_INTERVAL_S = float(os.environ.get("DISTILLERY_CHECKPOINT_MIN_INTERVAL_S", "1.0"))
+CHECKPOINT_MIN_INTERVAL_S = float(os.environ.get("DISTILLERY_CHECKPOINT_MIN_INTERVAL_S", "0"))
 EVAL_BATCH_SIZE = 256
 
 
@@ -470,8 +470,9 @@ def train_run(
         }
         state.history.append(entry)
         state.epoch = epoch
-        # Every epoch, but sub-second epochs at most once per CHECKPOINT_MIN_INTERVAL_S (the run's last epoch
-        # and a stop always write): on tiny jobs a write per 30 ms epoch would cost more than the training.
+        # Every epoch by default, so a resume never repeats a finished epoch.
+        # DISTILLERY_CHECKPOINT_MIN_INTERVAL_S
+        # > 0 throttles sub-second epochs (the last epoch and a stop always write).
         if epoch == plan.epochs or time.monotonic() - last_saved["at"] >= CHECKPOINT_MIN_INTERVAL_S:
             save()
         callbacks.on_event(
