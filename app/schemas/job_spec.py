@@ -130,12 +130,6 @@ class Compression(_Strict):
     quantize: Literal["none", "int8"] = "none"
 
 
-# Parts of the spec the engine does not implement yet. Each entry names what is refused and why,
-# so the API and the CLI give the same precise message. Later issues empty these sets.
-UNSUPPORTED_TASKS: dict[Task, str] = {}
-COMPRESSION_SUPPORTED = True
-
-
 class JobSpec(_Strict):
     """What a client asks for: a teacher, how hard to compress it, how, and on which data."""
 
@@ -160,13 +154,6 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_supported(self) -> JobSpec:
-        if self.task in UNSUPPORTED_TASKS:
-            raise ValueError(UNSUPPORTED_TASKS[self.task])
-        if not COMPRESSION_SUPPORTED and self.compression != Compression():
-            raise ValueError(
-                "compression (prune_amount, quantize) is not implemented yet; leave it at the defaults "
-                "(prune_amount 0, quantize 'none')"
-            )
         if self.task == Task.classification and self.dataset_config.kind == "hub":
             raise ValueError("task 'classification' takes the builtin 'digits' dataset or a file/upload")
         if isinstance(self.dataset_config, BuiltinDataset) and self.task != Task.classification:

@@ -400,18 +400,6 @@ def test_artifacts_list_and_download(client: TestClient, problem: Any) -> None:
     problem(client.get(f"/distillation/jobs/{uuid.uuid4()}/artifacts"), 404)
 
 
-def test_parts_not_implemented_yet_are_refused_with_a_message(client: TestClient, problem: Any) -> None:
-    from app.schemas.job_spec import UNSUPPORTED_TASKS
-
-    if not UNSUPPORTED_TASKS:
-        pytest.skip("every task is implemented")
-    task = next(iter(UNSUPPORTED_TASKS))
-    spec = DIGITS | {"task": task.value, "dataset_config": {"kind": "hub", "name": "wikitext"}}
-    body = problem(client.post("/distillation/jobs", json=spec), 422)
-    assert UNSUPPORTED_TASKS[task] in body["detail"]
-    assert body["type"].endswith("validation-error")
-
-
 def test_start_asks_for_admission_at_once(clean_database: str, auth_headers: dict[str, str]) -> None:
     """With the wake-up on (as in production), a start is admitted before the scheduler's next tick."""
     from app.core.config import Settings
