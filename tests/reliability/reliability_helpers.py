@@ -40,20 +40,31 @@ def _running(pid: int) -> bool:
     return state != "Z"
 
 
-def wait_for_checkpoint(job_id: str, attempt: int, *, timeout: float = 120) -> None:
-    """Until `attempt` of the job has stored a metric event and a checkpoint exists on disk."""
+def checkpointed_epochs(job_id: str) -> int | None:
+    """Epochs done in the job's stored checkpoint (None without one), read as the engine's resume reads it."""
     from app.core.config import get_settings
+    from workers.distill.runner import CHECKPOINT_FILE
+    from workers.distill.trainer import load_checkpoint
 
-    checkpoints = get_settings().jobs_dir / job_id / "checkpoints"
+    saved = load_checkpoint(get_settings().jobs_dir / job_id / "checkpoints" / CHECKPOINT_FILE)
+    if saved is None or not saved.get("run"):
+        return None
+    return int(saved["run"]["epoch"])
+
+
+def wait_for_checkpoint(job_id: str, attempt: int, *, min_epochs: int = 0, timeout: float = 120) -> None:
+    """Until `attempt` stored a metric event and a checkpoint of at least `min_epochs` epochs exists."""
 
     def probe() -> bool:
         job = job_row(job_id)
         if job.status != "running" or job.attempt != attempt:
             return False
-        metrics = [e for e in job_events(job_id, "metric") if e.attempt == attempt]
-        return bool(metrics) and checkpoints.is_dir() and any(checkpoints.iterdir())
+        if not [e for e in job_events(job_id, "metric") if e.attempt == attempt]:
+            return False
+        done = checkpointed_epochs(job_id)
+        return done is not None and done >= min_epochs
 
-    wait_for(f"job {job_id} attempt {attempt} to checkpoint", probe, timeout=timeout, interval=0.05)
+    wait_for(f"job {job_id} attempt {attempt} to checkpoint", probe, timeout=timeout, interval=0.1)
 
 
 def claims(job_id: str) -> list[Any]:

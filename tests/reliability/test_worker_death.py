@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from integration_helpers import Stack, job_events, job_row, tiny_spec, wait_for, wait_for_status
-from reliability_helpers import claims, kill_pool_process, wait_for_checkpoint
+from reliability_helpers import checkpointed_epochs, claims, kill_pool_process, wait_for_checkpoint
 from sqlalchemy import func, select, update
 
 pytestmark = pytest.mark.integration
@@ -29,9 +29,11 @@ def test_killed_pool_process_requeues_and_resumes_or_fails_after_max_attempts(st
     doomed_job = _start(api, **LONG)  # killed on both attempts: fails with max_attempts
 
     killed: dict[str, list[int]] = {resumed_job: [], doomed_job: []}
+    at_kill: dict[str, list[int | None]] = {}  # checkpointed epochs just before each kill
     for attempt in (1, 2):
         for job_id in [resumed_job, doomed_job] if attempt == 1 else [doomed_job]:
-            wait_for_checkpoint(job_id, attempt)
+            wait_for_checkpoint(job_id, attempt, min_epochs=1 if attempt == 1 else 0)
+            at_kill.setdefault(job_id, []).append(checkpointed_epochs(job_id))
             killed[job_id].append(kill_pool_process(job_id, worker.process.pid))
     assert worker.alive(), "only the pool processes were killed, not the worker"
 
@@ -39,15 +41,17 @@ def test_killed_pool_process_requeues_and_resumes_or_fails_after_max_attempts(st
     assert job.status == "completed", job.error
     assert job.attempt == 2 and job.results is not None
     assert [c.data["attempt"] for c in claims(resumed_job)] == [1, 2]
-    resumed = [
-        e.attempt for e in job_events(resumed_job, "checkpoint") if e.message == "resuming from checkpoint"
-    ]
-    assert resumed == [2]
+    (resumed,) = [e for e in job_events(resumed_job, "checkpoint") if e.message == "resuming from checkpoint"]
+    done = resumed.data["epoch"]
+    assert resumed.attempt == 2 and done >= 1 and done >= at_kill[resumed_job][0], (resumed.data, at_kill)
     epochs = {
         a: {e.data["epoch"] for e in job_events(resumed_job, "metric") if e.attempt == a} for a in (1, 2)
     }
-    assert epochs[1] and epochs[2] and not epochs[1] & epochs[2], epochs
-    assert len(epochs[1] | epochs[2]) == LONG["epochs"]
+    # Attempt 2 trained exactly the epochs after its checkpoint; attempt 1 had trained those before it.
+    assert epochs[2] == set(range(done + 1, LONG["epochs"] + 1)), (done, epochs)
+    assert set(range(1, done + 1)) <= epochs[1], (done, epochs)
+    history = [h["epoch"] for h in job.results["training_history"]]
+    assert len(history) == len(set(history)) == LONG["epochs"], history
 
     job = wait_for_status(doomed_job, {"failed"}, timeout=60, stack=stack)
     assert job.attempt == 2 and job.lease_token is None
