@@ -37,6 +37,7 @@ from workers.distill.trainer import (
     RunPlan,
     StopChecker,
     eval_loader,
+    flush_checkpoints,
     load_checkpoint,
     save_checkpoint,
     train_run,
@@ -188,6 +189,8 @@ def run_job(
             raise _oom_error(spec) from exc
         raise
     finally:
+        # JobStopped, errors and results all leave only once the last checkpoint is on disk.
+        flush_checkpoints()
         torch.set_num_threads(previous_threads)
 
 

@@ -8,15 +8,18 @@ on CUDA only, a checkpoint each epoch that `resume` restores exactly, progress a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from safetensors import safe_open
@@ -245,6 +248,8 @@ class Progressor:
 
 
 Checkpointer = Callable[[dict[str, Any]], None]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def _best_is_better(adapter: TaskAdapter, metric: float, best: float | None) -> bool:
@@ -272,6 +277,20 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _flushes_checkpoints(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """The wrapped call returns or raises only once every checkpoint it handed over is on disk."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            flush_checkpoints()
+
+    return wrapper
+
+
+@_flushes_checkpoints
 def train_run(
     *,
     plan: RunPlan,
@@ -521,7 +540,7 @@ def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) 
         key = seen.get(id(value))
         if key is None:
             key = seen[id(value)] = f"t{len(tensors)}"
-            tensors[key] = value.detach().to("cpu").contiguous()
+            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": key}
     if isinstance(value, dict):
         if all(type(k) is str for k in value) and not _MARKERS.intersection(value):
@@ -554,6 +573,7 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:
     """The checkpoint at `path`, or None when there is none. Safetensors + JSON: nothing is unpickled."""
+    flush_checkpoints()
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as handle:
@@ -563,11 +583,40 @@ def load_checkpoint(path: Path) -> dict[str, Any] | None:
     return payload
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+# One background writer per process: checkpoints are snapshotted on the training thread (tensors copied,
+# structure serialised) and written in order behind it, so per-epoch checkpoints cost the loop only the copy.
+_CHECKPOINT_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
+_pending_writes: list[Future[None]] = []
+_pending_lock = threading.Lock()
+
+
+def _write_checkpoint_file(path: Path, tensors: dict[str, torch.Tensor], structure: str) -> None:
     """Write atomically (temp file + rename): a crash mid-write leaves the previous checkpoint intact."""
-    tensors: dict[str, torch.Tensor] = {}
-    structure = _encode(payload, tensors, {})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"structure": json.dumps(structure)})
+    save_file(tensors, str(tmp), metadata={"structure": structure})
     os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Snapshot `payload` now and write it in the background; `flush_checkpoints()` waits for the writes."""
+    with _pending_lock:
+        done = [future for future in _pending_writes if future.done()]
+        for future in done:
+            _pending_writes.remove(future)
+    for future in done:
+        future.result()  # a failed earlier write surfaces here rather than at the end of the run
+    tensors: dict[str, torch.Tensor] = {}
+    structure = json.dumps(_encode(payload, tensors, {}))
+    future = _CHECKPOINT_WRITER.submit(_write_checkpoint_file, path, tensors, structure)
+    with _pending_lock:
+        _pending_writes.append(future)
+
+
+def flush_checkpoints() -> None:
+    """Wait until every checkpoint handed to `save_checkpoint` is on disk (re-raises a failed write)."""
+    with _pending_lock:
+        futures = list(_pending_writes)
+        _pending_writes.clear()
+    for future in futures:
+        future.result()
