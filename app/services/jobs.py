@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -226,6 +227,15 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
     return job
 
 
+def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
+    table = Job.__table__
+    row = session.execute(select(table).where(table.c.id == job_id)).first()
+    if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
+        raise NotFound(f"No job with id '{job_id}'.")
+    return to_read(row)
+
+
 def _encode_cursor(job: Job) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
@@ -395,7 +405,7 @@ def wake_scheduler(settings: Settings) -> None:
 # ----------------------------------------------------------------------------------------------- views
 
 
-def _error(job: Job) -> JobError | None:
+def _error(job: Job | Row[Any]) -> JobError | None:
     if not job.error:
         return None
     return JobError.model_validate(
@@ -404,7 +414,8 @@ def _error(job: Job) -> JobError | None:
     )
 
 
-def to_read(job: Job) -> JobRead:
+def to_read(job: Job | Row[Any]) -> JobRead:
+    """The API view of a job (an ORM instance, or a row of the jobs table: same attribute names)."""
     estimated = None
     if job.status == JobStatus.running and job.eta_seconds is not None:
         estimated = utcnow() + timedelta(seconds=max(0.0, job.eta_seconds))

@@ -206,7 +206,7 @@ async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) 
 def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
     try:
         begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
-        return jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant_id))
+        return jobs_service.read(session, job_id=job_id, tenant_id=tenant_id)
     finally:
         session.close()  # returns the connection here, in the thread, not on the event loop
 
