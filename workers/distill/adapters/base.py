@@ -245,6 +245,10 @@ class TaskAdapter(ABC):
         device: torch.device,
         callbacks: EngineCallbacks,
     ) -> dict[str, Any]:
-        """Optional phase after distillation (e.g. pruning/quantization); returns extra result fields."""
-        del student, data, spec, out_dir, device, callbacks
-        return {}
+        """The spec's compression (pruning in place, an int8 copy saved), every stage re-measured; returns
+        extra result fields ({} when compression is left at its defaults). Adapters may add more phases."""
+        from workers.distill.compress import compress_student  # compress imports this module
+
+        return compress_student(
+            student, self, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
+        )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -149,23 +148,6 @@ class ClassificationAdapter(TaskAdapter):
         batch = torch.export.Dim("batch", min=1, max=65536)
         program = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
         torch.export.save(program, str(path))
-
-    def post_training(
-        self,
-        student: nn.Module,
-        data: TaskData,
-        spec: JobSpec,
-        *,
-        out_dir: Path,
-        device: torch.device,
-        callbacks: EngineCallbacks,
-    ) -> dict[str, Any]:
-        """The spec's compression (pruning in place, int8 copy), measured per stage; {} when not asked."""
-        from workers.distill.compress import compress_student
-
-        return compress_student(
-            student, self, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
-        )
 
     def example_batch(self, data: TaskData, batch_size: int) -> Batch:
         inputs = data.test.tensors["inputs"]  # type: ignore[attr-defined]

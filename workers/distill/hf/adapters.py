@@ -26,7 +26,6 @@ from workers.distill.adapters.base import (
     TensorDictDataset,
     to_device,
 )
-from workers.distill.compress import compress_student
 from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
 from workers.distill.hf.data import TextSplits, causal_targets, read_text_splits, tokenise_split
 from workers.distill.hf.finetune import finetune_classifier, finetune_key, finetune_lock, finetuned_dir
@@ -218,21 +217,6 @@ class HFTaskAdapter(TaskAdapter):
         indices = torch.arange(batch_size) % len(data.test)
         batch = data.test.get_batch(indices)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-
-    def post_training(
-        self,
-        student: nn.Module,
-        data: TaskData,
-        spec: JobSpec,
-        *,
-        out_dir: Path,
-        device: torch.device,
-        callbacks: EngineCallbacks,
-    ) -> dict[str, Any]:
-        """The spec's compression (pruning in place, int8 copy saved), every stage re-measured."""
-        return compress_student(
-            student, self, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
-        )
 
     # ---- artifacts ---------------------------------------------------------------------------------
 
