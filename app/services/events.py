@@ -26,18 +26,21 @@ def record_event(
 
 
 def record_state_change(
-    session: Session, *, job_id: str, old: str, new: str, attempt: int = 0, reason: str = ""
+    session: Session,
+    *,
+    job_id: str,
+    old: str,
+    new: str,
+    attempt: int = 0,
+    reason: str = "",
+    **extra: Any,
 ) -> JobEvent:
-    """A `state` event for a transition `old` -> `new`."""
+    """A `state` event for a transition `old` -> `new` (data: from, to, reason when given, extras)."""
+    data: dict[str, Any] = {"from": old, "to": new, **extra}
+    if reason:
+        data["reason"] = reason
     message = f"{old} -> {new}" + (f": {reason}" if reason else "")
-    return record_event(
-        session,
-        job_id=job_id,
-        kind="state",
-        message=message,
-        data={"from": old, "to": new},
-        attempt=attempt,
-    )
+    return record_event(session, job_id=job_id, kind="state", message=message, data=data, attempt=attempt)
 
 
 def list_events(session: Session, *, job_id: str, after: int, limit: int) -> tuple[list[JobEvent], bool]:

@@ -18,7 +18,8 @@ from sqlalchemy import delete, func, literal, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from app.models import Artifact, Job, JobEvent, JobStatus, UTCDateTime, utcnow
+from app.models import Artifact, Job, JobStatus, UTCDateTime, utcnow
+from app.services.events import record_event, record_state_change
 
 # Statuses in which a lease holder may still write (cancelling: it is finishing its last step).
 _HELD_STATUSES = (JobStatus.running, JobStatus.cancelling)
@@ -75,33 +76,6 @@ def describe_artifact(path: Path) -> ArtifactFile:
     )
 
 
-def record_event(
-    session: Session,
-    *,
-    job_id: str,
-    kind: str,
-    message: str = "",
-    data: dict[str, Any] | None = None,
-    attempt: int = 0,
-) -> None:
-    """Append one event (state, claim, progress, metric, phase, log) to the job's history."""
-    session.add(
-        JobEvent(
-            job_id=job_id, kind=kind, message=message, data=data or {}, attempt=attempt, created_at=utcnow()
-        )
-    )
-
-
-def record_transition(
-    session: Session, *, job_id: str, old: str, new: str, attempt: int = 0, reason: str = "", **extra: Any
-) -> None:
-    """Append a `state` event for a status change."""
-    data: dict[str, Any] = {"from": old, "to": new, **extra}
-    if reason:
-        data["reason"] = reason
-    record_event(session, job_id=job_id, kind="state", message=f"{old} -> {new}", data=data, attempt=attempt)
-
-
 def _rowcount(result: Any) -> int:
     assert isinstance(result, CursorResult)
     return int(result.rowcount)
@@ -137,7 +111,7 @@ def claim_job(session: Session, *, job_id: str, worker: str) -> Claim | None:
         data={"attempt": attempt, "lease_token": token, "worker": worker, "at": now.isoformat()},
         attempt=attempt,
     )
-    record_transition(
+    record_state_change(
         session,
         job_id=job_id,
         old=JobStatus.dispatched,
@@ -279,7 +253,7 @@ def complete_job(
                 created_at=now,
             )
         )
-    record_transition(
+    record_state_change(
         session, job_id=job_id, old=str(old or JobStatus.running), new=JobStatus.completed, attempt=attempt
     )
     return True
@@ -299,7 +273,7 @@ def fail_job(
     )
     if _rowcount(result) != 1:
         return False
-    record_transition(
+    record_state_change(
         session,
         job_id=job_id,
         old=str(old or JobStatus.running),
@@ -321,7 +295,7 @@ def cancel_stopped_job(session: Session, *, job_id: str, lease_token: str, attem
     )
     if _rowcount(result) != 1:
         return False
-    record_transition(
+    record_state_change(
         session,
         job_id=job_id,
         old=JobStatus.cancelling,

@@ -21,7 +21,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.models import ACTIVE_STATUSES, Job, JobEvent, JobStatus, utcnow
 from app.services import heartbeats
-from app.services.lifecycle import record_event, record_transition
+from app.services.events import record_event, record_state_change
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
             admitted.append(job_id)
             if tenant_id is not None:
                 active_by_tenant[tenant_id] = active_by_tenant.get(tenant_id, 0) + 1
-            record_transition(session, job_id=job_id, old=JobStatus.queued, new=JobStatus.dispatched)
+            record_state_change(session, job_id=job_id, old=JobStatus.queued, new=JobStatus.dispatched)
     return admitted
 
 
@@ -217,7 +217,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
             result = session.execute(guard.values(**values).execution_options(synchronize_session=False))
             if result.rowcount == 1:  # type: ignore[attr-defined]
                 failed.append(row.id)
-                record_transition(
+                record_state_change(
                     session,
                     job_id=row.id,
                     old=JobStatus.running,
@@ -240,7 +240,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
         )
         if result.rowcount == 1:  # type: ignore[attr-defined]
             requeued.append(row.id)
-            record_transition(
+            record_state_change(
                 session,
                 job_id=row.id,
                 old=JobStatus.running,
@@ -283,7 +283,7 @@ def finish_abandoned_cancels(session: Session, settings: Settings) -> list[str]:
         if result.rowcount == 1:  # type: ignore[attr-defined]
             cancelled.append(row.id)
             reason = "never claimed" if row.lease_token is None else "worker stopped responding"
-            record_transition(
+            record_state_change(
                 session,
                 job_id=row.id,
                 old=JobStatus.cancelling,
