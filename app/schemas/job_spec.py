@@ -9,7 +9,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.core.paths import check_path_text
+from app.schemas.hub_ids import HubRepoId
+
+
+def _plain_path(text: str) -> str:
+    check_path_text(text)  # PathRefused is a ValueError: a 422 naming the field
+    return text
 
 
 class DistillationMethod(StrEnum):
@@ -99,7 +107,11 @@ class BuiltinDataset(_Strict):
 
 class FileDataset(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(min_length=1, max_length=4096, description="CSV or JSONL under the allowed root.")
+    path: Annotated[str, AfterValidator(_plain_path)] = Field(
+        min_length=1,
+        max_length=4096,
+        description="CSV or JSONL, relative to the file root (ALLOWED_FILE_ROOT); refused when none is set.",
+    )
     text_column: str = Field(default="text", min_length=1, max_length=256)
     label_column: str = Field(default="label", min_length=1, max_length=256)
 
@@ -111,7 +123,7 @@ class UploadedDataset(_Strict):
 
 class HubDataset(_Strict):
     kind: Literal["hub"] = "hub"
-    name: str = Field(min_length=1, max_length=256)
+    name: HubRepoId = Field(min_length=1, max_length=256, description="A hub id: 'name' or 'org/name'")
     subset: str | None = Field(default=None, max_length=256)
     split: str = Field(default="train", max_length=64)
     text_column: str = Field(default="text", min_length=1, max_length=256)

@@ -22,11 +22,13 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.paths import PathKind, PathRefused
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
+from app.services import file_roots
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -48,7 +50,8 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
 
     Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
 
-    A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
+    A `file` dataset's path is stored resolved (symlinks followed) and relative to the tenant's file root, so
+    the worker reads the file checked here and no response shows a server path.
     """
     errors: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
@@ -102,24 +105,20 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                 )
             )
     elif isinstance(dataset, FileDataset):
-        root = settings.file_root
         try:
-            resolved = teachers_service.resolve_under_root(dataset.path, root, what="Dataset path")
-        except Unprocessable as exc:
-            errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
+            resolved, root = file_roots.resolve_for_tenant(
+                session,
+                settings=settings,
+                tenant_id=tenant_id,
+                text=dataset.path,
+                kind=PathKind.file,
+                what="Dataset path",
+            )
+        except PathRefused as exc:
+            errors.append(_field_error(["dataset_config", "path"], exc.message, exc.code))
         else:
-            if not resolved.is_file():
-                errors.append(
-                    _field_error(
-                        ["dataset_config", "path"],
-                        f"No file at {resolved} (paths are relative to the allowed root {root})",
-                        "file_not_found",
-                    )
-                )
-            else:
-                spec = spec.model_copy(
-                    update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
-                )
+            stored = file_roots.stored_form(resolved, root)
+            spec = spec.model_copy(update={"dataset_config": dataset.model_copy(update={"path": stored})})
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)
