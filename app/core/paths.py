@@ -83,7 +83,7 @@ def resolve_path(text: str, *, root: Path | None, kind: PathKind = PathKind.any,
     if root_resolved is not None and not resolved.is_relative_to(root_resolved):
         raise PathRefused(
             "path_outside_root",
-            f"{what} '{text}' is outside the allowed file root (paths are taken relative to it, symlinks "
+            f"{what} '{text}' is outside the allowed root (paths are taken relative to it, symlinks "
             "followed)",
         )
     try:
@@ -97,8 +97,8 @@ def resolve_path(text: str, *, root: Path | None, kind: PathKind = PathKind.any,
     if not exists:
         noun = {PathKind.file: "file", PathKind.directory: "directory", PathKind.any: "file or directory"}
         where = shown(resolved, root_resolved) if root_resolved is not None else text
-        suffix = " under the allowed file root" if root_resolved is not None else ""
-        raise PathRefused("path_not_found", f"{what}: no {noun[kind]} at '{where}'{suffix}")
+        suffix = " under the allowed root" if root_resolved is not None else ""
+        raise PathRefused("path_not_found", f"{what}: No {noun[kind]} at '{where}'{suffix}")
     return resolved
 
 

@@ -146,7 +146,7 @@ def test_file_dataset_must_exist_under_the_allowed_root(
         assert message in body["detail"], path
     relative = str(good.relative_to(get_settings().file_root))
     job = _create(client, task="sequence-classification", dataset_config={"kind": "file", "path": relative})
-    assert job["spec"]["dataset_config"]["path"] == str(good.resolve())
+    assert job["spec"]["dataset_config"]["path"] == relative  # stored relative to the root, never absolute
 
 
 # --------------------------------------------------------------------------------------------- start
