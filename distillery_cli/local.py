@@ -9,12 +9,17 @@ import json
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from app.core.paths import PathRefused
+
+if TYPE_CHECKING:
+    from app.schemas.job_spec import JobSpec
 
 console = Console()
 
@@ -88,6 +93,19 @@ def results_table(results: Any) -> Table:
     return table
 
 
+def _resolve_dataset_path(spec: JobSpec) -> JobSpec:
+    """A `file` dataset's path checked and resolved by the shared helper (relative to the working directory:
+    the local runner's user owns the machine, so there is no root)."""
+    from app.core.paths import PathKind, resolve_path
+    from app.schemas.job_spec import FileDataset
+
+    dataset = spec.dataset_config
+    if not isinstance(dataset, FileDataset):
+        return spec
+    path = resolve_path(dataset.path, root=None, kind=PathKind.file, what="dataset file")
+    return spec.model_copy(update={"dataset_config": dataset.model_copy(update={"path": str(path)})})
+
+
 def run(
     job_file: Annotated[
         Path, typer.Argument(help="Job spec JSON (the same body POST /distillation/jobs takes).")
@@ -120,6 +138,12 @@ def run(
         for error in exc.errors():
             where = ".".join(str(p) for p in error["loc"]) or "(spec)"
             console.print(f"  {where}: {error['msg']}")
+        raise typer.Exit(2) from exc
+
+    try:
+        spec = _resolve_dataset_path(spec)
+    except PathRefused as exc:
+        console.print(f"[red]invalid job spec {job_file}: dataset_config.path: {exc.message}[/red]")
         raise typer.Exit(2) from exc
 
     from workers.distill.contract import EngineError, JobPaths, JobStopped
