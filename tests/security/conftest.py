@@ -18,7 +18,8 @@ import pytest
 
 from tests.live_server import live_server
 
-ADMIN_KEY = "admin-" + uuid.uuid4().hex
+# Not random per import: tests import this module by name while pytest loads it as a conftest (two copies).
+ADMIN_KEY = f"admin-security-{os.getpid()}"
 
 
 @dataclass
