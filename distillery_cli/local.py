@@ -146,6 +146,7 @@ def run(
         console.print(f"[red]invalid job spec {job_file}: dataset_config.path: {exc.message}[/red]")
         raise typer.Exit(2) from exc
 
+    from workers.distill.config import EngineConfig
     from workers.distill.contract import EngineError, JobPaths, JobStopped
     from workers.distill.runner import resolve_teacher, run_job
 
@@ -176,6 +177,7 @@ def run(
                     callbacks=callbacks,
                     resume=not fresh,
                     trust_remote_code=trust_remote_code,
+                    config=EngineConfig.from_settings(get_settings()),
                 )
             finally:
                 signal.signal(signal.SIGINT, previous)

@@ -76,6 +76,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     with JobReporter(claim, settings) as reporter:
         try:
             spec, teacher = _prepare(claim, settings)
+            from workers.distill.config import EngineConfig
             from workers.distill.runner import run_job
 
             results = run_job(
@@ -87,6 +88,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 resume=True,
                 file_root=None,  # every path was resolved and checked under the tenant's root above
                 trust_remote_code=settings.trust_remote_code,
+                config=EngineConfig.from_settings(settings),
             )
         except JobStopped:
             reporter.close()

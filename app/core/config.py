@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.core.paths import overlaps, tenant_file_root
@@ -110,6 +110,18 @@ class Settings(BaseSettings):
         le=60,
         description="Seconds an API process reuses an accepted key's lookup (0: off). A key revoked "
         "through another API process is still accepted here for at most this long.",
+    )
+    teacher_cache_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=0,
+        validation_alias=AliasChoices("teacher_cache_max_bytes", "distillery_teacher_cache_max_bytes"),
+        description="Engine: teacher_cache=auto caches teacher outputs up to this many bytes.",
+    )
+    checkpoint_min_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        validation_alias=AliasChoices("checkpoint_min_interval_s", "distillery_checkpoint_min_interval_s"),
+        description="Engine: minimum seconds between epoch checkpoints (0: every epoch).",
     )
     log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
     log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
