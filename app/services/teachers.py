@@ -10,6 +10,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.model_files import UNSAFE_MODEL_FILE, describe_unsafe, unsafe_model_files
 from app.core.paths import PathKind, PathRefused, resolve_path, shown
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Teacher
@@ -131,6 +132,10 @@ def register(
                 f"Teacher directory '{location}' has no config.json; save the model with save_pretrained().",
                 "teacher_invalid",
             )
+        unsafe = unsafe_model_files(directory)  # opcodes read, nothing unpickled; workers check again
+        if unsafe:
+            message = f"Teacher directory '{location}': {describe_unsafe(unsafe)}"
+            raise _location_error(message, UNSAFE_MODEL_FILE)
     else:
         try:
             location = check_hub_repo_id(request.location)
