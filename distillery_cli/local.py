@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -143,7 +144,7 @@ def run(
     try:
         spec = _resolve_dataset_path(spec)
     except PathRefused as exc:
-        console.print(f"[red]invalid job spec {job_file}: dataset_config.path: {exc.message}[/red]")
+        console.print(f"[red]invalid job spec {job_file}: dataset_config.path: {escape(exc.message)}[/red]")
         raise typer.Exit(2) from exc
 
     from workers.distill.config import EngineConfig
@@ -182,7 +183,8 @@ def run(
             finally:
                 signal.signal(signal.SIGINT, previous)
     except EngineError as exc:
-        console.print(f"[red]job failed ({exc.code}): {exc.message}[/red]")
+        # One line, however long: scripts read it, and a message may hold brackets.
+        console.print(f"[red]job failed ({exc.code}): {escape(exc.message)}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     except JobStopped as exc:
         console.print(
