@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=4096, ge=1, description="Upper bound on training_config.batch_size.")
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Dataset upload limit.")
     max_upload_columns: int = Field(
-        default=1000, ge=2, le=100_000, description="Columns (CSV header or JSONL keys) an upload may have."
+        default=1000, ge=2, le=1_000_000, description="Columns (CSV header or JSONL keys) an upload may have."
     )
     max_upload_line_bytes: int = Field(
         default=1024 * 1024, ge=1024, description="Longest line an uploaded CSV or JSONL file may have."
