@@ -264,7 +264,7 @@ def test_engine_errors_are_specific(tmp_path: Path, data_dir: Path) -> None:
     (root / "link.csv").symlink_to(outside)
     escaped = spec_with(dataset_config={"kind": "file", "path": "link.csv"})
     _expect_engine_error(
-        "path_outside_root", "outside the allowed root", escaped, DIGITS_CNN, tmp_path, data_dir, file_root=root
+        "path_outside_root", "outside the allowed", escaped, DIGITS_CNN, tmp_path, data_dir, file_root=root
     )
 
     missing = TeacherSource(
