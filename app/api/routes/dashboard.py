@@ -67,7 +67,11 @@ def _same_origin(request: Request) -> bool:
     if origin is None:
         return True  # not sent by every client; the CSRF token still decides
     netloc = urlsplit(origin).netloc.lower()
-    return bool(netloc) and netloc == request.headers.get("host", "").lower()
+    # Behind a reverse proxy the Host may be the upstream's; the proxy's X-Forwarded-Host then names ours (a
+    # cross-site form cannot set either header).
+    hosts = {request.headers.get("host", "").lower()}
+    hosts |= {h.strip().lower() for h in request.headers.get("x-forwarded-host", "").split(",") if h.strip()}
+    return bool(netloc) and netloc in hosts
 
 
 def _signed_in(request: Request, session: Session) -> tuple[Principal, str] | None:
