@@ -3,52 +3,25 @@ finished job, check its curves, cancel another job; saves a screenshot to test-a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from app.core.config import Settings, get_settings
-from tests.live_server import ROOT, live_server
+from tests.browser.conftest import ARTIFACTS, CHROMIUM, CHROMIUM_MISSING
 from tests.sse_helpers import complete, create_job, report_epoch, start_and_claim, tenant_of
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-SCREENSHOT = ROOT / "test-artifacts" / "dashboard.png"
-EPOCHS = 6
-
 if not CHROMIUM.exists():
-    pytest.skip(
-        f"{CHROMIUM} is absent: `apt-get install -y chromium` (Debian's package) runs the browser test",
-        allow_module_level=True,
-    )
-from playwright import sync_api  # noqa: E402  (a dev dependency: missing it is an error, not a skip)
+    pytest.skip(CHROMIUM_MISSING, allow_module_level=True)
 
-
-@pytest.fixture(scope="module")
-def server(migrated_database: str) -> Iterator[str]:
-    with live_server() as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[object]:
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
+SCREENSHOT = ARTIFACTS / "dashboard.png"
+EPOCHS = 6
 
 
 def test_signed_in_user_sees_the_curves_of_a_finished_job_and_cancels_another(
     server: str,
-    chromium: object,
+    chromium: Any,
     clean_database: str,
     auth_headers: dict[str, str],
     make_api_key: Callable[..., dict[str, str]],
@@ -63,7 +36,7 @@ def test_signed_in_user_sees_the_curves_of_a_finished_job_and_cancels_another(
     pending = create_job(settings, tenant)
     create_job(settings, tenant_of(make_api_key()))  # another tenant's: never shown
 
-    context = chromium.new_context(viewport={"width": 1280, "height": 1100})  # type: ignore[attr-defined]
+    context = chromium.new_context(viewport={"width": 1280, "height": 1100})
     page = context.new_page()
     try:
         page.goto(f"{server}/")
