@@ -146,3 +146,19 @@ def test_signed_out_cookie_no_longer_opens_pages(browser: TestClient, auth_heade
     out = browser.post("/signout", data={"csrf_token": token}, follow_redirects=False)
     assert out.status_code == 303 and 'distillery_session=""' in out.headers["set-cookie"]
     assert browser.get("/", follow_redirects=False).status_code == 303
+
+
+def test_the_short_id_the_jobs_table_shows_opens_the_job(
+    browser: TestClient, settings: Settings, auth_headers: dict[str, str]
+) -> None:
+    job_id = create_job(settings, tenant_of(auth_headers))
+    _sign_in(browser, auth_headers)
+    listed = browser.get("/").text
+    short = re.search(rf'<a href="/jobs/{job_id}" title="{job_id}"><code class="job-id">(\w+)</code>', listed)
+    assert short and job_id.startswith(short.group(1))
+    opened = browser.get(f"/jobs/{short.group(1)}", follow_redirects=False)
+    assert opened.status_code == 307 and opened.headers["location"] == f"/jobs/{job_id}"
+    assert f'id="job-id" title="Click to select the whole id">{job_id}</code>' in browser.get(
+        opened.headers["location"]
+    ).text
+    assert browser.get("/jobs/ffffffff").status_code == 404

@@ -24,6 +24,7 @@ from app.models import TERMINAL_STATUSES, Job
 from app.services import artifacts as artifacts_service
 from app.services import auth as auth_service
 from app.services import events as events_service
+from app.services import job_ids
 from app.services import jobs as jobs_service
 from app.services.auth import Principal
 from app.web.charts import history_charts
@@ -169,6 +170,12 @@ def job_page(request: Request, job_id: str, session: SessionDep) -> Response:
     if signed_in is None:
         return _to_signin()
     principal, key = signed_in
+    if not job_ids.is_full(job_id):  # a short id, as the jobs list shows: go to the job's own address
+        try:
+            full_id = job_ids.resolve(session, job_id=job_id, tenant_id=principal.tenant_id)
+        except ProblemError as exc:
+            return _page(request, "error.html", {"title": exc.title, "message": exc.detail}, exc.status)
+        return RedirectResponse(f"/jobs/{full_id}", status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     return _render_job(request, session, principal, key, job_id)
 
 
@@ -227,6 +234,7 @@ def cancel_from_page(
     if not hmac.compare_digest(csrf.encode(), csrf_token(key).encode()):
         return _forbidden(request)
     try:
+        job_id = job_ids.resolve(session, job_id=job_id, tenant_id=principal.tenant_id)
         job = jobs_service.cancel(session, job_id=job_id, tenant_id=principal.tenant_id)
     except ProblemError as exc:
         return _render_job(
@@ -243,6 +251,7 @@ def download_from_page(
     if signed_in is None:
         return _to_signin()
     try:
+        job_id = job_ids.resolve(session, job_id=job_id, tenant_id=signed_in[0].tenant_id)
         jobs_service.get_or_raise(session, job_id=job_id, tenant_id=signed_in[0].tenant_id)
         artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
     except ProblemError as exc:
