@@ -106,8 +106,9 @@ def test_job_page_draws_one_curve_point_per_epoch_with_results_and_downloads(
         points = re.search(rf'<polyline data-series="{series}" points="([^"]*)"', page)
         assert points, series
         assert len(points.group(1).split()) == epochs
-    assert 'data-series="teacher accuracy"' in page
-    assert re.search(r'<table id="results">.*0\.9806.*0\.9556', page, re.S)  # teacher vs student
+    assert 'data-series="teacher_accuracy"' in page
+    # Teacher vs the delivered student (results without `student_accuracy`: the best-validation one).
+    assert re.search(r'<table id="results">.*Test accuracy.*98\.06%.*95\.83%', page, re.S)
     link = f'href="/jobs/{job_id}/artifacts/student.safetensors"'
     assert link in page
     download = browser.get(f"/jobs/{job_id}/artifacts/student.safetensors")
@@ -158,7 +159,8 @@ def test_the_short_id_the_jobs_table_shows_opens_the_job(
     assert short and job_id.startswith(short.group(1))
     opened = browser.get(f"/jobs/{short.group(1)}", follow_redirects=False)
     assert opened.status_code == 307 and opened.headers["location"] == f"/jobs/{job_id}"
-    assert f'id="job-id" title="Click to select the whole id">{job_id}</code>' in browser.get(
-        opened.headers["location"]
-    ).text
+    assert (
+        f'id="job-id" title="Click to select the whole id">{job_id}</code>'
+        in browser.get(opened.headers["location"]).text
+    )
     assert browser.get("/jobs/ffffffff").status_code == 404
