@@ -144,8 +144,12 @@ def build(results: dict[str, Any]) -> ResultsView:
         comparisons.append(f"teacher: {_metric_text(teacher, metric)} test {metric}")
     if retention is not None:
         comparisons.append(
-            f"retention: {_percent(retention)} of the teacher's test {metric}"
-            + (" (teacher / student, lower is better)" if lower else "")
+            f"retention: {_percent(retention)}"
+            + (
+                f" (the teacher's test {metric} / the student's; {metric}: lower is better)"
+                if lower
+                else f" of the teacher's test {metric}"
+            )
         )
     gain = kd_comparison(results)
     if gain is not None:
@@ -222,7 +226,7 @@ def build(results: dict[str, Any]) -> ResultsView:
         "accuracy_retention",
         f"Retention of the teacher's test {metric}",
         _percent(retention),
-        "teacher / student (lower is better)" if lower else "student / teacher",
+        f"teacher / student ({metric}: lower is better)" if lower else "student / teacher",
     )
     add(
         "final_student_accuracy",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -11,7 +12,15 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.models import Job
-from tests.sse_helpers import complete, create_job, report_epoch, start_and_claim, tenant_of
+from tests.sse_helpers import (
+    complete,
+    create_job,
+    report_epoch,
+    results_for,
+    start_and_claim,
+    tenant_of,
+    training_history,
+)
 
 ClientFactory = Callable[..., TestClient]
 
@@ -164,3 +173,60 @@ def test_the_short_id_the_jobs_table_shows_opens_the_job(
         in browser.get(opened.headers["location"]).text
     )
     assert browser.get("/jobs/ffffffff").status_code == 404
+
+
+def _perplexity_results(epochs: int, **fields: Any) -> dict[str, Any]:
+    """A causal-LM job where KD lost: student perplexity 3.297 against a labels-only 3.207."""
+    history = [
+        {**entry, "student_accuracy": 40.0 / entry["epoch"] + 3.2} for entry in training_history(epochs)
+    ]
+    return results_for(epochs) | {
+        "task": "causal-lm",
+        "metric": "perplexity",
+        "teacher_accuracy": 2.95,
+        "final_student_accuracy": 3.31,
+        "best_student_accuracy": 3.297,
+        "accuracy_retention": 2.95 / 3.297,
+        "baseline_accuracy": 3.207,
+        "training_history": history,
+        **fields,
+    }
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        # As the engine wrote it before the contract: 100 * (student - baseline), whatever the metric.
+        pytest.param({"kd_gain": 8.98}, id="old-results"),
+        pytest.param(
+            {
+                "student_accuracy": 3.297,
+                "selected_by": "last",
+                "selected_epoch": 4,
+                "metric_direction": "lower_is_better",
+                "kd_gain": -0.09,
+                "kd_gain_unit": "perplexity",
+            },
+            id="contract-fields",
+        ),
+    ],
+)
+def test_a_job_where_kd_lost_on_perplexity_says_kd_is_worse_and_lower_is_better(
+    browser: TestClient, settings: Settings, auth_headers: dict[str, str], fields: dict[str, Any]
+) -> None:
+    epochs = 4
+    job_id = create_job(settings, tenant_of(auth_headers))
+    claim = start_and_claim(settings, job_id)
+    complete(claim, epochs, results=_perplexity_results(epochs, **fields))
+    _sign_in(browser, auth_headers)
+    page = browser.get(f"/jobs/{job_id}").text
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+
+    assert "Student perplexity (test, lower is better)" in text
+    assert re.search(r'id="student-accuracy">3\.297<', page)
+    assert "KD vs labels-only baseline: -0.09 test perplexity (KD worse, lower is better)" in text
+    assert "+8.98" not in text and "points" not in text
+    how = "the last epoch (epoch 4)" if fields.get("selected_by") == "last" else "best validation perplexity"
+    assert how in text
+    assert "Validation perplexity per epoch (lower is better)" in text
+    assert "Test perplexity (lower is better)" in text
