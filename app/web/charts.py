@@ -200,15 +200,10 @@ def line_chart(
     return chart
 
 
-def _epoch_labels(history: list[dict[str, Any]]) -> list[str]:
-    stages = {entry.get("stage", 1) for entry in history}
-    if len(stages) > 1:
-        return [f"s{e.get('stage', 1)}e{e.get('epoch')}" for e in history]
-    return [str(e.get("epoch")) for e in history]
-
-
-def _column(history: list[dict[str, Any]], key: str) -> list[float | None]:
-    return [float(e[key]) if isinstance(e.get(key), int | float) else None for e in history]
+def _epoch_key(entry: dict[str, Any]) -> tuple[int, int] | None:
+    """(stage, epoch) of a history entry, or None when it has no epoch."""
+    epoch = entry.get("epoch")
+    return (int(entry.get("stage") or 1), int(epoch)) if isinstance(epoch, int | float) else None
 
 
 def history_charts(
@@ -222,41 +217,48 @@ def history_charts(
 ) -> list[LineChart]:
     """The loss and the validation metric per epoch (progressive jobs: `s<stage>e<epoch>`).
 
-    `baseline_history` (the labels-only run) is drawn beside the KD run on the metric chart, aligned by
-    epoch of the last stage; `selected` (stage, epoch) marks the delivered epoch; `teacher_metric` is the
-    teacher's test figure, a dashed line.
+    `baseline_history` (the labels-only run, one stage) is drawn beside the KD run on the metric chart,
+    at the epochs of the KD run's last stage; `selected` (stage, epoch) marks the delivered epoch;
+    `teacher_metric` is the teacher's test figure, a dashed line. Charts with nothing to draw are left out.
     """
-    if not history:
-        return []
-    x_labels = _epoch_labels(history)
-    multi_stage = len({entry.get("stage", 1) for entry in history}) > 1
-    x_label = "stage · epoch" if multi_stage else "epoch"
-    losses = {
-        key: (label, _column(history, key))
-        for key, label in LOSS_LABELS.items()
-        if any(v is not None for v in _column(history, key))
+    kd = {key: entry for entry in history if (key := _epoch_key(entry)) is not None}
+    last_stage = max((stage for stage, _ in kd), default=1)
+    baseline = {
+        (last_stage, key[1]): entry
+        for entry in baseline_history or []
+        if (key := _epoch_key(entry)) is not None
     }
-    loss_chart = line_chart("Training loss per epoch", "loss", x_labels, losses, x_label=x_label)
+    keys = sorted(set(kd) | set(baseline))
+    if not keys:
+        return []
+    multi_stage = len({stage for stage, _ in keys}) > 1
+    x_labels = [f"s{stage}e{epoch}" if multi_stage else str(epoch) for stage, epoch in keys]
+    x_label = "stage · epoch" if multi_stage else "epoch"
+
+    def column(source: dict[tuple[int, int], dict[str, Any]], name: str) -> list[float | None]:
+        values = [source.get(key, {}).get(name) for key in keys]
+        return [float(v) if isinstance(v, int | float) else None for v in values]
+
+    losses = {
+        name: (label, column(kd, name))
+        for name, label in LOSS_LABELS.items()
+        if any(v is not None for v in column(kd, name))
+    }
+    charts = []
+    if losses:
+        charts.append(line_chart("Training loss per epoch", "loss", x_labels, losses, x_label=x_label))
 
     accuracy = metric == "accuracy"
     direction = "higher is better" if accuracy else "lower is better"
-    values: dict[str, tuple[str, list[float | None]]] = {
-        "student_accuracy": (f"KD student, validation {metric}", _column(history, "student_accuracy"))
-    }
-    if baseline_history:
-        last_stage = history[-1].get("stage", 1)
-        by_epoch = {
-            entry.get("epoch"): entry.get("student_accuracy")
-            for entry in baseline_history
-            if isinstance(entry, dict)
-        }
-        aligned = [
-            float(v) if entry.get("stage", 1) == last_stage and isinstance(v, int | float) else None
-            for entry in history
-            for v in [by_epoch.get(entry.get("epoch"))]
-        ]
-        if any(v is not None for v in aligned):
-            values["baseline_accuracy"] = (f"labels-only baseline, validation {metric}", aligned)
+    values: dict[str, tuple[str, list[float | None]]] = {}
+    for name, source, label in (
+        ("student_accuracy", kd, f"KD student, validation {metric}"),
+        ("baseline_accuracy", baseline, f"labels-only baseline, validation {metric}"),
+    ):
+        if any(v is not None for v in column(source, "student_accuracy")):
+            values[name] = (label, column(source, "student_accuracy"))
+    if not values:
+        return charts
     reference = (
         {"teacher_accuracy": (f"teacher, test {metric}", float(teacher_metric))}
         if isinstance(teacher_metric, int | float)
@@ -274,19 +276,16 @@ def history_charts(
         colours={"student_accuracy": COLOURS[0], "baseline_accuracy": BASELINE_COLOUR},
         x_label=x_label,
     )
-    if selected is not None and metric_chart.series:
-        index = next(
-            (i for i, entry in enumerate(history) if (entry.get("stage", 1), entry.get("epoch")) == selected),
-            None,
-        )
-        value = _column(history, "student_accuracy")[index] if index is not None else None
-        if index is not None and value is not None:
-            how = {"best_validation": "best validation", "last": "last epoch"}.get(selected_by or "", "")
-            metric_chart.markers.append(
-                Marker(
-                    metric_chart.x_at(index),
-                    metric_chart.y_at(value),
-                    f"delivered: epoch {selected[1]}" + (f" ({how})" if how else ""),
-                )
+    delivered = kd.get(selected) if selected is not None else None
+    value = delivered.get("student_accuracy") if delivered else None
+    if selected is not None and isinstance(value, int | float):
+        how = {"best_validation": "best validation", "last": "last epoch"}.get(selected_by or "", "")
+        index = keys.index(selected)
+        metric_chart.markers.append(
+            Marker(
+                metric_chart.x_at(index),
+                metric_chart.y_at(float(value)),
+                f"delivered: epoch {selected[1]}" + (f" ({how})" if how else ""),
             )
-    return [loss_chart, metric_chart]
+        )
+    return [*charts, metric_chart]

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.models import Job
+from app.services import lifecycle
 from tests.sse_helpers import (
     complete,
     create_job,
@@ -230,3 +231,34 @@ def test_a_job_where_kd_lost_on_perplexity_says_kd_is_worse_and_lower_is_better(
     assert how in text
     assert "Validation perplexity per epoch (lower is better)" in text
     assert "Test perplexity (lower is better)" in text
+
+
+def test_a_running_jobs_page_draws_the_baseline_run_beside_the_kd_run_from_its_events(
+    browser: TestClient, settings: Settings, auth_headers: dict[str, str]
+) -> None:
+    job_id = create_job(settings, tenant_of(auth_headers))
+    claim = start_and_claim(settings, job_id)
+    with session_scope() as session:
+        for epoch in (1, 2, 3):  # the labels-only run goes first, as the runner orders the phases
+            lifecycle.record_event(
+                session,
+                job_id=job_id,
+                kind="metric",
+                message=f"baseline stage 1 epoch {epoch}/3",
+                data={"phase": "baseline", "stage": 1, "epoch": epoch, "student_accuracy": 0.5 + epoch / 10},
+                attempt=claim.attempt,
+            )
+    _sign_in(browser, auth_headers)
+    during_baseline = browser.get(f"/jobs/{job_id}").text  # no KD epoch yet: the baseline's curve alone
+    alone = re.search(r'<polyline data-series="baseline_accuracy" points="([^"]*)"', during_baseline)
+    assert alone and len(alone.group(1).split()) == 3
+    assert 'data-series="student_accuracy"' not in during_baseline
+    for epoch in (1, 2):
+        report_epoch(claim, epoch, 3, accuracy=0.6 + epoch / 10, loss=1.0 / epoch)
+    page = browser.get(f"/jobs/{job_id}").text
+    kd = re.search(r'<polyline data-series="student_accuracy" points="([^"]*)"', page)
+    baseline = re.search(r'<polyline data-series="baseline_accuracy" points="([^"]*)"', page)
+    assert kd and len(kd.group(1).split()) == 2  # KD epochs 1-2 so far, the baseline's 1-3
+    assert baseline and len(baseline.group(1).split()) == 3
+    assert "labels-only baseline, validation accuracy" in page
+    assert 'id="headline"' not in page  # no results yet: no headline figure
