@@ -3,6 +3,7 @@ over real HTTP: before, a hub text teacher with `task: classification` got 201 a
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -75,3 +76,25 @@ def test_matching_teachers_and_tasks_are_still_accepted(
     ).json()
     # A text teacher with a text task: only the (missing) dataset is wrong, not the task.
     assert [e["type"] for e in problem["errors"]] == ["unknown_dataset"]
+
+
+def test_a_registered_text_teacher_with_the_classification_task_is_refused(
+    server: str, clean_database: str, auth_headers: dict[str, str]
+) -> None:
+    name = f"tiny-gpt-{uuid.uuid4().hex[:8]}"  # teachers outlive clean_database: a fresh name
+    registered = httpx.post(
+        f"{server}/distillation/teachers",
+        json={"name": name, "kind": "hub", "location": "org/tiny-gpt", "type": "causal_lm"},
+        headers=auth_headers,
+        timeout=10,
+    )
+    assert registered.status_code == 201, registered.text
+    response = _create(
+        server,
+        auth_headers,
+        teacher_model_name=name,
+        task="classification",
+        dataset_config={"kind": "builtin", "name": "digits"},
+    )
+    assert response.status_code == 422, response.text
+    assert response.json()["suggested_task"] == "causal-lm"  # from its type: it names no default task
