@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.schemas.teachers import DEFAULT_TEACHERS, digits_cnn_parameters
-from workers.distill.models import DigitsCNN
+from workers.distill.tasks.classification.models import DigitsCNN
 
 
 def test_the_registry_count_is_the_models_own() -> None:
