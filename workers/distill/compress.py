@@ -252,7 +252,8 @@ def compress_student(
         stage["pruned_weights"] = int(pruned["pruned_weights"])
         stages.append(stage)
         callbacks.on_progress(
-            Progress(phase="compress", fraction=0.97, metrics={"sparsity": pruned["sparsity"]})
+            # Within this phase (the runner maps it into the job's compress slice): pruning is about half.
+            Progress(phase="compress", fraction=0.5, metrics={"sparsity": pruned["sparsity"]})
         )
     if config.quantize == "int8":
         if callbacks.should_stop():
