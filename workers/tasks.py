@@ -8,6 +8,7 @@ worker that now holds it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -26,10 +27,17 @@ from app.core.db import session_scope
 from app.core.paths import PathKind, PathRefused, redact_paths, resolve_path
 from app.errors import NotFound
 from app.models import Job
-from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
+from app.schemas.job_spec import (
+    FileDataset,
+    FileSource,
+    JobSpec,
+    LocalStudent,
+    UploadedDataset,
+    UploadedSource,
+)
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from app.services import file_roots, lifecycle
-from app.services.datasets import get_dataset_path
+from app.services.datasets import get as get_dataset
 from app.services.file_roots import FILES_DISABLED_CODE, FILES_DISABLED_MESSAGE
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
@@ -75,9 +83,11 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     paths = JobPaths(settings.jobs_dir / claim.job_id)
     with JobReporter(claim, settings) as reporter:
         try:
-            spec, teacher = _prepare(claim, settings)
+            spec, teacher, root = _prepare(claim, settings)
             from workers.distill.config import EngineConfig
-            from workers.distill.runner import run_job
+            from workers.distill.runner import named_student, run_job
+
+            student = named_student(spec, registry=functools.partial(_registry_lookup, root=root))
 
             results = run_job(
                 spec,
@@ -89,6 +99,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 file_root=None,  # every path was resolved and checked under the tenant's root above
                 trust_remote_code=settings.trust_remote_code,
                 config=EngineConfig.from_settings(settings),
+                student=student,
             )
         except JobStopped:
             reporter.close()
@@ -119,13 +130,13 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     return "completed" if stored else "lease lost; results discarded"
 
 
-def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource]:
-    """The validated spec and teacher source, with every path resolved and checked here.
+def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:
+    """The validated spec and teacher source with every path resolved and checked, and the tenant's root.
 
-    An uploaded dataset becomes its stored file (written by the service itself, under DATA_DIR); a `file`
-    dataset and a local teacher directory are resolved under the job's tenant's file root with the same
-    helper the API used (a root removed since the job was created refuses them now). The engine then gets
-    checked absolute paths and no root of its own.
+    Uploaded datasets (the main one and held-out splits) become their stored files (written by the service,
+    under DATA_DIR; only the job's tenant's own); `file` datasets, a local teacher and a local student are
+    resolved under the job's tenant's file root with the helper the API used (a root removed since the job
+    was created refuses them now). The engine then gets checked absolute paths and no root of its own.
     """
     try:
         spec = JobSpec.model_validate(claim.spec)
@@ -138,24 +149,61 @@ def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource]:
             raise EngineError("unknown_teacher", exc.detail) from exc
         tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
         root = file_roots.root_for(session, settings=settings, tenant_id=tenant_id)
+
+        def resolved(source: Any) -> Any:
+            if isinstance(source, UploadedSource):
+                dataset = get_dataset(session, dataset_id=source.dataset_id, tenant_id=tenant_id)
+                if dataset is None:
+                    raise EngineError("unknown_dataset", f"No dataset with id '{source.dataset_id}'.")
+                return FileSource(path=str(Path(dataset.path).resolve()))
+            if isinstance(source, FileSource):
+                path = _server_path(source.path, root, PathKind.any, what="dataset", code="dataset_invalid")
+                return source.model_copy(update={"path": str(path)})
+            return source
+
         dataset = spec.dataset_config
+        updates: dict[str, Any] = {
+            split: resolved(getattr(dataset, split))
+            for split in ("validation", "test")
+            if getattr(dataset, split, None) is not None
+        }
         if isinstance(dataset, UploadedDataset):
-            try:
-                path = get_dataset_path(session, dataset.dataset_id).resolve()
-            except NotFound as exc:
-                raise EngineError("unknown_dataset", exc.detail) from exc
-            spec = spec.model_copy(update={"dataset_config": FileDataset(path=str(path))})
+            main = resolved(UploadedSource(dataset_id=dataset.dataset_id))
+            dataset = FileDataset(path=main.path, **updates)
         elif isinstance(dataset, FileDataset):
-            path = _server_path(
-                dataset.path, root, PathKind.file, what="dataset file", code="dataset_invalid"
+            dataset = dataset.model_copy(
+                update={"path": resolved(FileSource(path=dataset.path)).path} | updates
             )
-            spec = spec.model_copy(update={"dataset_config": dataset.model_copy(update={"path": str(path)})})
-    if teacher.kind == TeacherSourceKind.local:
-        directory = _server_path(
-            teacher.location, root, PathKind.directory, what="teacher directory", code="teacher_not_found"
+        elif updates:
+            dataset = dataset.model_copy(update=updates)
+    spec_updates: dict[str, Any] = {"dataset_config": dataset}
+    if isinstance(spec.student, LocalStudent):
+        path = _server_path(
+            spec.student.path, root, PathKind.directory, what="student directory", code="student_not_found"
         )
-        teacher = teacher.model_copy(update={"location": str(directory)})
-    return spec, teacher
+        spec_updates["student"] = spec.student.model_copy(update={"path": str(path)})
+    spec = spec.model_copy(update=spec_updates)
+    return spec, _local_resolved(teacher, root, code="teacher_not_found"), root
+
+
+def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> TeacherSource:
+    """A registry entry with its local directory resolved under the tenant's root (others unchanged)."""
+    if source.kind != TeacherSourceKind.local:
+        return source
+    directory = _server_path(
+        source.location, root, PathKind.directory, what=f"'{source.name}' directory", code=code
+    )
+    return source.model_copy(update={"location": str(directory)})
+
+
+def _registry_lookup(name: str, *, root: Path | None) -> TeacherSource:
+    """A registered model by name (a 'registry' student), its local directory checked under the root."""
+    with session_scope() as session:
+        try:
+            source = get_teacher_source(session, name)
+        except NotFound as exc:
+            raise EngineError("student_not_found", exc.detail) from exc
+    return _local_resolved(source, root, code="student_not_found")
 
 
 def _server_path(text: str, root: Path | None, kind: PathKind, *, what: str, code: str) -> Path:

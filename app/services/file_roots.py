@@ -8,12 +8,22 @@ it), so one tenant can never name another's uploads, artifacts or checkpoints.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import or_, select, true
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.core.paths import PathKind, PathRefused, resolve_path
-from app.models import Tenant
+from app.models import Dataset, Teacher, Tenant
+from app.schemas.job_spec import (
+    FileDataset,
+    FileSource,
+    JobSpec,
+    LocalStudent,
+    RegistryStudent,
+    UploadedSource,
+)
 
 FILES_DISABLED_CODE = "files_disabled"
 
@@ -53,3 +63,74 @@ def resolve_for_tenant(
 def stored_form(resolved: Path, root: Path) -> str:
     """How a checked path is stored and shown: relative to the tenant's root (never the absolute path)."""
     return resolved.relative_to(root.resolve()).as_posix()
+
+
+def _field_error(loc: list[str], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "field": ".".join(loc), "msg": msg, "type": kind}
+
+
+def check_spec_sources(
+    session: Session, *, spec: JobSpec, settings: Settings, tenant_id: str | None
+) -> tuple[JobSpec, list[dict[str, Any]]]:
+    """Every server path a spec names, checked under the tenant's root and stored relative to it.
+
+    The `file` dataset and its held-out `validation` / `test` files, a `local` student directory; held-out
+    uploads must be the tenant's own, and a `registry` student one the tenant may use (its files are the
+    owner's). Returns the spec to store and the field errors (the caller reports them with its own).
+    """
+    errors: list[dict[str, Any]] = []
+
+    def checked(text: str, loc: list[str], kind: PathKind, what: str) -> str | None:
+        try:
+            resolved, root = resolve_for_tenant(
+                session, settings=settings, tenant_id=tenant_id, text=text, kind=kind, what=what
+            )
+        except PathRefused as exc:
+            errors.append(_field_error(loc, exc.message, exc.code))
+            return None
+        return stored_form(resolved, root)
+
+    dataset = spec.dataset_config
+    updates: dict[str, Any] = {}
+    if isinstance(dataset, FileDataset):
+        stored = checked(dataset.path, ["dataset_config", "path"], PathKind.any, "Dataset path")
+        updates["path"] = stored or dataset.path
+    for split in ("validation", "test"):
+        source = getattr(dataset, split, None)
+        if isinstance(source, FileSource):
+            loc = ["dataset_config", split, "path"]
+            stored = checked(source.path, loc, PathKind.any, f"The {split} dataset path")
+            updates[split] = source.model_copy(update={"path": stored or source.path})
+        elif isinstance(source, UploadedSource):
+            owned = session.get(Dataset, source.dataset_id)
+            if owned is None or (tenant_id is not None and owned.tenant_id != tenant_id):
+                errors.append(
+                    _field_error(
+                        ["dataset_config", split, "dataset_id"],
+                        f"Unknown dataset '{source.dataset_id}'; GET /distillation/datasets lists yours",
+                        "unknown_dataset",
+                    )
+                )
+    spec_updates: dict[str, Any] = {"dataset_config": dataset.model_copy(update=updates)} if updates else {}
+    student = spec.student
+    if isinstance(student, LocalStudent):
+        stored = checked(student.path, ["student", "path"], PathKind.directory, "Student directory")
+        spec_updates["student"] = student.model_copy(update={"path": stored or student.path})
+    elif isinstance(student, RegistryStudent):
+        visible = session.scalar(
+            select(Teacher.id).where(
+                Teacher.name == student.name,
+                or_(Teacher.tenant_id.is_(None), Teacher.tenant_id == tenant_id)
+                if tenant_id is not None
+                else true(),
+            )
+        )
+        if visible is None:
+            errors.append(
+                _field_error(
+                    ["student", "name"],
+                    f"Unknown model '{student.name}'; GET /distillation/teachers lists the ones you can use",
+                    "unknown_student",
+                )
+            )
+    return (spec.model_copy(update=spec_updates) if spec_updates else spec), errors
