@@ -6,6 +6,7 @@ the legitimate use beside it (own uploads, own files under a configured root) ke
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ DATA_DIR = Path(os.environ["DATA_DIR"]).resolve()
 SECRET_ROWS = b"text,label\nalice's secret review,1\nanother private line,0\n"
 SEQ = {
     "teacher_model_name": "digits-cnn",
-    "task": "sequence-classification",
+    "task": "classification",
     "target_compression": 0.25,
     "training_config": {"epochs": 1},
 }
@@ -135,11 +136,69 @@ def test_per_tenant_roots_keep_tenants_in_their_own_folders(
     assert own.status_code == 201, own.text
     assert own.json()["spec"]["dataset_config"]["path"] == "train.csv"
     body = _problem(_file_job(mallory.client, "train.csv"), "dataset_config.path")
-    assert "No file at 'train.csv'" in body["detail"]
+    assert "No file or directory at 'train.csv'" in body["detail"]
     for path in (f"../{alice.name}/train.csv", str(root / alice.name / "train.csv"), "../top.csv"):
         body = _problem(_file_job(mallory.client, path), "dataset_config.path")
         assert "outside the allowed root" in body["detail"], path
         _no_server_paths(body, root, given=path)
+
+
+def test_held_out_splits_and_named_students_stay_inside_the_tenant(
+    shared_root_server: Server, two_tenants: TenantFactory
+) -> None:
+    """The spec's other sources: held-out files and uploads, local and registry students."""
+    root = shared_root_server.file_root
+    assert root is not None
+    alice, mallory = two_tenants(shared_root_server)
+    dataset = upload(alice.client, SECRET_ROWS)
+    victim = DATA_DIR / "datasets" / f"{dataset['dataset_id']}.csv"
+    folder = root / uuid.uuid4().hex
+    folder.mkdir()
+    (folder / "train.csv").write_bytes(b"text,label\nfine,1\n")
+    (folder / "student").mkdir()
+    base = SEQ | {"dataset_config": {"kind": "file", "path": f"{folder.name}/train.csv"}}
+
+    def job(client: httpx.Client, **patch: Any) -> httpx.Response:
+        spec = json.loads(json.dumps(base))
+        for key, value in patch.items():
+            if key in ("validation", "test"):
+                spec["dataset_config"][key] = value
+            else:
+                spec[key] = value
+        return client.post("/distillation/jobs", json=spec)
+
+    for split in ("validation", "test"):
+        body = _problem(
+            job(mallory.client, **{split: {"kind": "file", "path": str(victim)}}),
+            f"dataset_config.{split}.path",
+        )
+        _no_server_paths(body, root, given=str(victim))
+        stolen = {"kind": "uploaded", "dataset_id": dataset["dataset_id"]}
+        _problem(job(mallory.client, **{split: stolen}), f"dataset_config.{split}.dataset_id")
+    body = _problem(
+        job(mallory.client, student={"kind": "local", "path": str(DATA_DIR / "jobs")}), "student.path"
+    )
+    assert "outside the allowed root" in body["detail"]
+    name = f"t-{uuid.uuid4().hex[:8]}"
+    model = folder / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    own = {"name": name, "kind": "local", "location": f"{folder.name}/model", "type": "transformer"}
+    assert alice.client.post("/distillation/teachers", json=own).status_code == 201
+    _problem(job(mallory.client, student={"kind": "registry", "name": name}), "student.name")
+
+    # Beside them, Alice's own held-out upload, file split, local and registry students are accepted.
+    ok = job(
+        alice.client,
+        validation={"kind": "uploaded", "dataset_id": dataset["dataset_id"]},
+        test={"kind": "file", "path": f"{folder.name}/train.csv"},
+        student={"kind": "local", "path": str(folder / "student")},
+    )
+    assert ok.status_code == 201, ok.text
+    stored = ok.json()["spec"]
+    assert stored["dataset_config"]["test"]["path"] == f"{folder.name}/train.csv"
+    assert stored["student"]["path"] == f"{folder.name}/student"
+    assert job(alice.client, student={"kind": "registry", "name": name}).status_code == 201
 
 
 @pytest.mark.parametrize(
