@@ -72,6 +72,14 @@ def test_a_stored_path_into_data_dir_fails_without_quoting_it(
         assert error["code"] == "path_outside_root", error
         assert SECRET not in error["message"] and str(settings.data_dir) not in error["message"]
 
+        # The same for a held-out split and a local student stored before the rule.
+        held_out = CLASSIFY | {
+            "dataset_config": {"kind": "builtin", "test": {"kind": "file", "path": str(victim)}}
+        }
+        assert _run(held_out, mallory, settings)["code"] == "path_outside_root"
+        student = CLASSIFY | {"student": {"kind": "local", "path": str(settings.jobs_dir)}}
+        assert _run(student, mallory, settings)["code"] == "path_outside_root"
+
         # The operator turned server paths off since: the job is refused, saying how to enable them.
         own = settings.file_root / f"{uuid.uuid4().hex}.csv"
         own.write_text("text,label\nmine,1\n")
