@@ -29,9 +29,9 @@ FILES_DISABLED_CODE = "files_disabled"
 
 
 FILES_DISABLED_MESSAGE = (
-    "paths on the server's disks (`file` datasets, local teacher directories) are off on this server: an "
-    "operator enables them by setting ALLOWED_FILE_ROOT to a folder outside DATA_DIR (README, Settings). "
-    "Upload data with POST /distillation/datasets instead."
+    "paths on the server's disks (`file` datasets, local teacher and student directories) are off on this "
+    "server: an operator enables them by setting ALLOWED_FILE_ROOT to a folder outside DATA_DIR (README, "
+    "Settings). Upload data with POST /distillation/datasets instead."
 )
 
 
