@@ -53,6 +53,10 @@ class Selection(StrEnum):
     last = "last"
 
 
+# Ranks of one job on one node (torchrun's per-node ceiling in practice: 8-16 GPUs).
+MAX_WORLD_SIZE = 16
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +122,24 @@ class TrainingConfig(_Strict):
         "higher on test over 19 digits runs, see bench/README.md) or 'best_validation' (best on the "
         "validation split).",
     )
+    world_size: int = Field(
+        strict=True,
+        default=1,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="Processes (ranks) training this job together on one worker: one per GPU on CUDA "
+        "(nccl), CPU processes otherwise (gloo). batch_size is the global batch and must be divisible by "
+        "it. The job waits in the queue until a worker with this many devices is live.",
+    )
+
+    @model_validator(mode="after")
+    def _check_world_size(self) -> TrainingConfig:
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"training_config.batch_size ({self.batch_size}) is the global batch: it must be divisible "
+                f"by training_config.world_size ({self.world_size})"
+            )
+        return self
 
 
 _COLUMN = Field(min_length=1, max_length=256)
