@@ -123,6 +123,19 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("checkpoint_min_interval_s", "distillery_checkpoint_min_interval_s"),
         description="Engine: minimum seconds between epoch checkpoints (0: every epoch).",
     )
+    distributed_timeout_s: float = Field(
+        default=45.0,
+        gt=0,
+        description="Engine: a multi-process job's collective timeout in seconds (keep it below "
+        "HEARTBEAT_TIMEOUT): a hung or dead rank fails the job with distributed_failure.",
+    )
+    worker_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Devices this worker offers one job (its largest training_config.world_size): default "
+        "the CUDA device count, or 1 on a CPU worker.",
+    )
     log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
     log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")
 

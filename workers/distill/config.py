@@ -17,17 +17,24 @@ class EngineConfig:
     teacher_cache_max_bytes: int = 2 * 2**30
     # Minimum seconds between epoch checkpoints (0: every epoch; the last epoch and a stop always write).
     checkpoint_min_interval_s: float = 0.0
+    # A multi-process job's collective timeout (and stop grace): below HEARTBEAT_TIMEOUT's default, so a
+    # hung rank fails the job before the scheduler thinks the worker is gone.
+    distributed_timeout_s: float = 45.0
 
     def __post_init__(self) -> None:
         if self.teacher_cache_max_bytes < 0:
             raise ValueError("teacher_cache_max_bytes must be >= 0")
         if self.checkpoint_min_interval_s < 0:
             raise ValueError("checkpoint_min_interval_s must be >= 0")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s must be > 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
-        """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S)."""
+        """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S,
+        DISTRIBUTED_TIMEOUT_S)."""
         return cls(
             teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
+            distributed_timeout_s=settings.distributed_timeout_s,
         )

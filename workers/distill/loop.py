@@ -7,12 +7,13 @@ on CUDA only, a checkpoint each epoch that `resume` restores exactly, progress a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,6 +34,9 @@ from workers.distill.kernel import (
 )
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
 from workers.distill.teacher_cache import TeacherCacheStore
+
+if TYPE_CHECKING:
+    from workers.distill.distributed import RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -135,12 +139,16 @@ def train_run(
     resume_from: dict[str, Any] | None,
     stopper: StopChecker,
     engine: EngineConfig | None = None,
+    parallel: RankGroup | None = None,
 ) -> tuple[RunState, dict[str, Any]]:
     """Train `student` for `plan.epochs`; returns its state (best student kept) and cache info.
 
     `checkpoint(payload)` is called at the start and after every epoch with everything needed to resume;
-    `resume_from` is such a payload for this run.
+    `resume_from` is such a payload for this run. `parallel`: this process is one rank of a multi-process
+    job (its data shard, DDP, reduced losses and validation; see `workers.distill.distributed`).
     """
+    if parallel is not None:  # this rank's shard of the data, at its share of the global batch
+        spec, data = parallel.for_rank(spec, data)
     config = spec.training_config
     engine = engine or EngineConfig()
     need_teacher, need_hidden, need_attn = needs(plan.weights)
@@ -244,6 +252,11 @@ def train_run(
         cache_info = {"used": cache is not None, "seconds": time.monotonic() - started}
 
     plan_terms = [name for name, weight in plan.weights.items() if weight != 0]  # combine_losses' order
+    forward_student = (
+        functools.partial(adapter.forward, student)
+        if parallel is None
+        else parallel.student_forward(adapter, student, projector)
+    )
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         started = time.monotonic()
         student.train()
@@ -261,7 +274,7 @@ def train_run(
                     {k: v.pin_memory() for k, v in cpu_batch.items()}, device, non_blocking=True
                 )
             with autocast(device):
-                student_out = adapter.forward(student, batch, hidden_states=need_hidden, attentions=need_attn)
+                student_out = forward_student(batch, hidden_states=need_hidden, attentions=need_attn)
                 teacher_out: ModelOutputs | None = None
                 if need_teacher:
                     if cache is not None:
@@ -298,13 +311,18 @@ def train_run(
                 stopper.check(f"in {phase} stage {plan.stage} epoch {epoch}")
         if pending:
             running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
+        if parallel is not None:
+            running = parallel.mean(running)  # every rank ran `steps` steps: the global per-step mean
         names = ["total", *plan_terms]
         means = {
             name: float(value) / max(steps, 1) for name, value in zip(names, running.tolist(), strict=True)
         }
         if not math.isfinite(means["total"]):
             raise _nan_error(plan, epoch, steps, means["total"])
-        metric = adapter.evaluate(student, eval_loader(data.val, data), device)
+        if parallel is None:
+            metric = adapter.evaluate(student, eval_loader(data.val, data), device)
+        else:
+            metric = parallel.validate(adapter, student, data, device)
         if _best_is_better(adapter, metric, state.best_metric):
             state.best_metric, state.best_epoch, state.best_state = metric, epoch, _state_copy(student)
         entry = {

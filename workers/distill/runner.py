@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -63,6 +63,9 @@ from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
 from workers.distill.registry import get_adapter
 
+if TYPE_CHECKING:
+    from workers.distill.distributed import RankGroup
+
 __all__ = [
     "CHECKPOINT_FILE",
     "PROGRESS_TABLE",
@@ -70,6 +73,7 @@ __all__ = [
     "named_student",
     "resolve_teacher",
     "run_job",
+    "run_job_rank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -131,6 +135,7 @@ class JobContext:
     paths: JobPaths
     engine: EngineConfig
     started: float = field(default_factory=time.monotonic)
+    ranks: RankGroup | None = None  # this process is one rank of a multi-process job (world_size > 1)
 
     def phase(self, name: str, message: str, fraction: float | None = None, **data: Any) -> None:
         """Announce a phase (event + progress at `fraction`, default its table start), then check stop."""
@@ -361,9 +366,50 @@ def run_job(
     `student` is the spec's named student already resolved (the worker resolves registry names); None
     resolves it here with `named_student(spec)`.
     Raises EngineError(code, message) on failures a person can act on, JobStopped when `should_stop()`
-    answered True (the last checkpoint is kept).
+    answered True (the last checkpoint is kept). `training_config.world_size` > 1 runs the job on that many
+    rank processes (`workers.distill.distributed`); 1 runs it here, in this process.
     """
     callbacks = callbacks or NullCallbacks()
+    engine = config or EngineConfig()
+    named = student if student is not None else named_student(spec)
+    if spec.training_config.world_size > 1:
+        from workers.distill.distributed import RankJob, run_distributed
+
+        job = RankJob(spec, teacher, paths, data_dir, resume, file_root, trust_remote_code, engine, named)
+        return run_distributed(job, callbacks=callbacks)
+    results = run_job_rank(
+        spec,
+        teacher=teacher,
+        paths=paths,
+        data_dir=data_dir,
+        callbacks=callbacks,
+        resume=resume,
+        file_root=file_root,
+        trust_remote_code=trust_remote_code,
+        engine=engine,
+        named=named,
+        ranks=None,
+    )
+    assert results is not None  # a single process is rank 0
+    return results
+
+
+def run_job_rank(
+    spec: JobSpec,
+    *,
+    teacher: TeacherSource,
+    paths: JobPaths,
+    data_dir: Path,
+    callbacks: EngineCallbacks,
+    resume: bool,
+    file_root: Path | None,
+    trust_remote_code: bool,
+    engine: EngineConfig,
+    named: NamedStudent | None,
+    ranks: RankGroup | None,
+) -> DistillationResults | None:
+    """The job's phases in this process: the whole job (`ranks` None), or one rank's share of it (None
+    returned on ranks other than 0, which stop after training)."""
     threads = get_adapter(spec.task).cpu_threads()
     previous_threads = torch.get_num_threads()
     if threads is not None and resolve_device(spec.training_config.device).type == "cpu":
@@ -378,8 +424,9 @@ def run_job(
             resume=resume,
             file_root=file_root,
             trust_remote_code=trust_remote_code,
-            engine=config or EngineConfig(),
-            named=student if student is not None else named_student(spec),
+            engine=engine,
+            named=named,
+            ranks=ranks,
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -413,7 +460,8 @@ def _run_phases(
     trust_remote_code: bool,
     engine: EngineConfig,
     named: NamedStudent | None,
-) -> DistillationResults:
+    ranks: RankGroup | None = None,
+) -> DistillationResults | None:
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
             "dataset_unresolved",
@@ -425,9 +473,10 @@ def _run_phases(
         adapter=get_adapter(spec.task),
         device=resolve_device(spec.training_config.device),
         callbacks=callbacks,
-        stopper=StopChecker(callbacks),
+        stopper=StopChecker(callbacks) if ranks is None else ranks.make_stopper(callbacks),
         paths=paths,
         engine=engine,
+        ranks=ranks,
     )
     torch.manual_seed(spec.training_config.seed)
     data = load_data(ctx, data_dir=data_dir, file_root=file_root)
@@ -438,6 +487,8 @@ def _run_phases(
         ctx, named, prepared, data, file_root=file_root, trust_remote_code=trust_remote_code
     )
     initial_metric, completed, training_seconds = train_stages(ctx, prepared, students, data, resume=resume)
+    if ranks is not None and not ranks.leave_after_training():
+        return None  # rank 0 alone measures, compresses, exports and reports
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
@@ -584,6 +635,8 @@ def train_stages(
     )
 
     def write_checkpoint(run_index: int, run_payload: dict[str, Any] | None) -> None:
+        if ctx.ranks is not None and not ctx.ranks.is_main:
+            return  # rank 0 writes the job's one checkpoint
         save_checkpoint(
             checkpoint_path,
             {
@@ -629,7 +682,10 @@ def train_stages(
             resume_from=resume_payload,
             stopper=ctx.stopper,
             engine=ctx.engine,
+            parallel=ctx.ranks,
         )
+        if ctx.ranks is not None:
+            ctx.ranks.check_replicas(student)
         final_metric = ctx.evaluate(student, data)
         final_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
         assert state.best_state is not None
