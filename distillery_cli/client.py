@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from distillery_cli.search_view import search_tables
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -283,6 +285,8 @@ def _finish(job: dict[str, Any]) -> None:
     status = job["status"]
     if status == "completed" and job.get("results"):
         console.print(results_table(job["results"]))
+        for part in search_tables(job["results"]):
+            console.print(part)
     elif status == "failed":
         error = job.get("error") or {}
         err_console.print(f"[red]job failed[/red] ({error.get('code', '?')}): {error.get('message', '')}")

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from distillery_cli.search_view import search_tables
+
 console = Console()
 
 
@@ -166,6 +168,8 @@ def run(
         )
         raise typer.Exit(130) from exc
     console.print(results_table(results))
+    for part in search_tables(results):
+        console.print(part)
     console.print(f"artifacts: {(out_dir / 'artifacts').resolve()}")
 
 

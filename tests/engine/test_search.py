@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.results import DistillationResults
+from distillery_cli.search_view import search_tables
 from workers.distill.contract import JobPaths, JobStopped
 from workers.distill.runner import resolve_teacher, run_job
 from workers.distill.search import SearchSettings, Trial, next_ratio, run_search
@@ -178,6 +180,13 @@ def test_a_reachable_target_is_met_by_the_smallest_size_found_trained_fully(
     assert DistillationResults.model_validate(stored).trials == trials
     assert not (tmp_path / "search" / "trial-1").exists()  # trial checkpoints are not kept
 
+    # The CLI prints the target verdict and one row per trial below the results table.
+    text = _rendered(results)
+    assert "Target retention 95.00%: met" in text and f"{chosen.parameters:,}" in text
+    assert sum(1 for line in text.splitlines() if line.strip().startswith(("│", "┃")) and "%" in line) >= len(
+        trials
+    )
+
 
 def test_an_impossible_target_completes_with_target_met_false_within_the_budget(
     tmp_path: Path, data_dir: Path
@@ -246,6 +255,16 @@ def test_seeds_train_the_student_and_baseline_per_seed_and_report_the_spread(
     assert seed_runs == {(1, "baseline"), (1, "distill"), (2, "baseline"), (2, "distill")}
     fractions = [p.fraction for p in callbacks.progress]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    text = _rendered(results)
+    assert "Over 3 seeds [0, 1, 2]" in text and "KD gain (points, + = KD better)" in text
+    assert f"{100 * summary.student_accuracy.mean:.2f}%" in text
+
+
+def _rendered(results: DistillationResults) -> str:
+    console = Console(record=True, width=160)
+    for part in search_tables(results):
+        console.print(part)
+    return console.export_text()
 
 
 def test_spec_rules_for_retention_and_seeds() -> None:
