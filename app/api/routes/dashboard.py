@@ -29,6 +29,8 @@ from app.services import jobs as jobs_service
 from app.services.auth import Principal
 from app.web import results_view
 from app.web.charts import history_charts
+from app.web.search_view import build as build_search_view
+from app.web.search_view import size_curve_chart
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "web" / "templates"))
@@ -233,6 +235,9 @@ def _render_job(
         selected=_selected_epoch(results, history),
         selected_by=results_view.selected_by(results) if results else None,
     )
+    size_curve = size_curve_chart(results) if results else None
+    if size_curve is not None:
+        charts.append(size_curve)
     artifacts = artifacts_service.list_for_job(session, job_id=job.id)
     live = read.status not in TERMINAL_STATUSES
     return _page(
@@ -244,6 +249,7 @@ def _render_job(
             "results": results,
             "view": view,
             "charts": charts,
+            "search": build_search_view(results) if results else None,
             "artifacts": artifacts,
             "csrf_token": csrf_token(key),
             "cancellable": live and read.status != "cancelling",
