@@ -167,7 +167,8 @@ def _curve_history(session: Session, job: Job) -> tuple[list[dict[str, Any]], li
     for event in events:
         data = event.data or {}
         phase = str(data.get("phase") or "")
-        if event.kind != "metric" or "epoch" not in data or phase.startswith("teacher"):
+        # Search trials and other seeds' runs have curves of their own, not the delivered run's.
+        if event.kind != "metric" or "epoch" not in data or phase.startswith(("teacher", "search", "seeds")):
             continue
         if phase.startswith("baseline"):
             baseline_by_epoch[int(data["epoch"])] = data
