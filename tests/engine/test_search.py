@@ -279,3 +279,20 @@ def test_spec_rules_for_retention_and_seeds() -> None:
     spec = _spec(target_retention=0.99, training_config={"seeds": [5, 6]})
     assert spec.target_compression is None and spec.training_config.seed == 5
     assert JobSpec.model_validate(spec.model_dump(mode="json")) == spec  # the stored spec re-validates
+
+
+def test_short_trials_are_reported_as_such_and_the_final_run_trains_the_job_epochs(
+    tmp_path: Path, data_dir: Path, recording: Any
+) -> None:
+    callbacks = recording()
+    spec = _spec(target_retention=0.9, training_config={"epochs": 2, "search_epochs": 1, "max_trials": 3})
+    results = run_job(
+        spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path), data_dir=data_dir, callbacks=callbacks
+    )
+    assert results.search is not None
+    assert results.search.trial_epochs == 1 and results.search.trials_exact is False
+    assert all(t.epochs == 1 for t in results.trials)
+    trial_epochs = [d["epoch"] for d in callbacks.metrics() if d["phase"] == "search"]
+    assert trial_epochs == [1] * len(results.trials)
+    assert [h.epoch for h in results.training_history] == [1, 2]  # the chosen size, trained fully
+    assert "fewer epochs than the job" in _rendered(results)
