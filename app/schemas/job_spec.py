@@ -123,7 +123,7 @@ class TrainingConfig(_Strict):
         gt=0,
         le=7 * 86400,
         description="target_retention: no new trial starts once the search has run this long (or would, "
-        "at the mean trial's duration).",
+        "at the mean trial's duration), and a trial still running then is cut short (not counted).",
     )
     search_epochs: int | None = Field(
         strict=True,

@@ -80,7 +80,11 @@ class TrialResult(_Open):
         default_factory=dict, description="{'batch_1': ms, 'batch_64': ms} on the job's device"
     )
     seconds: float = Field(description="Wall seconds of the trial (build, train, evaluate, time)")
-    error: str | None = Field(default=None, description="Why no student could be built at this size")
+    error: str | None = Field(
+        default=None,
+        description="Why the trial has no figures: no student could be built at this size, or it was cut "
+        "short at max_search_seconds (then it does not count as a miss)",
+    )
 
 
 class SearchSummary(_Open):

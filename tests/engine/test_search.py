@@ -296,3 +296,23 @@ def test_short_trials_are_reported_as_such_and_the_final_run_trains_the_job_epoc
     assert trial_epochs == [1] * len(results.trials)
     assert [h.epoch for h in results.training_history] == [1, 2]  # the chosen size, trained fully
     assert "fewer epochs than the job" in _rendered(results)
+
+
+def test_a_trial_running_past_max_search_seconds_is_cut_short_and_not_counted(
+    tmp_path: Path, data_dir: Path, recording: Any
+) -> None:
+    callbacks = recording()
+    spec = _spec(target_retention=0.9, training_config={"epochs": 8, "max_search_seconds": 0.2})
+    results = run_job(
+        spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path), data_dir=data_dir, callbacks=callbacks
+    )
+    search = results.search
+    assert search is not None and search.status == "budget_seconds"
+    assert len(results.trials) == 1 and results.trials[0].error is not None
+    assert "cut short at max_search_seconds" in results.trials[0].error
+    assert not results.trials[0].meets_target and search.chosen_trial is None
+    assert len([d for d in callbacks.metrics() if d["phase"] == "search"]) < 8  # stopped inside the trial
+    # The size it had started is trained fully and judged on test, never called a success unmeasured.
+    assert results.compressed_parameters == results.trials[0].parameters
+    assert [h.epoch for h in results.training_history] == list(range(1, 9))
+    assert results.target_met == (results.accuracy_retention >= 0.9)

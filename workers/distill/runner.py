@@ -57,6 +57,7 @@ from workers.distill.contract import (
     EngineCallbacks,
     EngineError,
     JobPaths,
+    JobStopped,
     NamedStudent,
     NullCallbacks,
     Progress,
@@ -229,11 +230,20 @@ class _RelabelledCallbacks:
     """A sub-run's callbacks (a search trial, another seed): its progress and events carry `phase` and
     `labels`, the run's own phase kept as `run_phase`, so curves of the delivered run stay apart."""
 
-    def __init__(self, inner: EngineCallbacks, phase: str, labels: dict[str, Any], prefix: str) -> None:
+    def __init__(
+        self,
+        inner: EngineCallbacks,
+        phase: str,
+        labels: dict[str, Any],
+        prefix: str,
+        deadline: float | None = None,
+    ) -> None:
         self.inner = inner
         self.phase = phase
         self.labels = labels
         self.prefix = prefix
+        self.deadline = deadline  # time.monotonic() past which the run is asked to stop
+        self.deadline_passed = False
 
     def on_progress(self, progress: Progress) -> None:
         self.inner.on_progress(dataclasses.replace(progress, phase=self.phase))
@@ -243,6 +253,9 @@ class _RelabelledCallbacks:
         self.inner.on_event(kind, f"{self.prefix}: {message}", labelled)
 
     def should_stop(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.deadline_passed = True
+            return True
         return self.inner.should_stop()
 
 
@@ -824,7 +837,13 @@ def search_student_size(
         state = json.loads(state_path.read_text(encoding="utf-8"))
         if state.get("spec") == spec_json:
             done = [
-                Trial(r["compression_ratio"], r["parameters"], r["validation_retention"], r)
+                Trial(
+                    r["compression_ratio"],
+                    r["parameters"],
+                    r["validation_retention"],
+                    r,
+                    counted=not str(r.get("error") or "").startswith("cut short"),
+                )
                 for r in state["trials"]
             ]
             seconds_before = float(state["seconds"])
@@ -842,6 +861,7 @@ def search_student_size(
 
     start, end = span
     width = (end - start) / settings.max_trials
+    deadline = time.monotonic() - seconds_before + settings.max_seconds
 
     def probe(number: int, ratio: float) -> Trial:
         started = time.monotonic()
@@ -852,15 +872,34 @@ def search_student_size(
             record |= {"parameters": 0, "meets_target": False, "error": exc.message}
             record |= {"validation_retention": None, "seconds": time.monotonic() - started}
             return Trial(ratio, 0, None, record)
+        callbacks = _RelabelledCallbacks(
+            ctx.callbacks, "search", {"trial": number}, f"trial {number}", deadline=deadline
+        )
         trial_ctx = dataclasses.replace(
             ctx,
             spec=_variant_spec(spec, ratio, baseline=False, epochs=trial_epochs, seeds=None),
             paths=JobPaths(search_dir / f"trial-{number}"),
-            callbacks=_RelabelledCallbacks(ctx.callbacks, "search", {"trial": number}, f"trial {number}"),
+            callbacks=callbacks,
+            stopper=StopChecker(callbacks),
         )
         torch.manual_seed(config.seed)
         trial_span = (start + (number - 1) * width, start + number * width)
-        _, completed, _ = train_stages(trial_ctx, prepared, students, data, resume=resume, span=trial_span)
+        try:
+            _, completed, _ = train_stages(
+                trial_ctx, prepared, students, data, resume=resume, span=trial_span
+            )
+        except JobStopped:
+            if not callbacks.deadline_passed or ctx.callbacks.should_stop():
+                raise  # a cancel: the trial's checkpoint is kept for the resume
+            shutil.rmtree(trial_ctx.paths.work_dir, ignore_errors=True)
+            record |= {
+                "parameters": parameters,
+                "meets_target": False,
+                "validation_retention": None,
+                "error": f"cut short at max_search_seconds ({settings.max_seconds:g} s); not counted",
+                "seconds": time.monotonic() - started,
+            }
+            return Trial(ratio, parameters, None, record, counted=False)
         delivered = [r for r in completed if r.kind == "distill"][-1]
         model = _freeze(_stage_student(ctx, students, delivered))
         latency = {}
@@ -911,11 +950,13 @@ def search_student_size(
         check_stop=lambda: ctx.stopper.check("between search trials"),
         seconds_before=seconds_before,
     )
-    if outcome.chosen is None:
+    # Nothing finished within the budget: the first size it started is trained fully (target_met says
+    # whether it keeps the target; the search vouches for nothing).
+    chosen = outcome.chosen or next((t for t in outcome.trials if t.parameters > 0), None)
+    if chosen is None:
         raise EngineError(
             "search_failed", "no student could be built at any size the search tried; see the trial events"
         )
-    chosen = outcome.chosen
     ctx.callbacks.on_event(
         "phase",
         f"search {outcome.status}: training ratio {chosen.ratio:.4g} "

@@ -11,7 +11,8 @@ decides which sizes to try and when to stop, and knows nothing of torch:
    and the largest missing it below it are within `1 + tolerance` of each other (or build the same
    number of parameters: no finer size exists).
 3. The budget (`max_trials`, `max_search_seconds`) ends the search early; no new trial starts once the
-   elapsed time, or the elapsed time plus the mean trial's, passes `max_search_seconds`.
+   elapsed time, or the elapsed time plus the mean trial's, passes `max_search_seconds`, and the probe cuts
+   a trial still running at that time short (recorded, not counted: it says nothing about its size).
 
 Decisions use validation figures only (the test split stays untouched by the choice). Accuracy is not
 strictly monotone in size (training noise), so the bracket is the smallest size meeting the target and the
@@ -52,6 +53,7 @@ class Trial:
     parameters: int
     retention: float | None  # validation retention; None when no student could be built at this size
     record: dict[str, Any] = field(default_factory=dict)  # the `TrialResult` fields
+    counted: bool = True  # False: cut short by max_search_seconds, says nothing about its size
 
 
 @dataclass
@@ -65,6 +67,7 @@ class SearchOutcome:
 
 def bracket(trials: list[Trial], target: float) -> tuple[Trial | None, Trial | None]:
     """(largest size missing the target below the smallest meeting it, smallest size meeting it)."""
+    trials = [t for t in trials if t.counted]
     meeting = [t for t in trials if t.retention is not None and t.retention >= target]
     high = min(meeting, key=lambda t: t.ratio) if meeting else None
     below = [
@@ -80,7 +83,7 @@ def next_ratio(
     trials: list[Trial], settings: SearchSettings, parameters_at: Callable[[float], int]
 ) -> tuple[float | None, SearchStatus | None]:
     """The next size to try, or (None, why the search is done). `parameters_at(ratio)` counts a student."""
-    if not trials:
+    if not [t for t in trials if t.counted]:
         return min(max(settings.start, settings.min_ratio), settings.max_ratio), None
     low, high = bracket(trials, settings.target)
     if high is None:  # nothing meets the target yet: grow
@@ -108,7 +111,7 @@ def choose(trials: list[Trial], target: float) -> Trial | None:
     _, high = bracket(trials, target)
     if high is not None:
         return high
-    built = [t for t in trials if t.retention is not None]
+    built = [t for t in trials if t.retention is not None and t.counted]
     return max(built, key=lambda t: (t.retention, -t.ratio)) if built else None
 
 
