@@ -104,8 +104,10 @@ def seeds_table(results: Mapping[str, Any]) -> Table | None:
     metric = str(results.get("metric") or "accuracy")
     unit = results.get("kd_gain_unit") or "points"
     seeds = summary.get("seeds") or []
+    how = " (best on validation)" if summary.get("delivered_by") == "best_validation" else ""
     table = Table(
-        title=f"Over {len(seeds)} seeds {seeds} (test split; seed {summary.get('delivered_seed')} delivered)",
+        title=f"Over {len(seeds)} seeds {seeds} "
+        f"(test split; seed {summary.get('delivered_seed')} delivered{how})",
         title_justify="left",
     )
     table.add_column("figure")

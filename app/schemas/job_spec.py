@@ -147,7 +147,13 @@ class TrainingConfig(_Strict):
         min_length=1,
         max_length=10,
         description="Train the final student (and the baseline) once per seed and report mean and "
-        "spread (results.seed_summary); the first seed's student is delivered and `seed` is seeds[0].",
+        "spread (results.seed_summary); `seed` is seeds[0], the first seed's student is delivered unless "
+        "seed_select says otherwise.",
+    )
+    seed_select: Literal["first", "best_validation"] = Field(
+        default="first",
+        description="With seeds: deliver the first seed's student, or the seed's whose delivered epoch "
+        "scored best on the validation split (said in results.seed_summary.delivered_by).",
     )
 
     @model_validator(mode="after")

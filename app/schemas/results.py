@@ -136,11 +136,16 @@ class SeedSummary(_Open):
     """The final student (and baseline) trained once per `training_config.seeds`."""
 
     seeds: list[int]
-    delivered_seed: int = Field(description="The seed whose student is delivered (the first)")
-    delivered_by: Literal["first_seed"] = "first_seed"
+    delivered_seed: int = Field(description="The seed whose student is delivered")
+    delivered_by: Literal["first_seed", "best_validation"] = Field(
+        default="first_seed",
+        description="first_seed, or best_validation: the seed whose delivered epoch scored best on "
+        "validation",
+    )
     per_seed: list[dict[str, Any]] = Field(
-        description="{seed, student_accuracy, accuracy_retention, baseline_accuracy?, kd_gain?, "
-        "parameters, seconds} for each seed; figures on the test split, epoch chosen by `selected_by`"
+        description="{seed, student_accuracy, accuracy_retention, validation_accuracy, baseline_accuracy?, "
+        "kd_gain?, parameters, seconds} for each seed; figures on the test split (validation_accuracy on "
+        "validation), epoch chosen by `selected_by`"
     )
     student_accuracy: Spread
     accuracy_retention: Spread

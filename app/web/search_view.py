@@ -228,6 +228,7 @@ def build(results: dict[str, Any]) -> SearchView:
         seed_title = (
             f"Over {len(seeds)} seeds ({', '.join(str(s) for s in seeds)}), test split; "
             f"the delivered student is seed {summary.get('delivered_seed')}'s"
+            + (" (best on validation)" if summary.get("delivered_by") == "best_validation" else "")
         )
         unit = results.get("kd_gain_unit") or "points"
         for label, key, kind in (

@@ -316,3 +316,21 @@ def test_a_trial_running_past_max_search_seconds_is_cut_short_and_not_counted(
     assert results.compressed_parameters == results.trials[0].parameters
     assert [h.epoch for h in results.training_history] == list(range(1, 9))
     assert results.target_met == (results.accuracy_retention >= 0.9)
+
+
+def test_seed_select_best_validation_delivers_the_seed_best_on_validation(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    spec = _spec(
+        target_compression=0.005,
+        training_config={"epochs": 1, "seeds": [0, 1, 2, 3], "seed_select": "best_validation"},
+    )
+    results = run_job(spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path), data_dir=data_dir)
+    summary = results.seed_summary
+    assert summary is not None and summary.delivered_by == "best_validation"
+    best = max(e["validation_accuracy"] for e in summary.per_seed)
+    chosen = next(e for e in summary.per_seed if e["validation_accuracy"] == best)  # first among equals
+    assert summary.delivered_seed == chosen["seed"]
+    assert summary.delivered_seed != 0  # on this machine's torch: seed 2, so the rule changed the delivery
+    assert results.student_accuracy == chosen["student_accuracy"]
+    assert results.training_history[-1].student_accuracy == chosen["validation_accuracy"]

@@ -507,7 +507,12 @@ def _run_phases(
     initial_metric, completed, training_seconds = train_stages(
         train_ctx, prepared, students, data, resume=resume, span=spans[f"seed-{spec.training_config.seed}"]
     )
-    other_seeds = train_other_seeds(train_ctx, prepared, students, data, resume=resume, spans=spans)
+    seed_runs = [
+        SeedRun(spec.training_config.seed, completed, training_seconds),
+        *train_other_seeds(train_ctx, prepared, students, data, resume=resume, spans=spans),
+    ]
+    delivered_run = deliver_seed(ctx, seed_runs)
+    completed = delivered_run.completed
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
@@ -516,7 +521,7 @@ def _run_phases(
     if searched is not None:
         extra |= searched.result_fields(ctx.adapter, prepared, delivered)
     if spec.training_config.seeds is not None:
-        extra["seed_summary"] = seed_summary(ctx, prepared, completed, other_seeds)
+        extra["seed_summary"] = seed_summary(ctx, prepared, seed_runs, delivered_run.seed)
     return write_results(
         ctx,
         teacher=teacher,
@@ -1036,25 +1041,36 @@ def _spread(values: list[float]) -> dict[str, float]:
     }
 
 
+def deliver_seed(ctx: JobContext, runs: list[SeedRun]) -> SeedRun:
+    """The seed whose student is delivered: the first, or (seed_select best_validation) the one whose
+    delivered epoch scored best on validation (the first among equals)."""
+    if ctx.spec.training_config.seed_select == "first" or len(runs) == 1:
+        return runs[0]
+    sign = 1.0 if ctx.adapter.higher_is_better else -1.0
+
+    def validation(run: SeedRun) -> float:
+        return sign * _validation_metric([r for r in run.completed if r.kind == "distill"][-1])
+
+    best = max(validation(run) for run in runs)
+    return next(run for run in runs if validation(run) == best)
+
+
 def seed_summary(
-    ctx: JobContext, prepared: PreparedTeacher, completed: list[StageRecord], others: list[SeedRun]
+    ctx: JobContext, prepared: PreparedTeacher, runs: list[SeedRun], delivered_seed: int
 ) -> dict[str, Any]:
     """results.seed_summary: per-seed test figures of the delivered-epoch students and their spread."""
     adapter = ctx.adapter
-    seeds = ctx.spec.training_config.seeds or [ctx.spec.training_config.seed]
     per_seed: list[dict[str, Any]] = []
-    for seed, runs, seconds in [
-        (seeds[0], completed, sum(r.seconds for r in completed)),
-        *((run.seed, run.completed, run.seconds) for run in others),
-    ]:
-        delivered = [r for r in runs if r.kind == "distill"][-1]
-        baseline = next((r for r in runs if r.kind == "baseline"), None)
+    for run in runs:
+        delivered = [r for r in run.completed if r.kind == "distill"][-1]
+        baseline = next((r for r in run.completed if r.kind == "baseline"), None)
         entry: dict[str, Any] = {
-            "seed": seed,
+            "seed": run.seed,
             "student_accuracy": delivered.selected_test,
             "accuracy_retention": adapter.retention(prepared.metric, delivered.selected_test),
+            "validation_accuracy": _validation_metric(delivered),
             "parameters": delivered.parameters,
-            "seconds": seconds,
+            "seconds": run.seconds,
         }
         if baseline is not None:
             entry["baseline_accuracy"] = baseline.selected_test
@@ -1065,9 +1081,11 @@ def seed_summary(
             )[0]
         per_seed.append(entry)
     summary: dict[str, Any] = {
-        "seeds": seeds,
-        "delivered_seed": seeds[0],
-        "delivered_by": "first_seed",
+        "seeds": [run.seed for run in runs],
+        "delivered_seed": delivered_seed,
+        "delivered_by": "first_seed"
+        if ctx.spec.training_config.seed_select == "first"
+        else "best_validation",
         "per_seed": per_seed,
     }
     for name in ("student_accuracy", "accuracy_retention", "baseline_accuracy", "kd_gain"):
