@@ -13,8 +13,10 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.live import Live
 from rich.table import Table
+
+from distillery_cli.display import JobProgress, format_metrics, results_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,6 +36,9 @@ UrlOption = Annotated[
 KeyOption = Annotated[
     str | None,
     typer.Option("--api-key", envvar="DISTILLERY_API_KEY", help="API key (Bearer token)."),
+]
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="With --watch: a line per epoch, not only per stage.")
 ]
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -84,44 +89,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def results_table(results: dict[str, Any]) -> Table:
-    """Teacher vs student side by side: parameters, size, accuracy, latency; then the headline ratios."""
-    table = Table(title="Distillation results", show_lines=False)
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    metric = results.get("metric", "accuracy")
-    size = results.get("model_size_mb") or {}
-    latency = results.get("latency_ms") or {}
-    table.add_row(
-        "parameters", _fmt(results.get("original_parameters")), _fmt(results.get("compressed_parameters"))
-    )
-    table.add_row("size (MiB)", _fmt(size.get("teacher")), _fmt(size.get("student")))
-    table.add_row(metric, _fmt(results.get("teacher_accuracy")), _fmt(results.get("final_student_accuracy")))
-    for batch in ("batch_1", "batch_64"):
-        table.add_row(
-            f"latency {batch} (ms)",
-            _fmt((latency.get("teacher") or {}).get(batch)),
-            _fmt((latency.get("student") or {}).get(batch)),
-        )
-    summary = Table(show_header=False, box=None)
-    for key in (
-        "compression_ratio",
-        "accuracy_retention",
-        "memory_savings",
-        "inference_speedup",
-        "cost_savings",
-        "baseline_accuracy",
-        "kd_gain",
-    ):
-        if results.get(key) is not None:
-            summary.add_row(key, _fmt(results[key]))
-    outer = Table.grid()
-    outer.add_row(table)
-    outer.add_row(summary)
-    return outer
-
-
 @dataclass
 class _SseMessage:
     event: str = "message"
@@ -159,43 +126,66 @@ STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # keep-alives arrive every ~15 
 
 
 class _JobView:
-    """The progress bar and the log lines above it, fed by stream events or polled job documents."""
+    """The live progress display and the log lines above it, fed by stream events or polled job documents.
 
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
-        self.task = bar.add_task("", total=100.0, status="pending", eta="-")
+    By default the lines are state changes, phase starts and one summary per training stage; `verbose`
+    adds a line per epoch. Every event also moves the display, so the bar never lags the lines.
+    """
+
+    def __init__(self, live: Live, *, verbose: bool = False) -> None:
+        self.live = live
+        self.verbose = verbose
+        self.progress = JobProgress()
+        self._stage: tuple[str, int] | None = None  # (phase, stage) of the epochs being counted
+        self._stage_epochs = 0
+        self._stage_last: dict[str, Any] = {}
+
+    def print(self, *objects: Any) -> None:
+        self.live.console.print(*objects)
+
+    def refresh(self) -> None:
+        self.live.update(self.progress, refresh=True)
 
     def show(self, job: dict[str, Any]) -> None:
-        metrics = job.get("metrics") or {}
-        parts = [job.get("phase") or ""]
-        for key in ("stage", "epoch"):
-            if metrics.get(key) is not None:
-                parts.append(f"{key} {metrics[key]}")
-        for key in ("total_loss", "distillation_loss", "student_accuracy"):
-            if metrics.get(key) is not None:
-                parts.append(f"{key} {_fmt(metrics[key])}")
-        eta = job.get("eta_seconds")
-        self.bar.update(
-            self.task,
-            completed=float(job.get("progress") or 0.0),
-            description="  ".join(p for p in parts if p),
-            status=job["status"],
-            eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "-",
-        )
+        self.progress.update_from_job(job)
+        self.refresh()
 
     def log_event(self, kind: str, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
+        self.progress.update_from_event(kind, data)
+        message = str(event.get("message") or "")
         if kind == "state":
-            self.bar.console.print(f"[dim]{event.get('created_at', '')[11:19]}[/dim] {event.get('message')}")
+            self.end_stage()
+            self.print(f"[dim]{str(event.get('created_at', ''))[11:19]}[/dim] {message}")
+        elif kind == "phase":
+            self.end_stage()
+            self.print(f"  {message}")
         elif kind == "metric" and data.get("epoch") is not None:
-            figures = "  ".join(
-                f"{key} {_fmt(data[key])}"
-                for key in ("total_loss", "distillation_loss", "student_loss", "student_accuracy")
-                if isinstance(data.get(key), int | float)
-            )
-            where = f"stage {data.get('stage', 1)} epoch {data['epoch']}"
-            phase = data.get("phase")
-            self.bar.console.print(f"  {phase + ' ' if phase else ''}{where}: {figures}")
+            self._count_epoch(data)
+        elif kind == "warning":
+            self.print(f"  [yellow]warning: {message}[/yellow]")
+        elif kind == "checkpoint" and self.verbose:
+            self.print(f"  [dim]{message}[/dim]")
+        self.refresh()
+
+    def _count_epoch(self, data: dict[str, Any]) -> None:
+        phase = str(data.get("phase") or "distill")
+        key = (phase, int(data.get("stage") or 1))
+        if key != self._stage:
+            self.end_stage()
+            self._stage = key
+        self._stage_epochs += 1
+        self._stage_last = data
+        if self.verbose:
+            self.print(f"  {phase} stage {key[1]} epoch {data['epoch']}: {format_metrics(data)}")
+
+    def end_stage(self) -> None:
+        """One line for the stage whose epochs were counted (default output; --verbose printed each)."""
+        if self._stage is not None and not self.verbose:
+            phase, stage = self._stage
+            epochs = f"{self._stage_epochs} epoch{'s' if self._stage_epochs != 1 else ''}"
+            self.print(f"  {phase} stage {stage} done: {epochs}, last {format_metrics(self._stage_last)}")
+        self._stage, self._stage_epochs, self._stage_last = None, 0, {}
 
 
 def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
@@ -231,9 +221,7 @@ def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
             failures += 1
             if failures > MAX_STREAM_RETRIES:
                 raise _StreamUnavailable(str(exc) or exc.__class__.__name__) from exc
-            view.bar.console.print(
-                f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]"
-            )
+            view.print(f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]")
             time.sleep(min(2.0, 0.25 * 2 ** (failures - 1)))
             continue
         failures += 1  # closed without `end` (a proxy, a restart): reconnect after the last event
@@ -250,19 +238,19 @@ def _poll(client: httpx.Client, job_id: str, interval: float, view: _JobView) ->
         time.sleep(interval)
 
 
-def _watch(client: httpx.Client, job_id: str, interval: float) -> dict[str, Any]:
-    """Follow the job live over its event stream (polling if that fails), drawing a progress bar;
+def _watch(client: httpx.Client, job_id: str, interval: float, *, verbose: bool = False) -> dict[str, Any]:
+    """Follow the job live over its event stream (polling if that fails), drawing the progress display;
     returns the final job."""
-    columns = (
-        TextColumn("[bold]{task.fields[status]}[/bold]"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.description}"),
-        TextColumn("ETA {task.fields[eta]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        view = _JobView(bar)
+    try:
+        return _watch_live(client, job_id, interval, verbose=verbose)
+    finally:
+        if not console.is_terminal:
+            console.line()  # rich ends its last frame without a newline when the output is not a terminal
+
+
+def _watch_live(client: httpx.Client, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
+    with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
+        view = _JobView(live, verbose=verbose)
         job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
         view.show(job)
         if job["status"] in TERMINAL:
@@ -270,12 +258,12 @@ def _watch(client: httpx.Client, job_id: str, interval: float) -> dict[str, Any]
         try:
             _follow_stream(client, job_id, view)
         except _StreamUnavailable as exc:
-            bar.console.print(
-                f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]"
-            )
-            return _poll(client, job_id, interval, view)
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
-        view.show(job)
+            view.print(f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]")
+            job = _poll(client, job_id, interval, view)
+        else:
+            job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+            view.show(job)
+        view.end_stage()
         return job
 
 
@@ -297,6 +285,7 @@ def register(app: typer.Typer) -> None:
     def submit(
         job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Job spec JSON.")],
         watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+        verbose: VerboseOption = False,
         interval: Annotated[
             float, typer.Option(help="Seconds between polls with --watch, if the event stream fails.")
         ] = 1.0,
@@ -309,11 +298,12 @@ def register(app: typer.Typer) -> None:
             job = _request(client, "POST", "/distillation/jobs", json={**spec, "auto_start": True}).json()
             console.print(f"job {job['job_id']} {job['status']}")
             if watch:
-                _finish(_watch(client, job["job_id"], interval))
+                _finish(_watch(client, job["job_id"], interval, verbose=verbose))
 
     @app.command("watch")
     def watch_job(
         job_id: str,
+        verbose: VerboseOption = False,
         interval: Annotated[
             float, typer.Option(help="Seconds between polls, if the event stream fails.")
         ] = 1.0,
@@ -322,7 +312,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Follow a job until it ends; the exit code says how it ended."""
         with _client(url, api_key) as client:
-            _finish(_watch(client, job_id, interval))
+            _finish(_watch(client, job_id, interval, verbose=verbose))
 
     @app.command()
     def status(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:

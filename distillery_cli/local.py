@@ -14,7 +14,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+from distillery_cli.display import results_table
 
 console = Console()
 
@@ -50,42 +51,6 @@ class _RichCallbacks:
 
     def should_stop(self) -> bool:
         return self.stop_requested
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
-
-
-def results_table(results: Any) -> Table:
-    """Teacher vs student: parameters, size, metric, latency; plus retention, speedup and KD gain."""
-    metric = results.metric
-    fmt = _pct if metric == "accuracy" else (lambda v: "-" if v is None else f"{v:.3f}")
-    table = Table(title=f"Distillation results ({results.task}, {results.device})")
-    table.add_column("figure")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    table.add_row("parameters", f"{results.original_parameters:,}", f"{results.compressed_parameters:,}")
-    table.add_row(
-        "size (MiB)", f"{results.model_size_mb.teacher:.3f}", f"{results.model_size_mb.student:.3f}"
-    )
-    table.add_row(f"test {metric}", fmt(results.teacher_accuracy), fmt(results.best_student_accuracy))
-    for batch in ("batch_1", "batch_64"):
-        table.add_row(
-            f"latency {batch.replace('_', ' ')} (ms)",
-            f"{results.latency_ms.teacher[batch]:.3f}",
-            f"{results.latency_ms.student[batch]:.3f}",
-        )
-    table.add_section()
-    table.add_row("compression ratio", "", f"{results.compression_ratio:.4f}")
-    table.add_row("accuracy retention", "", f"{results.accuracy_retention:.4f}")
-    table.add_row("inference speedup (batch 64)", "", f"{results.inference_speedup:.1f}x")
-    table.add_row("cost savings", "", _pct(results.cost_savings))
-    table.add_row("initial student", "", fmt(results.initial_student_accuracy))
-    if results.baseline_accuracy is not None:
-        table.add_row("labels-only baseline", "", fmt(results.baseline_accuracy))
-        table.add_row("KD gain (points)", "", f"{results.kd_gain:+.2f}")
-    table.add_row("training / total (s)", "", f"{results.training_seconds:.1f} / {results.total_seconds:.1f}")
-    return table
 
 
 def run(

@@ -1,0 +1,327 @@
+"""What the CLI draws: the live job progress (fits 80 columns) and the one results table (run, submit).
+
+Torch-free and server-free: both take plain dicts (a job snapshot, a results document) so the same code
+renders a job followed over the REST API and one trained in this process.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
+from rich.table import Table
+from rich.text import Text
+
+# The widest the bar gets; the narrowest before the phase text gives way.
+BAR_MAX = 30
+BAR_MIN = 10
+
+# Short names for the per-epoch metrics, in the order they are shown.
+METRIC_LABELS: dict[str, str] = {
+    "total_loss": "loss",
+    "distillation_loss": "kd",
+    "student_loss": "ce",
+    "loss": "loss",
+    "student_accuracy": "val",
+    "accuracy": "val acc",
+    "perplexity": "val ppl",
+    "learning_rate": "lr",
+}
+
+
+def format_duration(seconds: float | None) -> str:
+    """`1:05`, `1:02:03`; `-` when unknown."""
+    if seconds is None or seconds < 0:
+        return "-"
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _short_number(value: float) -> str:
+    return f"{value:.3g}" if abs(value) < 1e-3 else f"{value:.4g}"
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """The job's latest metrics abbreviated: `loss 0.412  kd 0.23  ce 0.18  val 0.931`."""
+    parts = []
+    for key, label in METRIC_LABELS.items():
+        value = metrics.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{label} {_short_number(float(value))}")
+    return "  ".join(dict.fromkeys(parts))
+
+
+@dataclass
+class JobProgress:
+    """The live two-line display of one job: bar, percent, phase and ETA first; metrics below.
+
+    Every field comes from the job snapshot or its events; render it with any rich Console (a Live display
+    for a terminal, a recording Console in tests). Nothing in it is wider than the console.
+    """
+
+    status: str = "pending"
+    percent: float = 0.0
+    phase: str | None = None
+    stage: int | None = None
+    epoch: int | None = None
+    eta_seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    def update_from_job(self, job: Mapping[str, Any]) -> None:
+        """Take a job document or stream snapshot (status, progress 0-100, phase, eta_seconds, metrics)."""
+        self.status = str(job.get("status") or self.status)
+        self._take_progress(job.get("progress"))
+        self.phase = job.get("phase") or self.phase
+        if "eta_seconds" in job:
+            self.eta_seconds = _number(job.get("eta_seconds"))
+        metrics = job.get("metrics")
+        if isinstance(metrics, Mapping):
+            self._take_metrics(metrics)
+        if self.status == "completed":
+            self.percent, self.eta_seconds = 100.0, 0.0
+
+    def update_from_event(self, kind: str, data: Mapping[str, Any]) -> None:
+        """Keep the bar in step with the event lines: progress, phase and metric events move it too."""
+        if kind == "progress":
+            self._take_progress(data.get("progress"))
+            if "eta_seconds" in data:
+                self.eta_seconds = _number(data.get("eta_seconds"))
+        if kind in {"progress", "phase", "metric"}:
+            self.phase = data.get("phase") or self.phase
+            self._take_metrics(data)
+        if kind == "state" and isinstance(data.get("to"), str):
+            self.status = data["to"]
+
+    def _take_progress(self, value: Any) -> None:
+        number = _number(value)
+        if number is not None:
+            self.percent = max(0.0, min(100.0, number))
+
+    def _take_metrics(self, metrics: Mapping[str, Any]) -> None:
+        for key in ("stage", "epoch"):
+            if isinstance(metrics.get(key), int):
+                setattr(self, key, metrics[key])
+        self.metrics.update({k: v for k, v in metrics.items() if k in METRIC_LABELS})
+
+    def where(self) -> str:
+        """`distill s1 e3`, or the status while the job is not running."""
+        if self.status not in {"running", "pausing", "cancelling"} or not self.phase:
+            return self.status
+        parts = [self.phase]
+        if self.stage is not None:
+            parts.append(f"s{self.stage}")
+        if self.epoch is not None:
+            parts.append(f"e{self.epoch}")
+        text = " ".join(parts)
+        return text if self.status == "running" else f"{self.status} {text}"
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        percent = f"{self.percent:3.0f}%"
+        eta = f"ETA {format_duration(self.eta_seconds)}"
+        elapsed = format_duration(time.monotonic() - self.started)
+        where = self.where()
+        # Fixed parts first: percent, ETA, elapsed, four separating spaces; the bar takes what is left,
+        # up to BAR_MAX; the phase text is cut (with an ellipsis) before the bar goes under BAR_MIN.
+        fixed = len(percent) + len(eta) + len(elapsed) + 4
+        bar_width = max(BAR_MIN, min(BAR_MAX, width - fixed - len(where)))
+        room_for_where = max(0, width - fixed - bar_width)
+        if len(where) > room_for_where:
+            where = where[: max(0, room_for_where - 1)] + "…" if room_for_where > 1 else ""
+        filled = round(bar_width * self.percent / 100.0)
+        line = Text(no_wrap=True, overflow="ellipsis")
+        line.append("█" * filled, style="green")
+        line.append("░" * (bar_width - filled), style="dim")
+        line.append(f" {percent} ")
+        line.append(where, style="bold")
+        line.append(f" {eta} ")
+        line.append(elapsed, style="dim")
+        line.truncate(width, overflow="ellipsis")
+        yield line
+        metrics = format_metrics(self.metrics)
+        if metrics:
+            below = Text(metrics, style="dim", no_wrap=True, overflow="ellipsis")
+            below.truncate(width, overflow="ellipsis")
+            yield below
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+# -- the results table -------------------------------------------------------------------------------------
+
+_METRIC_WORDS = {"accuracy": "accuracy", "perplexity": "perplexity"}
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """How to print the job's task metric: its name, direction and unit."""
+
+    name: str
+    higher_is_better: bool
+
+    @property
+    def direction(self) -> str:
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    def value(self, value: Any) -> str:
+        number = _number(value)
+        if number is None:
+            return "-"
+        return f"{100 * number:.2f}%" if self.name == "accuracy" else f"{number:.3f}"
+
+
+def _metric_of(results: Mapping[str, Any]) -> _Metric:
+    name = str(results.get("metric") or "accuracy")
+    direction = results.get("metric_direction")
+    if direction in {"higher_is_better", "lower_is_better"}:
+        higher = direction == "higher_is_better"
+    else:  # results written before the direction was recorded: perplexity is the one lower-is-better metric
+        higher = name != "perplexity"
+    return _Metric(_METRIC_WORDS.get(name, name.replace("_", " ")), higher)
+
+
+def delivered_figure(results: Mapping[str, Any]) -> tuple[float | None, str]:
+    """The delivered student's test metric and how its epoch was chosen.
+
+    `student_accuracy` + `selected_by` when the results carry them; older results delivered the
+    best-validation epoch, whose test figure is `best_student_accuracy`.
+    """
+    if _number(results.get("student_accuracy")) is not None:
+        return _number(results["student_accuracy"]), str(results.get("selected_by") or "best_validation")
+    return _number(results.get("best_student_accuracy")), "best_validation"
+
+
+def kd_comparison(results: Mapping[str, Any]) -> str | None:
+    """`+2.78 points of test accuracy, KD better (...)`, `-0.090 perplexity, KD worse (...)`.
+
+    Signed so that positive means KD beat the labels-only baseline. Results with `kd_gain_unit` carry that
+    sign already; older ones are recomputed from the two figures, since their `kd_gain` was
+    `100 * (student - baseline)` even for perplexity, where that sign is backwards.
+    """
+    metric = _metric_of(results)
+    baseline = _number(results.get("baseline_accuracy"))
+    student, _ = delivered_figure(results)
+    unit = results.get("kd_gain_unit")
+    gain = _number(results.get("kd_gain"))
+    if unit not in {"points", "perplexity"} or gain is None:
+        if baseline is None or student is None:
+            return None
+        if metric.name == "accuracy":
+            gain, unit = 100.0 * (student - baseline), "points"
+        else:
+            gain = (student - baseline) if metric.higher_is_better else (baseline - student)
+            unit = metric.name
+    verdict = "KD better" if gain > 0 else "KD worse" if gain < 0 else "no difference"
+    amount = f"{gain:+.2f} points of test {metric.name}" if unit == "points" else f"{gain:+.3f} {unit}"
+    return f"{amount}, {verdict} ({metric.name}: {metric.direction})"
+
+
+def _selected_words(selected_by: str) -> str:
+    return {
+        "best_validation": "the best validation epoch",
+        "last": "the last epoch",
+    }.get(selected_by, selected_by.replace("_", " "))
+
+
+def _mib(value: Any) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{number:.3f} MiB"
+
+
+def _ms(value: Any) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{number:.3f} ms"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "-"
+
+
+def _percent(value: Any) -> str:
+    number = _number(value)
+    return "-" if number is None else f"{100 * number:.1f}%"
+
+
+def results_table(results: Mapping[str, Any] | Any) -> RenderableType:
+    """The results of a finished job in words with units: teacher vs student, then the comparisons.
+
+    Headlines `student_accuracy` (the delivered student on the test split) with how its epoch was chosen;
+    every comparison names the metric and its direction. Takes a results dict or a DistillationResults.
+    """
+    if not isinstance(results, Mapping):
+        results = results.model_dump(mode="json")
+    metric = _metric_of(results)
+    student, selected_by = delivered_figure(results)
+    epoch = results.get("selected_epoch")
+    split = str(results.get("metric_split") or "test")
+    size = results.get("model_size_mb") or {}
+    latency = results.get("latency_ms") or {}
+
+    title = "Distillation results"
+    where = ", ".join(str(results[k]) for k in ("task", "device") if results.get(k))
+    if where:
+        title += f" ({where})"
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    table.add_column("teacher", justify="right")
+    table.add_column("student", justify="right")
+    table.add_row(
+        f"{split.capitalize()} {metric.name}",
+        metric.value(results.get("teacher_accuracy")),
+        Text(metric.value(student), style="bold"),
+    )
+    table.add_row(
+        "Parameters", _count(results.get("original_parameters")), _count(results.get("compressed_parameters"))
+    )
+    table.add_row("Size", _mib(size.get("teacher")), _mib(size.get("student")))
+    for batch, words in (("batch_1", "batch of 1"), ("batch_64", "batch of 64")):
+        table.add_row(
+            f"Latency, {words}",
+            _ms((latency.get("teacher") or {}).get(batch)),
+            _ms((latency.get("student") or {}).get(batch)),
+        )
+
+    lines = Table.grid(padding=(0, 1))
+    lines.add_column(style="bold", no_wrap=True)
+    lines.add_column()
+    chosen = _selected_words(selected_by)
+    if isinstance(epoch, int):
+        chosen += f" ({epoch})"
+    lines.add_row("Student", f"{metric.value(student)} {split} {metric.name} ({metric.direction})")
+    lines.add_row("Delivered", f"weights of {chosen}")
+    retention = _number(results.get("accuracy_retention"))
+    if retention is not None:
+        lines.add_row("Retention", f"{100 * retention:.2f}% of the teacher's {split} {metric.name}")
+    comparison = kd_comparison(results)
+    if comparison is not None:
+        baseline = metric.value(results.get("baseline_accuracy"))
+        lines.add_row("KD vs labels-only", f"{comparison}; labels-only {baseline}")
+    if _number(results.get("compression_ratio")) is not None:
+        memory = _percent(results.get("memory_savings"))
+        lines.add_row(
+            "Compression",
+            f"student has {_percent(results.get('compression_ratio'))} of the teacher's parameters; "
+            f"{memory} less memory",
+        )
+    speedup = _number(results.get("inference_speedup"))
+    if speedup is not None:
+        lines.add_row(
+            "Speed",
+            f"{speedup:.1f}x faster than the teacher at batch 64; "
+            f"estimated cost savings {_percent(results.get('cost_savings'))}",
+        )
+    initial = _number(results.get("initial_student_accuracy"))
+    if initial is not None:
+        lines.add_row("Before training", f"student {split} {metric.name} {metric.value(initial)}")
+    training, total = _number(results.get("training_seconds")), _number(results.get("total_seconds"))
+    if training is not None and total:
+        lines.add_row("Time", f"{training:.1f} s training of {total:.1f} s in all")
+    return Group(table, lines)
