@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from distillery_cli import config
+from distillery_cli.config import Connection, Setting
 from distillery_cli.display import JobProgress, format_metrics, results_table
 
 console = Console()
@@ -30,33 +31,47 @@ EXIT_JOB_CANCELLED = 4
 JOB_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED}
 
 UrlOption = Annotated[
-    str,
-    typer.Option("--url", envvar="DISTILLERY_URL", help="Base URL of the Distillery API."),
+    str | None,
+    typer.Option(
+        "--url",
+        help="Base URL of the API [default: $DISTILLERY_URL, config file, ./.distillery/url].",
+    ),
 ]
 KeyOption = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="DISTILLERY_API_KEY", help="API key (Bearer token)."),
+    typer.Option(
+        "--api-key",
+        help="API key [default: $DISTILLERY_API_KEY, config file, ./.distillery/api_key].",
+    ),
 ]
 VerboseOption = Annotated[
     bool, typer.Option("--verbose", "-v", help="With --watch: a line per epoch, not only per stage.")
 ]
-DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def _default_key() -> str | None:
-    """The key `distillery up` stored under DATA_DIR, when there is one."""
-    path = Path(os.environ.get("DATA_DIR", ".distillery")) / "api_key"
-    return path.read_text().strip() if path.is_file() else None
+class ApiClient(httpx.Client):
+    """An httpx client for one server that remembers where its URL and key came from (for error messages)."""
+
+    def __init__(self, connection: Connection) -> None:
+        key = connection.api_key.value if connection.api_key else None
+        super().__init__(
+            base_url=connection.url.value,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=30.0,
+        )
+        self.connection = connection
 
 
-def _client(url: str, api_key: str | None) -> httpx.Client:
-    key = api_key or _default_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
+def _client(url: str | None, api_key: str | None) -> ApiClient:
+    try:
+        return ApiClient(config.resolve(url, api_key))
+    except config.ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
 
 
-def _fail(response: httpx.Response) -> typer.Exit:
-    """Print a problem+json answer readably and return the exit to raise."""
+def _fail(response: httpx.Response, client: ApiClient) -> typer.Exit:
+    """Print a problem+json answer readably and return the exit to raise; a 401 says which key was sent."""
     try:
         problem = response.json()
     except ValueError:
@@ -64,20 +79,27 @@ def _fail(response: httpx.Response) -> typer.Exit:
     err_console.print(
         f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}"
     )
+    if response.status_code == 401:
+        connection = client.connection
+        err_console.print(
+            f"  {connection.describe_key()} to {connection.url.value} (from {connection.url.source})",
+            soft_wrap=True,
+        )
+        err_console.print("  Set one with `distillery login --url URL --key KEY` or $DISTILLERY_API_KEY.")
     for error in problem.get("errors", []) or []:
         loc = ".".join(str(part) for part in error.get("loc", []))
         err_console.print(f"  - {loc}: {error.get('msg', error)}")
     return typer.Exit(EXIT_REQUEST_ERROR)
 
 
-def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def _request(client: ApiClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
     try:
         response = client.request(method, path, **kwargs)
     except httpx.HTTPError as exc:
         err_console.print(f"[red]cannot reach {client.base_url}[/red]: {exc}")
         raise typer.Exit(EXIT_REQUEST_ERROR) from exc
     if response.is_error:
-        raise _fail(response)
+        raise _fail(response, client)
     return response
 
 
@@ -188,7 +210,7 @@ class _JobView:
         self._stage, self._stage_epochs, self._stage_last = None, 0, {}
 
 
-def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
+def _follow_stream(client: ApiClient, job_id: str, view: _JobView) -> None:
     """Follow the job's event stream until its `end` event, resuming after drops with Last-Event-ID."""
     last_id: int | None = None
     failures = 0
@@ -202,7 +224,7 @@ def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
             ) as response:
                 if response.status_code in (401, 403, 404, 422):
                     response.read()
-                    raise _fail(response)
+                    raise _fail(response, client)
                 content_type = response.headers.get("content-type", "")
                 if response.is_error or not content_type.startswith("text/event-stream"):
                     raise _StreamUnavailable(f"{response.status_code} {content_type or 'no content type'}")
@@ -229,7 +251,7 @@ def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
             raise _StreamUnavailable("the stream kept closing before the job ended")
 
 
-def _poll(client: httpx.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
+def _poll(client: ApiClient, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
     while True:
         job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
         view.show(job)
@@ -238,7 +260,7 @@ def _poll(client: httpx.Client, job_id: str, interval: float, view: _JobView) ->
         time.sleep(interval)
 
 
-def _watch(client: httpx.Client, job_id: str, interval: float, *, verbose: bool = False) -> dict[str, Any]:
+def _watch(client: ApiClient, job_id: str, interval: float, *, verbose: bool = False) -> dict[str, Any]:
     """Follow the job live over its event stream (polling if that fails), drawing the progress display;
     returns the final job."""
     try:
@@ -248,7 +270,7 @@ def _watch(client: httpx.Client, job_id: str, interval: float, *, verbose: bool 
             console.line()  # rich ends its last frame without a newline when the output is not a terminal
 
 
-def _watch_live(client: httpx.Client, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
+def _watch_live(client: ApiClient, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
     with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
         view = _JobView(live, verbose=verbose)
         job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
@@ -289,7 +311,7 @@ def register(app: typer.Typer) -> None:
         interval: Annotated[
             float, typer.Option(help="Seconds between polls with --watch, if the event stream fails.")
         ] = 1.0,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """Create a job from JOB_FILE and start it."""
@@ -307,7 +329,7 @@ def register(app: typer.Typer) -> None:
         interval: Annotated[
             float, typer.Option(help="Seconds between polls, if the event stream fails.")
         ] = 1.0,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """Follow a job until it ends; the exit code says how it ended."""
@@ -315,7 +337,7 @@ def register(app: typer.Typer) -> None:
             _finish(_watch(client, job_id, interval, verbose=verbose))
 
     @app.command()
-    def status(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def status(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Print a job as JSON."""
         with _client(url, api_key) as client:
             console.print_json(data=_request(client, "GET", f"/distillation/jobs/{job_id}").json())
@@ -324,7 +346,7 @@ def register(app: typer.Typer) -> None:
     def jobs(
         status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
         limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """List recent jobs."""
@@ -345,7 +367,7 @@ def register(app: typer.Typer) -> None:
         console.print(table)
 
     @app.command()
-    def cancel(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Cancel a job (a running one stops at its next check)."""
         with _client(url, api_key) as client:
             job = _request(client, "POST", f"/distillation/jobs/{job_id}/cancel").json()
@@ -355,27 +377,75 @@ def register(app: typer.Typer) -> None:
     def download(
         job_id: str,
         out: Annotated[Path, typer.Option("--out", help="Directory to write the artifacts to.")] = Path("."),
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
-        """Download every artifact of a finished job."""
-        out.mkdir(parents=True, exist_ok=True)
+        """Download every artifact of a finished job (nothing is created when it has none)."""
         with _client(url, api_key) as client:
             listing = _request(client, "GET", f"/distillation/jobs/{job_id}/artifacts").json()
             items = listing["data"] if isinstance(listing, dict) else listing
+            if not items:
+                job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+                err_console.print(
+                    f"job {job_id} has no artifacts (status {job.get('status')}): "
+                    "they are written when a job completes; nothing downloaded"
+                )
+                raise typer.Exit(EXIT_REQUEST_ERROR)
+            out.mkdir(parents=True, exist_ok=True)
             for item in items:
                 name = Path(item["name"]).name
-                with client.stream("GET", f"/distillation/jobs/{job_id}/artifacts/{name}") as response:
-                    if response.is_error:
-                        response.read()
-                        raise _fail(response)
-                    with (out / name).open("wb") as handle:
-                        for chunk in response.iter_bytes():
-                            handle.write(chunk)
-                console.print(f"{out / name}  ({item.get('size_bytes', '?')} bytes)")
+                target = out / name
+                partial = target.with_name(f".{name}.part")
+                try:
+                    with client.stream("GET", f"/distillation/jobs/{job_id}/artifacts/{name}") as response:
+                        if response.is_error:
+                            response.read()
+                            raise _fail(response, client)
+                        with partial.open("wb") as handle:
+                            for chunk in response.iter_bytes():
+                                handle.write(chunk)
+                    partial.replace(target)  # a dropped download never leaves a truncated file behind
+                finally:
+                    partial.unlink(missing_ok=True)
+                console.print(f"{target}  ({item.get('size_bytes', '?')} bytes)", soft_wrap=True)
 
     @app.command()
-    def teachers(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def login(
+        url: Annotated[str, typer.Option("--url", help="Base URL of the Distillery API.")],
+        key: Annotated[
+            str | None, typer.Option("--key", help="API key (asked for, hidden, when not given).")
+        ] = None,
+        check: Annotated[bool, typer.Option(help="Try the key against the server before saving.")] = True,
+    ) -> None:
+        """Save URL and key to the user's config file, so the CLI finds them from any folder."""
+        key = key or typer.prompt("API key", hide_input=True)
+        connection = Connection(url=Setting(url.rstrip("/"), "--url"), api_key=Setting(key, "--key"))
+        if check:
+            with ApiClient(connection) as client:
+                _request(client, "GET", "/distillation/jobs", params={"limit": 1})
+        path = config.write_config(url=connection.url.value, api_key=key)
+        console.print(
+            f"saved {connection.url.value} and key {config.key_prefix(key)} to {path}", soft_wrap=True
+        )
+
+    @app.command("config")
+    def show_config(url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Print the URL and key (prefix) the CLI would use, and where each came from."""
+        try:
+            connection = config.resolve(url, api_key)
+        except config.ConfigError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+        console.print(f"config file: {config.config_path()}", soft_wrap=True)
+        console.print(f"url:         {connection.url.value}  (from {connection.url.source})", soft_wrap=True)
+        if connection.api_key is None:
+            console.print("api key:     none found")
+        else:
+            key = connection.api_key
+            console.print(f"api key:     {config.key_prefix(key.value)}  (from {key.source})", soft_wrap=True)
+
+    @app.command()
+    def teachers(url: UrlOption = None, api_key: KeyOption = None) -> None:
         """List the teachers the server knows."""
         with _client(url, api_key) as client:
             listing = _request(client, "GET", "/distillation/teachers").json()
@@ -397,7 +467,7 @@ def register(app: typer.Typer) -> None:
         upload: Annotated[
             Path | None, typer.Option("--upload", exists=True, dir_okay=False, help="CSV/JSONL to upload.")
         ] = None,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """List uploaded datasets, or upload one with --upload."""

@@ -20,6 +20,8 @@ from typing import IO
 
 import typer
 
+from distillery_cli import config as cli_config
+
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 _STOP_GRACE_SECONDS = 20.0
 
@@ -162,6 +164,13 @@ def supervise(children: list[Child], env: dict[str, str]) -> int:
     return 0
 
 
+def _reachable(host: str) -> str:
+    """The address a local client uses for a server bound to `host` (a wildcard means this machine)."""
+    if host in {"", "0.0.0.0", "::", "[::]"}:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def register(app: typer.Typer) -> None:
     """Add `up` to the CLI."""
 
@@ -171,6 +180,9 @@ def register(app: typer.Typer) -> None:
         port: int | None = typer.Option(None, help="API port (default PORT or 8000)."),
         concurrency: int | None = typer.Option(
             None, help="Worker processes' jobs at once (WORKER_CONCURRENCY)."
+        ),
+        write_config: bool = typer.Option(
+            True, help="Save this stack's URL and key to the CLI's config file (as `distillery login`)."
         ),
     ) -> None:
         """Run the whole service here: migrate, then API + scheduler + a Celery worker (Ctrl-C stops)."""
@@ -192,7 +204,13 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"API key: {key[:11]}... (in {key_file})")
         host = host or settings.host
         port = port or settings.port
-        typer.echo(f"API on http://{host}:{port}  (docs: /docs)")
+        api_url = f"http://{_reachable(host)}:{port}"
+        typer.echo(f"API on {api_url}  (docs: /docs)")
+        # Beside the key, so a CLI pointed at this DATA_DIR (or run from this folder) finds the port too.
+        (settings.data_dir / "url").write_text(api_url + "\n", encoding="utf-8")
+        if write_config:
+            path = cli_config.write_config(url=api_url, api_key=key)
+            typer.echo(f"CLI config: {path} (url and key; `distillery` finds this stack from any folder)")
         children = child_commands(host, port, concurrency or settings.worker_concurrency)
         # Children run from the repository root: pin DATA_DIR so a relative default means the same place.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DATA_DIR": str(settings.data_dir)}

@@ -33,6 +33,7 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
         BROKER_KEY_PREFIX="",
         PORT=str(port),
         ADMIN_API_KEY=ADMIN_KEY,
+        XDG_CONFIG_HOME=str(tmp_path / "config"),  # `up` writes the CLI's config there, not in ~/.config
     )
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
@@ -90,6 +91,11 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
             assert weights.status_code == 200
             assert hashlib.sha256(weights.content).hexdigest() == artifacts["student.safetensors"]["sha256"]
 
+        # The stack recorded its URL beside its key, and in the CLI's config file (any folder finds it).
+        assert (data_dir / "url").read_text().strip() == base
+        config_text = (tmp_path / "config" / "distillery" / "config.toml").read_text()
+        assert f'url = "{base}"' in config_text
+        assert (data_dir / "api_key").read_text().strip() in config_text
         # Everything lives under DATA_DIR: the SQLite file, the broker folders, the job's files.
         assert (data_dir / "distillery.db").is_file()
         assert (data_dir / "broker").is_dir()
