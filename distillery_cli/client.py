@@ -17,7 +17,7 @@ from rich.table import Table
 
 from distillery_cli import config
 from distillery_cli.config import Connection, Setting
-from distillery_cli.display import JobProgress, format_metrics, results_table
+from distillery_cli.display import JobProgress, format_metrics, jobs_table, results_table
 
 console = Console()
 err_console = Console(stderr=True)
@@ -355,16 +355,7 @@ def register(app: typer.Typer) -> None:
             params["status"] = status
         with _client(url, api_key) as client:
             page = _request(client, "GET", "/distillation/jobs", params=params).json()
-        table = Table("job_id", "status", "progress", "teacher", "created_at")
-        for job in page["data"]:
-            table.add_row(
-                job["job_id"],
-                job["status"],
-                f"{job.get('progress', 0):.0f}%",
-                job.get("teacher_model_name", ""),
-                str(job.get("created_at", "")),
-            )
-        console.print(table)
+        console.print(jobs_table(page["data"], console.width))
 
     @app.command()
     def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:

@@ -155,6 +155,32 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def jobs_table(jobs: list[dict[str, Any]], width: int) -> Table:
+    """Jobs one per line with their ids whole (to copy) at any `width` >= 80: the teacher's name gives way."""
+    columns = {"job id": 36, "status": 10, "done": 4, "created (UTC)": 16}
+    # Two spaces between columns, none at the edges, no box.
+    teacher_width = max(6, width - sum(columns.values()) - 2 * len(columns))
+    table = Table(box=None, padding=(0, 2, 0, 0), pad_edge=False, header_style="bold")
+    for name, size in columns.items():
+        table.add_column(name, no_wrap=True, min_width=size, justify="right" if name == "done" else "left")
+    table.add_column("teacher", no_wrap=True)
+    for job in jobs:
+        created = str(job.get("created_at") or "")
+        progress = _number(job.get("progress"))
+        table.add_row(
+            str(job["job_id"]),
+            str(job.get("status", "")),
+            "-" if progress is None else f"{progress:.0f}%",
+            created[:16].replace("T", " "),
+            _cut(str(job.get("teacher_model_name") or ""), teacher_width),
+        )
+    return table
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 # -- the results table -------------------------------------------------------------------------------------
 
 _METRIC_WORDS = {"accuracy": "accuracy", "perplexity": "perplexity"}

@@ -28,7 +28,7 @@ class Result:
 
 
 def distillery(*args: str, cwd: Path, home: Path, **env: str) -> Result:
-    """Run the CLI in `cwd` with a config dir under `home` and none of the test's DISTILLERY_/DATA_DIR vars."""
+    """Run the CLI in `cwd`, config dir under `home`, without the test's DISTILLERY_* and DATA_DIR."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_") and k not in {"DATA_DIR"}}
     base |= {"XDG_CONFIG_HOME": str(home / "config"), "HOME": str(home), "PYTHONPATH": str(ROOT)}
     base |= {"COLUMNS": "80", "NO_COLOR": "1"}
@@ -68,8 +68,10 @@ def test_login_saves_url_and_key_and_any_folder_then_uses_them(server: str, key:
     assert stat.S_IMODE(config_file.stat().st_mode) == 0o600
     assert server in config_file.read_text()
 
+    job_id = create_job(get_settings(), tenant_of({"Authorization": f"Bearer {key}"}))
     listed = distillery("jobs", cwd=elsewhere, home=home)
     assert listed.code == 0, listed.out
+    assert f"\n{job_id}  pending" in listed.out  # whole, at 80 columns
     shown = distillery("config", cwd=elsewhere, home=home)
     assert f"{server}  (from config file {config_file})" in shown.out
     assert f"{key[:11]}…  (from config file {config_file})" in shown.out

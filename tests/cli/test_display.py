@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from distillery_cli.display import JobProgress, kd_comparison, results_table
+from distillery_cli.display import JobProgress, jobs_table, kd_comparison, results_table
 from tests.sse_helpers import results_for
 
 
@@ -150,3 +150,21 @@ def test_older_results_fall_back_to_the_best_validation_figure() -> None:
     text = flat(render(results_table(results_for(3)), 80))  # no student_accuracy / selected_by
     assert re.search(r"Test accuracy\s+│\s+98\.06%\s+│\s+95\.83%", text)
     assert "+2.22 points of test accuracy, KD better" in text
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_the_jobs_table_prints_ids_whole(width: int) -> None:
+    jobs = [
+        {
+            "job_id": f"{n:08x}-39bd-4fdc-9c50-635382e05d3f",
+            "status": status,
+            "progress": progress,
+            "created_at": "2026-11-29T03:08:03.123456Z",
+            "teacher_model_name": "hf-internal-testing/tiny-random-bert-for-sequence-classification",
+        }
+        for n, (status, progress) in enumerate([("cancelling", 47.2), ("completed", 100.0), ("queued", 0.0)])
+    ]
+    lines = render(jobs_table(jobs, width), width)
+    for job in jobs:
+        assert any(line.startswith(job["job_id"] + "  ") for line in lines), lines
+    assert re.search(r"cancelling\s+47%\s+2026-11-29 03:08\s+hf-", "\n".join(lines))
