@@ -18,6 +18,7 @@ from rich.table import Table
 from distillery_cli import config
 from distillery_cli.config import Connection, Setting
 from distillery_cli.display import JobProgress, format_metrics, jobs_table, results_table
+from distillery_cli.jobfile import JobFileError, describe_errors, job_request_model, load_job_file
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,6 +27,7 @@ TERMINAL = {"completed", "failed", "cancelled"}
 # Exit codes say how a job ended, so scripts can branch on them.
 EXIT_OK = 0
 EXIT_REQUEST_ERROR = 1
+EXIT_BAD_JOB_FILE = 2
 EXIT_JOB_FAILED = 3
 EXIT_JOB_CANCELLED = 4
 JOB_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED}
@@ -76,9 +78,17 @@ def _fail(response: httpx.Response, client: ApiClient) -> typer.Exit:
         problem = response.json()
     except ValueError:
         problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-    err_console.print(
-        f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}"
-    )
+    errors = problem.get("errors") or []
+    if errors and isinstance(errors, list):
+        # The detail joins the same errors: print them once, one a line, with field suggestions.
+        err_console.print(f"[red]{response.status_code} {problem.get('title', '')}[/red]")
+        for line in describe_errors(errors, job_request_model()):
+            err_console.print(f"  {line}", soft_wrap=True)
+    else:
+        err_console.print(
+            f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}",
+            soft_wrap=True,
+        )
     if response.status_code == 401:
         connection = client.connection
         err_console.print(
@@ -86,9 +96,6 @@ def _fail(response: httpx.Response, client: ApiClient) -> typer.Exit:
             soft_wrap=True,
         )
         err_console.print("  Set one with `distillery login --url URL --key KEY` or $DISTILLERY_API_KEY.")
-    for error in problem.get("errors", []) or []:
-        loc = ".".join(str(part) for part in error.get("loc", []))
-        err_console.print(f"  - {loc}: {error.get('msg', error)}")
     return typer.Exit(EXIT_REQUEST_ERROR)
 
 
@@ -315,7 +322,11 @@ def register(app: typer.Typer) -> None:
         api_key: KeyOption = None,
     ) -> None:
         """Create a job from JOB_FILE and start it."""
-        spec = json.loads(job_file.read_text())
+        try:
+            spec = load_job_file(job_file)
+        except JobFileError as exc:
+            err_console.print(str(exc), soft_wrap=True, markup=False, highlight=False)
+            raise typer.Exit(EXIT_BAD_JOB_FILE) from exc
         with _client(url, api_key) as client:
             job = _request(client, "POST", "/distillation/jobs", json={**spec, "auto_start": True}).json()
             console.print(f"job {job['job_id']} {job['status']}")

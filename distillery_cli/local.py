@@ -5,7 +5,6 @@ The engine (torch) is imported only when the command runs, so the REST client co
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from types import FrameType
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from distillery_cli.display import results_table
+from distillery_cli.jobfile import JobFileError, describe_errors, load_job_file
 
 console = Console()
 
@@ -76,15 +76,14 @@ def run(
     from app.schemas.job_spec import JobSpec
 
     try:
-        spec = JobSpec.model_validate(json.loads(job_file.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as exc:
-        console.print(f"[red]cannot read {job_file}: {exc}[/red]")
+        spec = JobSpec.model_validate(load_job_file(job_file))
+    except JobFileError as exc:
+        console.print(str(exc), style="red", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(2) from exc
     except ValidationError as exc:
         console.print(f"[red]invalid job spec {job_file}:[/red]")
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "(spec)"
-            console.print(f"  {where}: {error['msg']}")
+        for line in describe_errors(exc.errors(), JobSpec):
+            console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(2) from exc
 
     from workers.distill.contract import EngineError, JobPaths, JobStopped

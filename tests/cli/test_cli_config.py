@@ -6,41 +6,16 @@ free port (never :8000), with its own config directory.
 
 from __future__ import annotations
 
-import os
 import stat
-import subprocess
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from app.core.config import get_settings
-from tests.live_server import ROOT, live_server
+from tests.cli.cli_helpers import distillery
+from tests.live_server import live_server
 from tests.sse_helpers import complete, create_job, start_and_claim, tenant_of
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-
-
-def distillery(*args: str, cwd: Path, home: Path, **env: str) -> Result:
-    """Run the CLI in `cwd`, config dir under `home`, without the test's DISTILLERY_* and DATA_DIR."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("DISTILLERY_") and k not in {"DATA_DIR"}}
-    base |= {"XDG_CONFIG_HOME": str(home / "config"), "HOME": str(home), "PYTHONPATH": str(ROOT)}
-    base |= {"COLUMNS": "80", "NO_COLOR": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "distillery_cli.main", *args],
-        cwd=cwd,
-        env=base | env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return Result(completed.returncode, completed.stdout + completed.stderr)
 
 
 @pytest.fixture(scope="module")
