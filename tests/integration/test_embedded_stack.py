@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,30 +25,85 @@ pytestmark = pytest.mark.integration
 ADMIN_KEY = "embedded-stack-test-admin-key"
 
 
-def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_teacher: Path) -> None:
-    port = free_port()
-    data_dir = tmp_path / "data"
-    # The deterministic built-in teacher, built once for the suite, is shared (the engine tests building it).
-    shutil.copytree(digits_teacher, data_dir / "teachers" / digits_teacher.name)
-    env = base_env(
-        DATA_DIR=str(data_dir),
+def embedded_env(tmp_path: Path, port: int) -> dict[str, str]:
+    """`distillery up` on the embedded default in tmp_path, its CLI config there too (not ~/.config)."""
+    return base_env(
+        DATA_DIR=str(tmp_path / "data"),
         DATABASE_URL="",  # the embedded default: a SQLite file under DATA_DIR
         BROKER_URL="",  # Kombu's filesystem transport under DATA_DIR
         BROKER_KEY_PREFIX="",
         PORT=str(port),
         ADMIN_API_KEY=ADMIN_KEY,
-        XDG_CONFIG_HOME=str(tmp_path / "config"),  # `up` writes the CLI's config there, not in ~/.config
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
+
+
+def start_up(tmp_path: Path, port: int, *args: str) -> tuple[subprocess.Popen[bytes], Path]:
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log:
         up = subprocess.Popen(
-            [sys.executable, "-m", "distillery_cli.main", "up"],
+            [sys.executable, "-m", "distillery_cli.main", "up", *args],
             cwd=REPO_ROOT,
-            env=env,
+            env=embedded_env(tmp_path, port),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    return up, log_path
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Live (non-zombie) descendants of `pid` from /proc: {pid: command line}."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] == "Z":
+            continue
+        parents[int(entry.name)] = int(fields[1])
+        commands[int(entry.name)] = command
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, ppid in parents.items():
+            if ppid == parent and child not in found:
+                found[child] = commands[child]
+                frontier.append(child)
+    return found
+
+
+def alive(pids: Iterable[int]) -> list[int]:
+    left = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if state[state.rindex(")") + 2] != "Z":
+            left.append(pid)
+    return left
+
+
+def reap(pids: Iterable[int]) -> None:
+    for pid in alive(pids):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_teacher: Path) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    # The deterministic built-in teacher, built once for the suite, is shared (the engine tests building it).
+    shutil.copytree(digits_teacher, data_dir / "teachers" / digits_teacher.name)
+    up, log_path = start_up(tmp_path, port)
 
     def logs() -> str:
         return log_path.read_text(errors="replace")[-6000:]
@@ -101,6 +160,8 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
         assert (data_dir / "broker").is_dir()
         assert (data_dir / "jobs" / job_id / "artifacts" / "student.safetensors").is_file()
     finally:
+        children = descendants(up.pid)
+        stop_started = time.monotonic()
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
         try:
@@ -109,6 +170,70 @@ def test_up_serves_the_embedded_stack_and_stops_cleanly(tmp_path: Path, digits_t
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
             raise AssertionError(f"up did not stop on SIGTERM\n{logs()}") from None
+        finally:
+            reap(children)
+    stop_seconds = time.monotonic() - stop_started
     assert code == 0, logs()
+    assert "stopped: api" in logs() and "killing" not in logs()  # an idle worker stops on its own
+    print(f"idle stop on SIGTERM: {stop_seconds:.2f} s")
     with socket.socket() as sock:  # the API is gone with it
         assert sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_up_restarts_a_crashed_child_and_its_children_die_with_it(tmp_path: Path) -> None:
+    port = free_port()
+    up, log_path = start_up(tmp_path, port, "--restart-delay", "0.5")
+    children: dict[int, str] = {}
+
+    def logs() -> str:
+        return log_path.read_text(errors="replace")[-6000:]
+
+    def scheduler_pid() -> int | None:
+        if up.poll() is not None:
+            raise AssertionError(f"up exited with {up.returncode}\n{logs()}")
+        return next((pid for pid, cmd in descendants(up.pid).items() if "app.scheduler" in cmd), None)
+
+    try:
+
+        def ready() -> bool:
+            scheduler_pid()  # fails at once if `up` exited
+            return "ready." in logs()
+
+        wait_for("the worker to be ready", ready, timeout=90)
+        first = wait_for("the scheduler", scheduler_pid, timeout=30)
+        os.kill(first, signal.SIGKILL)  # a crash
+        second = wait_for("a new scheduler", lambda: (pid := scheduler_pid()) != first and pid, timeout=30)
+        assert second != first
+        assert "scheduler exited with code -9" in logs() and "restarting scheduler" in logs(), logs()
+
+        children = descendants(up.pid)
+        for program in ("-m uvicorn", "-m app.scheduler", "-m distillery_cli.embedded_worker"):
+            assert any(program in cmd for cmd in children.values()), children
+        os.kill(up.pid, signal.SIGKILL)  # as the OOM killer would
+        up.wait()
+        wait_for("the children to end", lambda: not alive(children), timeout=10, interval=0.1)
+        with socket.socket() as sock:  # and the port is free again
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        reap(children)
+
+
+def test_up_gives_up_on_a_child_that_keeps_crashing(tmp_path: Path) -> None:
+    with socket.socket() as taken:  # the API's port is in use: uvicorn exits at once, every time
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        up, log_path = start_up(tmp_path, port, "--max-restarts", "2", "--restart-delay", "0.2")
+        try:
+            code = up.wait(timeout=120)
+        finally:
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGKILL)
+                up.wait()
+    out = log_path.read_text(errors="replace")
+    assert code == 1, out
+    assert len(re.findall(r"api exited with code \d+ after", out)) == 2 and "restarting api" in out
+    assert "api exited 3 times in a row" in out and "stopped the stack" in out
