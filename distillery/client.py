@@ -232,7 +232,16 @@ class Client:
         time.sleep(retry.delay)
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        """One API call with retries; raises an ApiError subclass for an error answer."""
+        """One API call with retries; raises an ApiError subclass for an error answer.
+
+        A POST without an Idempotency-Key header gets one (unless `idempotency=False`), the same for
+        all of its retries.
+        """
+        if method.upper() == "POST":
+            headers = dict(kwargs.pop("headers", None) or {})
+            if not any(name.lower() == IDEMPOTENCY_HEADER.lower() for name in headers):
+                headers.update(self._post_headers(None))
+            kwargs["headers"] = headers
         response = self._send_with_retries(method, path, lambda: self._http.request(method, path, **kwargs))
         if response.is_error:
             raise error_for(response.status_code, _problem(response), method=method, path=path)

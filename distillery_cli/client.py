@@ -1,20 +1,23 @@
-"""Commands that talk to a Distillery server over its REST API (httpx): submit, watch, jobs, download..."""
+"""Commands that talk to a Distillery server through the SDK (`distillery.Client`): submit, watch, jobs...
+
+The SDK does the HTTP (retries of 429/5xx honouring Retry-After, Idempotency-Keys, the event stream);
+this module turns its answers and errors into terminal output and exit codes.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+import distillery
 from distillery_cli import config
 from distillery_cli.config import Connection, Setting
 from distillery_cli.display import JobProgress, format_metrics, jobs_table, results_table
@@ -51,63 +54,57 @@ VerboseOption = Annotated[
 ]
 
 
-class ApiClient(httpx.Client):
-    """An httpx client for one server that remembers where its URL and key came from (for error messages)."""
-
-    def __init__(self, connection: Connection) -> None:
-        key = connection.api_key.value if connection.api_key else None
-        super().__init__(
-            base_url=connection.url.value,
-            headers={"Authorization": f"Bearer {key}"} if key else {},
-            timeout=30.0,
-        )
-        self.connection = connection
+def _say_retry(retry: distillery.Retry) -> None:
+    why = f"{retry.status} {retry.reason}" if retry.status else f"connection failed ({retry.reason})"
+    err_console.print(
+        f"[yellow]{why}: retrying {retry.method} {retry.path} in {retry.delay:.1f} s[/yellow]", soft_wrap=True
+    )
 
 
-def _client(url: str | None, api_key: str | None) -> ApiClient:
-    try:
-        return ApiClient(config.resolve(url, api_key))
-    except config.ConfigError as exc:
-        err_console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
-
-
-def _fail(response: httpx.Response, client: ApiClient) -> typer.Exit:
-    """Print a problem+json answer readably and return the exit to raise; a 401 says which key was sent."""
-    try:
-        problem = response.json()
-    except ValueError:
-        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
-    errors = problem.get("errors") or []
-    if errors and isinstance(errors, list):
-        # The detail joins the same errors: print them once, one a line, with field suggestions.
-        err_console.print(f"[red]{response.status_code} {problem.get('title', '')}[/red]")
-        for line in describe_errors(errors, job_request_model()):
-            err_console.print(f"  {line}", soft_wrap=True)
+def print_problem(exc: distillery.ApiError, connection: Connection) -> None:
+    """An error answer in a few lines: each field error once (with suggestions); a 401 says which key
+    was sent and where it came from."""
+    if exc.errors:
+        # The detail joins the same errors: print them once, one a line.
+        err_console.print(f"[red]{exc.status} {exc.title}[/red]")
+        for line in describe_errors(exc.errors, job_request_model()):
+            err_console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
     else:
-        err_console.print(
-            f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}",
-            soft_wrap=True,
-        )
-    if response.status_code == 401:
-        connection = client.connection
+        err_console.print(f"[red]{exc.status} {exc.title}[/red]: {exc.detail}", soft_wrap=True)
+    if exc.status == 401:
         err_console.print(
             f"  {connection.describe_key()} to {connection.url.value} (from {connection.url.source})",
             soft_wrap=True,
         )
         err_console.print("  Set one with `distillery login --url URL --key KEY` or $DISTILLERY_API_KEY.")
-    return typer.Exit(EXIT_REQUEST_ERROR)
 
 
-def _request(client: ApiClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
+@contextmanager
+def _connect(
+    url: str | None, api_key: str | None, connection: Connection | None = None
+) -> Iterator[distillery.Client]:
+    """A Client for the command; its errors become a message and exit code 1."""
     try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        err_console.print(f"[red]cannot reach {client.base_url}[/red]: {exc}")
+        if connection is not None:
+            url, api_key = connection.url.value, connection.api_key.value if connection.api_key else None
+        client = distillery.Client(url, api_key, on_retry=_say_retry)
+    except config.ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_REQUEST_ERROR) from exc
-    if response.is_error:
-        raise _fail(response, client)
-    return response
+    if connection is not None:
+        client.connection = connection
+    try:
+        with client:
+            yield client
+    except distillery.ApiError as exc:
+        print_problem(exc, client.connection)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+    except distillery.TransportError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+    except distillery.NoArtifactsError as exc:
+        err_console.print(f"{exc}; nothing downloaded", soft_wrap=True)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -116,42 +113,6 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, float):
         return f"{value:.{digits}g}"
     return str(value)
-
-
-@dataclass
-class _SseMessage:
-    event: str = "message"
-    id: int | None = None
-    data: str = ""
-
-
-def _iter_sse(response: httpx.Response) -> Iterator[_SseMessage]:
-    """Server-Sent Events of a streaming response, as they arrive (comments/keep-alives skipped)."""
-    message, data_lines = _SseMessage(), list[str]()
-    for line in response.iter_lines():
-        if not line:
-            if data_lines:
-                message.data = "\n".join(data_lines)
-                yield message
-            message, data_lines = _SseMessage(), []
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            message.event = value
-        elif name == "id" and value.isdigit():
-            message.id = int(value)
-        elif name == "data":
-            data_lines.append(value)
-
-
-class _StreamUnavailable(Exception):
-    """The live event stream cannot be used (old server, proxy, repeated drops): poll instead."""
-
-
-# Reconnects in a row before giving up on the stream (about 30 s); backoff doubles from 0.25 s up to 2 s.
-MAX_STREAM_RETRIES = 18
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # keep-alives arrive every ~15 s
 
 
 class _JobView:
@@ -217,57 +178,31 @@ class _JobView:
         self._stage, self._stage_epochs, self._stage_last = None, 0, {}
 
 
-def _follow_stream(client: ApiClient, job_id: str, view: _JobView) -> None:
-    """Follow the job's event stream until its `end` event, resuming after drops with Last-Event-ID."""
-    last_id: int | None = None
-    failures = 0
-    while True:
-        headers = {"Accept": "text/event-stream"}
-        if last_id is not None:
-            headers["Last-Event-ID"] = str(last_id)
-        try:
-            with client.stream(
-                "GET", f"/distillation/jobs/{job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
-            ) as response:
-                if response.status_code in (401, 403, 404, 422):
-                    response.read()
-                    raise _fail(response, client)
-                content_type = response.headers.get("content-type", "")
-                if response.is_error or not content_type.startswith("text/event-stream"):
-                    raise _StreamUnavailable(f"{response.status_code} {content_type or 'no content type'}")
-                for message in _iter_sse(response):
-                    failures = 0
-                    if message.id is not None:
-                        last_id = message.id
-                    data = json.loads(message.data) if message.data else {}
-                    if message.event == "snapshot":
-                        view.show(data)
-                    elif message.event == "end":
-                        return
-                    else:
-                        view.log_event(message.event, data)
-        except (httpx.TransportError, _StreamUnavailable) as exc:
-            failures += 1
-            if failures > MAX_STREAM_RETRIES:
-                raise _StreamUnavailable(str(exc) or exc.__class__.__name__) from exc
-            view.print(f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]")
-            time.sleep(min(2.0, 0.25 * 2 ** (failures - 1)))
-            continue
-        failures += 1  # closed without `end` (a proxy, a restart): reconnect after the last event
-        if failures > MAX_STREAM_RETRIES:
-            raise _StreamUnavailable("the stream kept closing before the job ended")
+def _follow_stream(client: distillery.Client, job_id: str, view: _JobView) -> None:
+    """Follow the job's events until it ends (the SDK resumes after drops with Last-Event-ID)."""
+
+    def dropped(exc: Exception) -> None:
+        view.print(f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]")
+
+    for event in client.events(job_id, on_drop=dropped):
+        if event.kind == "snapshot":
+            view.show(dict(event.data))
+        else:
+            view.log_event(event.kind, event.raw)
 
 
-def _poll(client: ApiClient, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
+def _poll(client: distillery.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
     while True:
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        job = dict(client.get(job_id))
         view.show(job)
         if job["status"] in TERMINAL:
             return job
         time.sleep(interval)
 
 
-def _watch(client: ApiClient, job_id: str, interval: float, *, verbose: bool = False) -> dict[str, Any]:
+def _watch(
+    client: distillery.Client, job_id: str, interval: float, *, verbose: bool = False
+) -> dict[str, Any]:
     """Follow the job live over its event stream (polling if that fails), drawing the progress display;
     returns the final job."""
     try:
@@ -277,20 +212,20 @@ def _watch(client: ApiClient, job_id: str, interval: float, *, verbose: bool = F
             console.line()  # rich ends its last frame without a newline when the output is not a terminal
 
 
-def _watch_live(client: ApiClient, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
+def _watch_live(client: distillery.Client, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
     with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
         view = _JobView(live, verbose=verbose)
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        job = dict(client.get(job_id))
         view.show(job)
         if job["status"] in TERMINAL:
             return job
         try:
             _follow_stream(client, job_id, view)
-        except _StreamUnavailable as exc:
+        except distillery.StreamUnavailableError as exc:
             view.print(f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]")
             job = _poll(client, job_id, interval, view)
         else:
-            job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+            job = dict(client.get(job_id))
             view.show(job)
         view.end_stage()
         return job
@@ -327,8 +262,8 @@ def register(app: typer.Typer) -> None:
         except JobFileError as exc:
             err_console.print(str(exc), soft_wrap=True, markup=False, highlight=False)
             raise typer.Exit(EXIT_BAD_JOB_FILE) from exc
-        with _client(url, api_key) as client:
-            job = _request(client, "POST", "/distillation/jobs", json={**spec, "auto_start": True}).json()
+        with _connect(url, api_key) as client:
+            job = client.create(spec, auto_start=True)
             console.print(f"job {job['job_id']} {job['status']}")
             if watch:
                 _finish(_watch(client, job["job_id"], interval, verbose=verbose))
@@ -344,14 +279,14 @@ def register(app: typer.Typer) -> None:
         api_key: KeyOption = None,
     ) -> None:
         """Follow a job until it ends; the exit code says how it ended."""
-        with _client(url, api_key) as client:
+        with _connect(url, api_key) as client:
             _finish(_watch(client, job_id, interval, verbose=verbose))
 
     @app.command()
     def status(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Print a job as JSON."""
-        with _client(url, api_key) as client:
-            console.print_json(data=_request(client, "GET", f"/distillation/jobs/{job_id}").json())
+        with _connect(url, api_key) as client:
+            console.print_json(data=dict(client.get(job_id)))
 
     @app.command()
     def jobs(
@@ -361,19 +296,30 @@ def register(app: typer.Typer) -> None:
         api_key: KeyOption = None,
     ) -> None:
         """List recent jobs."""
-        params: dict[str, Any] = {"limit": limit}
-        if status:
-            params["status"] = status
-        with _client(url, api_key) as client:
-            page = _request(client, "GET", "/distillation/jobs", params=params).json()
-        console.print(jobs_table(page["data"], console.width))
+        with _connect(url, api_key) as client:
+            page = client.list(status=status, limit=limit)
+        console.print(jobs_table([dict(job) for job in page.data], console.width))
 
     @app.command()
     def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Cancel a job (a running one stops at its next check)."""
-        with _client(url, api_key) as client:
-            job = _request(client, "POST", f"/distillation/jobs/{job_id}/cancel").json()
-        console.print(f"job {job_id} {job.get('status')}")
+        with _connect(url, api_key) as client:
+            job = client.cancel(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
+
+    @app.command()
+    def pause(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Pause a job: a queued one at once, a running one at its next check (its checkpoint kept)."""
+        with _connect(url, api_key) as client:
+            job = client.pause(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
+
+    @app.command()
+    def resume(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Resume a paused job from its checkpoint (it queues again)."""
+        with _connect(url, api_key) as client:
+            job = client.resume(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
 
     @app.command()
     def download(
@@ -383,33 +329,12 @@ def register(app: typer.Typer) -> None:
         api_key: KeyOption = None,
     ) -> None:
         """Download every artifact of a finished job (nothing is created when it has none)."""
-        with _client(url, api_key) as client:
-            listing = _request(client, "GET", f"/distillation/jobs/{job_id}/artifacts").json()
-            items = listing["data"] if isinstance(listing, dict) else listing
-            if not items:
-                job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
-                err_console.print(
-                    f"job {job_id} has no artifacts (status {job.get('status')}): "
-                    "they are written when a job completes; nothing downloaded"
-                )
-                raise typer.Exit(EXIT_REQUEST_ERROR)
-            out.mkdir(parents=True, exist_ok=True)
-            for item in items:
-                name = Path(item["name"]).name
-                target = out / name
-                partial = target.with_name(f".{name}.part")
-                try:
-                    with client.stream("GET", f"/distillation/jobs/{job_id}/artifacts/{name}") as response:
-                        if response.is_error:
-                            response.read()
-                            raise _fail(response, client)
-                        with partial.open("wb") as handle:
-                            for chunk in response.iter_bytes():
-                                handle.write(chunk)
-                    partial.replace(target)  # a dropped download never leaves a truncated file behind
-                finally:
-                    partial.unlink(missing_ok=True)
-                console.print(f"{target}  ({item.get('size_bytes', '?')} bytes)", soft_wrap=True)
+
+        def written(path: Path, item: distillery.Artifact) -> None:
+            console.print(f"{path}  ({item.get('size_bytes', '?')} bytes)", soft_wrap=True)
+
+        with _connect(url, api_key) as client:
+            client.download(job_id, out, on_file=written)
 
     @app.command()
     def login(
@@ -423,8 +348,8 @@ def register(app: typer.Typer) -> None:
         key = key or typer.prompt("API key", hide_input=True)
         connection = Connection(url=Setting(url.rstrip("/"), "--url"), api_key=Setting(key, "--key"))
         if check:
-            with ApiClient(connection) as client:
-                _request(client, "GET", "/distillation/jobs", params={"limit": 1})
+            with _connect(None, None, connection) as client:
+                client.list(limit=1)
         path = config.write_config(url=connection.url.value, api_key=key)
         console.print(
             f"saved {connection.url.value} and key {config.key_prefix(key)} to {path}", soft_wrap=True
@@ -449,8 +374,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def teachers(url: UrlOption = None, api_key: KeyOption = None) -> None:
         """List the teachers the server knows."""
-        with _client(url, api_key) as client:
-            listing = _request(client, "GET", "/distillation/teachers").json()
+        with _connect(url, api_key) as client:
+            listing = client.request("GET", "/distillation/teachers").json()
         items = listing["data"] if isinstance(listing, dict) else listing
         table = Table("name", "kind", "type", "params", "task", "location")
         for teacher in items:
@@ -473,14 +398,14 @@ def register(app: typer.Typer) -> None:
         api_key: KeyOption = None,
     ) -> None:
         """List uploaded datasets, or upload one with --upload."""
-        with _client(url, api_key) as client:
+        with _connect(url, api_key) as client:
             if upload is not None:
-                with upload.open("rb") as handle:
-                    files = {"file": (upload.name, handle)}
-                    created = _request(client, "POST", "/distillation/datasets", files=files).json()
+                # Bytes, not the open file: a retried POST sends the whole file again.
+                files = {"file": (upload.name, upload.read_bytes())}
+                created = client.request("POST", "/distillation/datasets", files=files).json()
                 console.print_json(data=created)
                 return
-            listing = _request(client, "GET", "/distillation/datasets").json()
+            listing = client.request("GET", "/distillation/datasets").json()
         items = listing["data"] if isinstance(listing, dict) else listing
         table = Table("id", "name", "format", "rows", "size_bytes")
         for dataset in items:
