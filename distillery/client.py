@@ -53,14 +53,20 @@ class Job(TypedDict, total=False):
     progress: float  # 0-100 over the whole job, never decreasing
     phase: str | None
     eta_seconds: float | None
-    metrics: dict[str, Any]
-    results: dict[str, Any] | None
+    estimated_completion: str | None
+    metrics: dict[str, Any] | None
+    results: dict[str, Any] | None  # DistillationResults once completed (student_accuracy, ...)
     error: dict[str, Any] | None  # {code, message} of a failed job
     attempt: int
     teacher_model_name: str
+    spec: dict[str, Any]
     created_at: str
+    updated_at: str
+    queued_at: str | None
+    dispatched_at: str | None
     started_at: str | None
-    completed_at: str | None
+    finished_at: str | None
+    heartbeat_at: str | None
 
 
 class Artifact(TypedDict, total=False):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderResult
@@ -71,7 +72,10 @@ class JobProgress:
     epoch: int | None = None
     eta_seconds: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    # Elapsed time: the job's own started_at/finished_at when known, else since the display started.
     started: float = field(default_factory=time.monotonic)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
 
     def update_from_job(self, job: Mapping[str, Any]) -> None:
         """Take a job document or stream snapshot (status, progress 0-100, phase, eta_seconds, metrics)."""
@@ -83,8 +87,16 @@ class JobProgress:
         metrics = job.get("metrics")
         if isinstance(metrics, Mapping):
             self._take_metrics(metrics)
+        self.started_at = _timestamp(job.get("started_at")) or self.started_at
+        self.finished_at = _timestamp(job.get("finished_at")) or self.finished_at
         if self.status == "completed":
             self.percent, self.eta_seconds = 100.0, 0.0
+
+    def elapsed(self) -> float:
+        if self.started_at is None:
+            return time.monotonic() - self.started
+        end = self.finished_at or datetime.now(UTC)
+        return max(0.0, (end - self.started_at).total_seconds())
 
     def update_from_event(self, kind: str, data: Mapping[str, Any]) -> None:
         """Keep the bar in step with the event lines: progress, phase and metric events move it too."""
@@ -125,7 +137,7 @@ class JobProgress:
         width = options.max_width
         percent = f"{self.percent:3.0f}%"
         eta = f"ETA {format_duration(self.eta_seconds)}"
-        elapsed = format_duration(time.monotonic() - self.started)
+        elapsed = format_duration(self.elapsed())
         where = self.where()
         # Fixed parts first: percent, ETA, elapsed, four separating spaces; the bar takes what is left,
         # up to BAR_MAX; the phase text is cut (with an ellipsis) before the bar goes under BAR_MIN.
@@ -149,6 +161,17 @@ class JobProgress:
             below = Text(metrics, style="dim", no_wrap=True, overflow="ellipsis")
             below.truncate(width, overflow="ellipsis")
             yield below
+
+
+def _timestamp(value: Any) -> datetime | None:
+    """An ISO 8601 time from the API (aware; a naive one is taken as UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _number(value: Any) -> float | None:

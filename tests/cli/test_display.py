@@ -168,3 +168,11 @@ def test_the_jobs_table_prints_ids_whole(width: int) -> None:
     for job in jobs:
         assert any(line.startswith(job["job_id"] + "  ") for line in lines), lines
     assert re.search(r"cancelling\s+47%\s+2026-11-29 03:08\s+hf-", "\n".join(lines))
+
+
+def test_elapsed_time_is_the_jobs_own() -> None:
+    view = a_running_job(
+        status="completed", started_at="2026-11-29T03:08:03Z", finished_at="2026-11-29T03:09:08.5Z"
+    )
+    first, _ = render(view, 80)
+    assert first.endswith(" ETA 0:00 1:06"), first
