@@ -243,3 +243,90 @@ def test_up_gives_up_on_a_child_that_keeps_crashing(tmp_path: Path) -> None:
     assert code == 1, out
     assert len(re.findall(r"api exited with code \d+ after", out)) == 2 and "restarting api" in out
     assert "api exited 3 times in a row" in out and "stopped the stack" in out
+
+
+@pytest.mark.slow  # two stack starts and real training: about a minute on an idle 2-core machine
+def test_a_busy_worker_is_killed_at_stop_and_its_job_requeued_on_the_next_start(
+    tmp_path: Path, digits_teacher: Path
+) -> None:
+    port = free_port()
+    data_dir = tmp_path / "data"
+    shutil.copytree(digits_teacher, data_dir / "teachers" / digits_teacher.name)
+    stale = {"HEARTBEAT_TIMEOUT": "3", "DISPATCH_TIMEOUT": "5"}
+    base = f"http://127.0.0.1:{port}"
+
+    def start(log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log_path = tmp_path / log_name
+        with log_path.open("wb") as log:
+            up = subprocess.Popen(
+                [sys.executable, "-m", "distillery_cli.main", "up", "--stop-grace", "1"],
+                cwd=REPO_ROOT,
+                env=embedded_env(tmp_path, port) | stale,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return up, log_path
+
+    def job_when(client: httpx.Client, job_id: str, ok: Any) -> dict[str, Any] | None:
+        try:
+            body: dict[str, Any] = client.get(f"/distillation/jobs/{job_id}").json()
+        except httpx.TransportError:
+            return None
+        return body if ok(body) else None
+
+    up, log_path = start("up1.log")
+    children = descendants(up.pid)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            wait_for("the API", lambda: job_when(client, "x", lambda b: True) is not None, timeout=90)
+            client.headers["Authorization"] = f"Bearer {(data_dir / 'api_key').read_text().strip()}"
+            created = client.post("/distillation/jobs", json={**tiny_spec(epochs=200), "auto_start": True})
+            assert created.status_code == 201, created.text
+            job_id = created.json()["job_id"]
+            wait_for(
+                "an epoch of the job",
+                lambda: job_when(client, job_id, lambda b: (b["metrics"] or {}).get("epoch", 0) >= 2),
+                timeout=120,
+                interval=0.2,
+            )
+        children = descendants(up.pid)
+        stop_started = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        assert up.wait(timeout=30) == 0
+        took = time.monotonic() - stop_started
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        reap(children)
+    first_log = log_path.read_text(errors="replace")
+    assert "worker still busy after 1 s; killing it" in first_log, first_log[-3000:]
+    assert took < 10, took
+
+    # The next start finds the job `running` with a stale heartbeat: the scheduler re-queues it.
+    up, log_path = start("up2.log")
+    children = descendants(up.pid)
+    try:
+        with httpx.Client(base_url=base, timeout=10) as client:
+            client.headers["Authorization"] = f"Bearer {(data_dir / 'api_key').read_text().strip()}"
+            resumed = wait_for(
+                "the job's second attempt",
+                lambda: job_when(client, job_id, lambda b: b["attempt"] == 2 and b["status"] == "running"),
+                timeout=120,
+                interval=0.3,
+            )
+            assert resumed["status"] == "running"
+            assert client.post(f"/distillation/jobs/{job_id}/cancel").status_code in (200, 202)
+            wait_for(
+                "the job to be cancelled",
+                lambda: job_when(client, job_id, lambda b: b["status"] == "cancelled"),
+                timeout=60,
+                interval=0.2,
+            )
+        children = descendants(up.pid)
+    finally:
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            up.wait(timeout=30)
+        reap(children)
