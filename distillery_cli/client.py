@@ -130,8 +130,12 @@ class _JobView:
         self._stage_epochs = 0
         self._stage_last: dict[str, Any] = {}
 
-    def print(self, *objects: Any) -> None:
-        self.live.console.print(*objects)
+    def print(self, text: str, *, cut: bool = False) -> None:
+        """A line above the display; `cut` ones (figures) end in an ellipsis rather than wrap."""
+        if cut:
+            self.live.console.print(text, no_wrap=True, overflow="ellipsis")
+        else:
+            self.live.console.print(text)
 
     def refresh(self) -> None:
         self.live.update(self.progress, refresh=True)
@@ -167,14 +171,15 @@ class _JobView:
         self._stage_epochs += 1
         self._stage_last = data
         if self.verbose:
-            self.print(f"  {phase} stage {key[1]} epoch {data['epoch']}: {format_metrics(data)}")
+            self.print(f"  {phase} stage {key[1]} epoch {data['epoch']}: {format_metrics(data)}", cut=True)
 
     def end_stage(self) -> None:
         """One line for the stage whose epochs were counted (default output; --verbose printed each)."""
         if self._stage is not None and not self.verbose:
             phase, stage = self._stage
             epochs = f"{self._stage_epochs} epoch{'s' if self._stage_epochs != 1 else ''}"
-            self.print(f"  {phase} stage {stage} done: {epochs}, last {format_metrics(self._stage_last)}")
+            last = format_metrics(self._stage_last, learning_rate=False)
+            self.print(f"  {phase} stage {stage}: {epochs}, last {last}", cut=True)
         self._stage, self._stage_epochs, self._stage_last = None, 0, {}
 
 

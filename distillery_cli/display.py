@@ -20,17 +20,17 @@ from rich.text import Text
 BAR_MAX = 30
 BAR_MIN = 10
 
-# Short names for the per-epoch metrics, in the order they are shown.
-METRIC_LABELS: dict[str, str] = {
-    "total_loss": "loss",
-    "distillation_loss": "kd",
-    "student_loss": "ce",
-    "loss": "loss",
-    "student_accuracy": "val",
-    "accuracy": "val acc",
-    "perplexity": "val ppl",
-    "learning_rate": "lr",
-}
+# Short names for the metrics, in the order shown; each takes the first key present. `loss` and
+# `accuracy` are the engine's live (per-step) figures, the others its per-epoch ones.
+METRIC_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss", "total_loss")),
+    ("kd", ("distillation_loss",)),
+    ("ce", ("student_loss",)),
+    ("val", ("student_accuracy", "accuracy")),
+    ("val ppl", ("perplexity",)),
+    ("lr", ("learning_rate",)),
+)
+METRIC_KEYS = frozenset(key for _, keys in METRIC_GROUPS for key in keys)
 
 
 def format_duration(seconds: float | None) -> str:
@@ -47,14 +47,16 @@ def _short_number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1e-3 else f"{value:.4g}"
 
 
-def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """The job's latest metrics abbreviated: `loss 0.412  kd 0.23  ce 0.18  val 0.931`."""
+def format_metrics(metrics: Mapping[str, Any], *, learning_rate: bool = True) -> str:
+    """The metrics abbreviated: `loss 0.412  kd 0.23  ce 0.18  val 0.931  lr 0.005`."""
     parts = []
-    for key, label in METRIC_LABELS.items():
-        value = metrics.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
+    for label, keys in METRIC_GROUPS:
+        if label == "lr" and not learning_rate:
+            continue
+        value = next((metrics[k] for k in keys if _number(metrics.get(k)) is not None), None)
+        if value is not None:
             parts.append(f"{label} {_short_number(float(value))}")
-    return "  ".join(dict.fromkeys(parts))
+    return "  ".join(parts)
 
 
 @dataclass
@@ -85,7 +87,8 @@ class JobProgress:
         if "eta_seconds" in job:
             self.eta_seconds = _number(job.get("eta_seconds"))
         metrics = job.get("metrics")
-        if isinstance(metrics, Mapping):
+        if isinstance(metrics, Mapping):  # the current phase's: they replace what was shown
+            self.metrics = {}
             self._take_metrics(metrics)
         self.started_at = _timestamp(job.get("started_at")) or self.started_at
         self.finished_at = _timestamp(job.get("finished_at")) or self.finished_at
@@ -104,7 +107,13 @@ class JobProgress:
             self._take_progress(data.get("progress"))
             if "eta_seconds" in data:
                 self.eta_seconds = _number(data.get("eta_seconds"))
-        if kind in {"progress", "phase", "metric"}:
+        if kind == "phase":  # a new phase: the old one's figures no longer describe what runs
+            if data.get("phase") and data.get("phase") != self.phase:
+                self.metrics, self.epoch = {}, None
+            self.phase = data.get("phase") or self.phase
+            if isinstance(data.get("stage"), int):
+                self.stage = data["stage"]
+        if kind in {"progress", "metric"}:
             self.phase = data.get("phase") or self.phase
             self._take_metrics(data)
         if kind == "state" and isinstance(data.get("to"), str):
@@ -119,7 +128,7 @@ class JobProgress:
         for key in ("stage", "epoch"):
             if isinstance(metrics.get(key), int):
                 setattr(self, key, metrics[key])
-        self.metrics.update({k: v for k, v in metrics.items() if k in METRIC_LABELS})
+        self.metrics.update({k: v for k, v in metrics.items() if k in METRIC_KEYS})
 
     def where(self) -> str:
         """`distill s1 e3`, or the status while the job is not running."""

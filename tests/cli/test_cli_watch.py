@@ -159,7 +159,7 @@ def test_watch_exits_3_when_the_job_fails(
     assert "job failed (nan_loss): the loss became NaN in epoch 1" in out
     # Without --verbose: no line per epoch, one line for the stage.
     assert "epoch 1:" not in out and "epoch 2:" not in out
-    assert re.search(r"distill stage 1 done: 2 epochs, last loss 0\.7 .*val 0\.85", out), out
+    assert re.search(r"distill stage 1: 2 epochs, last loss 0\.7 .*val 0\.85", out), out
 
 
 def test_watch_resumes_after_the_server_restarts_without_repeating_events(

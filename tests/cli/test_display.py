@@ -176,3 +176,14 @@ def test_elapsed_time_is_the_jobs_own() -> None:
     )
     first, _ = render(view, 80)
     assert first.endswith(" ETA 0:00 1:06"), first
+
+
+def test_the_metrics_line_is_the_current_phases_without_duplicates() -> None:
+    view = a_running_job()
+    view.update_from_event("progress", {"phase": "distill", "loss": 0.39, "accuracy": 0.94})
+    _, second = render(view, 80)
+    assert second.count("loss ") == 1 and second.count("val ") == 1
+    # A new phase (the teacher's figures in its event data) clears the student's numbers.
+    view.update_from_event("phase", {"phase": "evaluate", "accuracy": 0.9833})
+    lines = render(view, 80)
+    assert len(lines) == 1 and "0.9833" not in lines[0]
