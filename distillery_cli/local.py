@@ -15,10 +15,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from app.core.paths import PathRefused
 from distillery_cli.display import results_table
 from distillery_cli.jobfile import JobFileError, describe_errors, load_job_file
-
-from app.core.paths import PathRefused
 
 if TYPE_CHECKING:
     from app.schemas.job_spec import JobSpec

@@ -293,15 +293,34 @@ def register(app: typer.Typer) -> None:
         write_config: bool = typer.Option(
             True, help="Save this stack's URL and key to the CLI's config file (as `distillery login`)."
         ),
+        files: Path | None = typer.Option(
+            None,
+            "--files",
+            help="A folder of your own that `file` datasets and local teachers/students may read "
+            "(sets ALLOWED_FILE_ROOT for the stack; it must not overlap DATA_DIR).",
+        ),
     ) -> None:
         """Run the whole service here: migrate, then API + scheduler + a Celery worker (Ctrl-C stops)."""
+        from pydantic import ValidationError
+
         from app.core.config import get_settings
 
-        settings = get_settings()
+        if files is not None:
+            os.environ["ALLOWED_FILE_ROOT"] = str(files.expanduser().resolve())
+            get_settings.cache_clear()
+        try:
+            settings = get_settings()
+        except ValidationError as exc:
+            for error in exc.errors():
+                typer.echo(f"invalid settings: {error['msg']}", err=True)
+            raise typer.Exit(2) from exc
         settings.ensure_dirs()
         typer.echo(f"data dir: {settings.data_dir}")
         typer.echo(f"database: {'embedded SQLite' if not settings.database_url else 'DATABASE_URL'}")
         typer.echo(f"broker:   {'embedded filesystem' if settings.is_embedded_broker else 'BROKER_URL'}")
+        root = settings.allowed_file_root
+        off = "off (uploads only; --files DIR allows a folder)"
+        typer.echo(f"files:    {root if root is not None else off}")
         migrate()
         seeded = seed_teachers()
         typer.echo(f"migrated; {seeded} teacher(s) newly registered")
