@@ -12,7 +12,7 @@ from rich.console import Console
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.results import DistillationResults
-from distillery_cli.search_view import search_tables
+from distillery_cli.display import results_table
 from workers.distill.contract import JobPaths, JobStopped
 from workers.distill.runner import resolve_teacher, run_job
 from workers.distill.search import SearchSettings, Trial, next_ratio, run_search
@@ -261,9 +261,9 @@ def test_seeds_train_the_student_and_baseline_per_seed_and_report_the_spread(
 
 
 def _rendered(results: DistillationResults) -> str:
+    """The CLI's one results table (distillery_cli.display), as printed."""
     console = Console(record=True, width=160)
-    for part in search_tables(results):
-        console.print(part)
+    console.print(results_table(results))
     return console.export_text()
 
 
