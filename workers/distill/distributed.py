@@ -1,8 +1,8 @@
 """One job on several processes (`training_config.world_size` > 1): launch, rendezvous, collectives, watch.
 
 `run_distributed` (called by `runner.run_job`) starts `world_size` rank processes with torch.multiprocessing
-(spawn) and a torchrun-style env:// rendezvous on a free local port (MASTER_ADDR=127.0.0.1), `gloo` on CPU,
-`nccl` on CUDA (rank r on cuda:r). Every rank runs the same phases (`runner.run_job_rank`) with a `RankGroup`:
+(a forkserver: fresh interpreters like spawn, with the engine imported once) and a torchrun-style env://
+rendezvous on a free local port (MASTER_ADDR=127.0.0.1), `gloo` on CPU, `nccl` on CUDA (rank r on cuda:r). Every rank runs the same phases (`runner.run_job_rank`) with a `RankGroup`:
 
 - data: each rank trains on a fixed shard of the train split, chosen once by a `DistributedSampler` seeded
   with the job's seed (so each rank caches the teacher outputs of its own shard), shuffled each epoch by the
@@ -271,9 +271,11 @@ def _exit_with_parent(parent_pid: int) -> None:
     """A rank whose parent died (worker killed) must not go on training and writing checkpoints."""
 
     def watch() -> None:
-        while True:
+        while True:  # the ranks' parent is the forkserver: watch the launching process by its pid
             time.sleep(1.0)
-            if os.getppid() != parent_pid:
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
                 os._exit(1)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
@@ -350,6 +352,15 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def rank_context() -> Any:
+    """Where ranks come from: a forkserver that has imported the engine once (torch, transformers, the
+    adapters), so a job's ranks start in well under a second after the first; a fresh interpreter like
+    spawn (no inherited threads, CUDA state or sockets), never a fork of the worker itself."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["workers.distill.runner"])
+    return context
+
+
 def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> DistillationResults:
     """Run `job` on `world_size` rank processes; rank 0's results, or the error that ended the job."""
     from app.schemas.results import DistillationResults
@@ -366,7 +377,7 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
             "device(s)",
         )
     threads = get_adapter(spec.task).cpu_threads() or max(1, (os.cpu_count() or 1) // world)
-    context = mp.get_context("spawn")
+    context = rank_context()
     events = context.Queue()
     stop_flag = context.Value("b", 0)
     port = free_port()
