@@ -2,7 +2,8 @@
 
 `run_distributed` (called by `runner.run_job`) starts `world_size` rank processes with torch.multiprocessing
 (a forkserver: fresh interpreters like spawn, with the engine imported once) and a torchrun-style env://
-rendezvous on a free local port (MASTER_ADDR=127.0.0.1), `gloo` on CPU, `nccl` on CUDA (rank r on cuda:r). Every rank runs the same phases (`runner.run_job_rank`) with a `RankGroup`:
+rendezvous on a free local port (MASTER_ADDR=127.0.0.1), `gloo` on CPU, `nccl` on CUDA (rank r on cuda:r).
+Every rank runs the same phases (`runner.run_job_rank`) with a `RankGroup`:
 
 - data: each rank trains on a fixed shard of the train split, chosen once by a `DistributedSampler` seeded
   with the job's seed (so each rank caches the teacher outputs of its own shard), shuffled each epoch by the
