@@ -142,6 +142,7 @@ class Job(Base):
     __table_args__ = (
         # Admission reads the queue in line order a page at a time (migration 0005).
         Index("ix_jobs_queue_order", "status", "queued_at", "id"),
+        Index("ix_jobs_queue_by_tenant", "status", "tenant_id", "queued_at", "id"),
         # A tenant's newest jobs first, optionally by status or teacher: list pages without a sort.
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),

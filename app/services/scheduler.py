@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, tuple_, update
+from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -75,29 +75,87 @@ def count_active(session: Session) -> int:
     return slots_held(session).total
 
 
+# The first `:limit` queued jobs after the cursor, in line order, among tenants not at their limit (and
+# unowned jobs): per tenant with queued jobs (found by a loose index scan of ix_jobs_queue_by_tenant, one
+# probe per tenant) its own first `:limit` in line, merged. Its cost grows with the number of tenants that
+# have queued jobs, not with the queue: a full tenant's 100,000 queued rows are never visited. (The tenant
+# leads the lateral's row comparison and order so that the planner, which cannot see how skewed tenants
+# are, has only that index to serve them: walking ix_jobs_queue_order with a tenant filter is the slow
+# plan this query exists to avoid.)
+_HEADS_OF_ELIGIBLE_TENANTS = text(
+    """
+    WITH RECURSIVE queued_tenants(tenant_id) AS (
+        SELECT min(tenant_id) FROM jobs WHERE status = :queued AND tenant_id IS NOT NULL
+        UNION ALL
+        SELECT (SELECT min(j.tenant_id) FROM jobs j WHERE j.status = :queued AND j.tenant_id > q.tenant_id)
+        FROM queued_tenants q WHERE q.tenant_id IS NOT NULL
+    )
+    SELECT head.id, head.queued_at FROM queued_tenants q CROSS JOIN LATERAL (
+        SELECT j.id, j.queued_at FROM jobs j
+        WHERE j.status = :queued AND j.tenant_id = q.tenant_id
+          AND (j.tenant_id, j.queued_at, j.id) > (q.tenant_id, :after_at, :after_id)
+        ORDER BY j.tenant_id, j.queued_at, j.id LIMIT :limit
+    ) AS head
+    WHERE q.tenant_id IS NOT NULL AND q.tenant_id NOT IN :skip
+    UNION ALL
+    (SELECT j.id, j.queued_at FROM jobs j
+     WHERE j.status = :queued AND j.tenant_id IS NULL AND (j.queued_at, j.id) > (:after_at, :after_id)
+     ORDER BY j.queued_at, j.id LIMIT :limit)
+    ORDER BY queued_at, id LIMIT :limit
+    """
+).bindparams(bindparam("skip", expanding=True))
+# Before every real queued_at: the cursor of a first page.
+_START_OF_QUEUE = (datetime(1970, 1, 1, tzinfo=UTC), "")
+
+
 def _queued_candidates(
     session: Session,
     *,
     limit: int,
     after: tuple[datetime, str] | None,
     skip_tenants: Iterable[str],
-    lock: bool,
-) -> list[Row[Any]]:
+    postgres: bool,
+) -> tuple[list[Row[Any]], tuple[datetime, str] | None]:
     """The next `limit` queued jobs in line (queued_at, id) after `after`, leaving out `skip_tenants`.
 
-    Served by the partial index `ix_jobs_queue` (queued rows only, in line order). On PostgreSQL the rows
-    are locked `FOR UPDATE SKIP LOCKED`: only the rows this page returns, never the whole queue.
+    Returns (rows of id, tenant_id, queued_at; the cursor after the last job considered). Without tenants to
+    skip this is one page of `ix_jobs_queue_order`. With some (PostgreSQL), the page is the merged heads of
+    the other tenants' queues (`_HEADS_OF_ELIGIBLE_TENANTS`), so full tenants cost nothing to skip;
+    SQLite, the embedded single-machine default, filters them while walking the queue. On PostgreSQL the
+    rows returned are locked `FOR UPDATE SKIP LOCKED`: only these rows, never the whole queue.
     """
-    stmt = select(Job.id, Job.tenant_id, Job.queued_at).where(Job.status == JobStatus.queued)
     skipped = sorted(skip_tenants)
+    if postgres and skipped:
+        start_at, start_id = after or _START_OF_QUEUE
+        heads = session.execute(
+            _HEADS_OF_ELIGIBLE_TENANTS,
+            {
+                "queued": JobStatus.queued.value,
+                "after_at": start_at,
+                "after_id": start_id,
+                "limit": limit,
+                "skip": skipped,
+            },
+        ).all()
+        if not heads:
+            return [], after
+        locked = (
+            select(Job.id, Job.tenant_id, Job.queued_at)
+            .where(Job.id.in_([row.id for row in heads]), Job.status == JobStatus.queued)
+            .order_by(Job.queued_at, Job.id)
+            .with_for_update(skip_locked=True)
+        )
+        return list(session.execute(locked).all()), (heads[-1].queued_at, heads[-1].id)
+    stmt = select(Job.id, Job.tenant_id, Job.queued_at).where(Job.status == JobStatus.queued)
     if skipped:
         stmt = stmt.where(or_(Job.tenant_id.is_(None), Job.tenant_id.not_in(skipped)))
     if after is not None:
         stmt = stmt.where(tuple_(Job.queued_at, Job.id) > tuple_(*after))
     stmt = stmt.order_by(Job.queued_at, Job.id).limit(limit)
-    if lock:
+    if postgres:
         stmt = stmt.with_for_update(skip_locked=True)
-    return list(session.execute(stmt).all())
+    rows = list(session.execute(stmt).all())
+    return rows, ((rows[-1].queued_at, rows[-1].id) if rows else after)
 
 
 def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
@@ -106,7 +164,8 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     A job whose tenant already holds TENANT_MAX_RUNNING_JOBS slots waits (later jobs of other tenants may
     pass it); the counts are read under the same lock, so both limits hold across processes.
     The queue is read a page at a time, each page only as long as the slots still free, with the tenants
-    already at their limit left out in the query: a tick costs the same with 100 or 100,000 jobs queued.
+    already at their limit left out in the query (`_queued_candidates`): a tick costs the same with 100 or
+    100,000 jobs queued, and locks only the rows it may admit.
     The caller commits, then sends one message per returned id.
     """
     postgres = _is_postgres(session)
@@ -123,13 +182,12 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     admitted: list[str] = []
     after: tuple[datetime, str] | None = None
     while len(admitted) < free:
-        page = _queued_candidates(
-            session, limit=free - len(admitted), after=after, skip_tenants=full, lock=postgres
+        page, after = _queued_candidates(
+            session, limit=free - len(admitted), after=after, skip_tenants=full, postgres=postgres
         )
         if not page:
             break
-        for job_id, tenant_id, queued_at in page:
-            after = (queued_at, job_id)
+        for job_id, tenant_id, _queued_at in page:
             if tenant_id is not None and tenant_id in full:
                 continue  # became full earlier in this page
             result = session.execute(
