@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
@@ -32,6 +33,19 @@ async def get_session() -> AsyncIterator[Session]:
             await run_in_threadpool(session.close)
         else:
             session.close()
+
+
+async def get_async_read_engine(request: Request) -> AsyncEngine | None:
+    """The app's asyncio engine for hot single-statement reads (PostgreSQL, while the lifespan runs).
+
+    None on SQLite, and in an app whose lifespan has not started (a TestClient used without `with`):
+    callers then read through a sync session in the thread pool.
+    """
+    engine = getattr(request.app.state, "async_read_engine", None)
+    return engine if isinstance(engine, AsyncEngine) else None
+
+
+AsyncReadEngineDep = Annotated[AsyncEngine | None, Depends(get_async_read_engine)]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -66,29 +80,33 @@ _admin_bearer = HTTPBearer(
 )
 
 
-def _authenticate(session: Session, key: str, ttl_seconds: float) -> Principal | None:
-    principal = auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
-    # End the lookup's transaction: on SQLite it holds the write lock, and an upload may stream for long.
-    session.rollback()
-    return principal
+def _authenticate(key: str, ttl_seconds: float) -> Principal | None:
+    """The key lookup in its own short session (thread pool): its transaction ends at once, which on SQLite
+    releases the write lock before an upload streams."""
+    with get_sessionmaker()() as session:
+        return auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
 
 
 async def get_current_tenant(
     request: Request,
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
+    read_engine: AsyncReadEngineDep,
 ) -> Principal:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
 
     A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop; otherwise the
-    lookup runs in the thread pool.
+    lookup runs on the event loop too (PostgreSQL's asyncio read engine), or in the thread pool (SQLite).
+    No request session is opened for it: the hot reads need none.
     """
     if credentials is None:
         raise Unauthorized("Send an API key as `Authorization: Bearer <key>` (issued by POST /admin/keys).")
+    key = credentials.credentials
     ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
-    principal = auth_service.cached_principal(credentials.credentials) if ttl_seconds > 0 else None
-    if principal is None:
-        principal = await run_in_threadpool(_authenticate, session, credentials.credentials, ttl_seconds)
+    principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
+    if principal is None and read_engine is not None:
+        principal = await auth_service.authenticate_async(read_engine, key=key, ttl_seconds=ttl_seconds)
+    elif principal is None:
+        principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
     if principal is None:
         raise Unauthorized("The API key is unknown or has been revoked.")
     bind_log_fields(tenant=principal.tenant_name)

@@ -13,9 +13,12 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import Select, select
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
@@ -69,23 +72,40 @@ def create_key(session: Session, *, tenant_name: str, name: str) -> IssuedKey:
     return IssuedKey(record=record, tenant=tenant, key=key)
 
 
+def _principal_statement(key: str) -> Select[str, str, datetime | None, str, str]:
+    """The key's principal columns (and revocation) by its hash: one indexed lookup joined to the tenant."""
+    return (
+        select(ApiKey.id, ApiKey.prefix, ApiKey.revoked_at, Tenant.id.label("tenant_id"), Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == hash_key(key))
+    )
+
+
+def _principal(row: Row[str, str, datetime | None, str, str] | None) -> Principal | None:
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(tenant_id=row.tenant_id, tenant_name=row.name, key_id=row.id, key_prefix=row.prefix)
+
+
 def authenticate(session: Session, *, key: str) -> Principal | None:
     """The principal for a presented key, or None when it is unknown or revoked."""
     if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    row = session.execute(
-        select(ApiKey, Tenant)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(key))
-    ).first()
-    if row is None:
+    return _principal(session.execute(_principal_statement(key)).first())
+
+
+async def authenticate_async(engine: AsyncEngine, *, key: str, ttl_seconds: float) -> Principal | None:
+    """`authenticate_cached` through the API's asyncio read engine: the lookup runs on the event loop."""
+    if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    api_key, tenant = row
-    if api_key.revoked_at is not None:
-        return None
-    return Principal(
-        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
-    )
+    principal = cached_principal(key) if ttl_seconds > 0 else None
+    if principal is not None:
+        return principal
+    async with engine.connect() as conn:
+        principal = _principal((await conn.execute(_principal_statement(key))).first())
+    if principal is not None and ttl_seconds > 0:
+        principal_cache.put(hash_key(key), principal, ttl_seconds)
+    return principal
 
 
 class PrincipalCache:

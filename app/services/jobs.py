@@ -17,8 +17,9 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -227,13 +228,28 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
     return job
 
 
-def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
-    """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
+def _read_statement(job_id: str) -> Select[Any]:
     table = Job.__table__
-    row = session.execute(select(table).where(table.c.id == job_id)).first()
+    return select(table).where(table.c.id == job_id)
+
+
+def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> JobRead:
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"No job with id '{job_id}'.")
     return to_read(row)
+
+
+def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
+    row = session.execute(_read_statement(job_id)).first()
+    return _read_row(row, job_id=job_id, tenant_id=tenant_id)
+
+
+async def read_async(engine: AsyncEngine, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """`read` on the event loop, through the asyncio read engine (one AUTOCOMMIT SELECT, no thread hop)."""
+    async with engine.connect() as conn:
+        row = (await conn.execute(_read_statement(job_id))).first()
+    return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
 def _encode_cursor(job: Job) -> str:

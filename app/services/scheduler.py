@@ -14,7 +14,6 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.engine import Row
@@ -104,6 +103,10 @@ _HEADS_OF_ELIGIBLE_TENANTS = text(
     ORDER BY queued_at, id LIMIT :limit
     """
 ).bindparams(bindparam("skip", expanding=True))
+# (queued_at, id) of the last job a page considered (every queued job has a queued_at).
+_Cursor = tuple[datetime | None, str]
+# (id, tenant_id, queued_at) of a queued job.
+_QueueRow = Row[str, str | None, datetime | None]
 # Before every real queued_at: the cursor of a first page.
 _START_OF_QUEUE = (datetime(1970, 1, 1, tzinfo=UTC), "")
 
@@ -112,10 +115,10 @@ def _queued_candidates(
     session: Session,
     *,
     limit: int,
-    after: tuple[datetime, str] | None,
+    after: _Cursor | None,
     skip_tenants: Iterable[str],
     postgres: bool,
-) -> tuple[list[Row[Any]], tuple[datetime, str] | None]:
+) -> tuple[list[_QueueRow], _Cursor | None]:
     """The next `limit` queued jobs in line (queued_at, id) after `after`, leaving out `skip_tenants`.
 
     Returns (rows of id, tenant_id, queued_at; the cursor after the last job considered). Without tenants to
@@ -180,7 +183,7 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     full = {tenant_id for tenant_id, count in held.items() if count >= tenant_limit}
     now = utcnow()
     admitted: list[str] = []
-    after: tuple[datetime, str] | None = None
+    after: _Cursor | None = None
     while len(admitted) < free:
         page, after = _queued_candidates(
             session, limit=free - len(admitted), after=after, skip_tenants=full, postgres=postgres

@@ -9,9 +9,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
+from app.api.deps import (
+    AsyncReadEngineDep,
+    CurrentTenantDep,
+    SessionDep,
+    SettingsDep,
+    WakeSchedulerDep,
+)
 from app.core.config import Settings
-from app.core.db import begin_autocommit_read
+from app.core.db import begin_autocommit_read, get_sessionmaker
 from app.models import JobStatus
 from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
 from app.schemas.page import Page
@@ -197,18 +203,18 @@ def start_job(
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
-    # The hot polling path: one worker-thread hop for the query (not one per dependency and one more for
-    # response validation, as a sync endpoint costs).
-    return await run_in_threadpool(_read_job, session, job_id, tenant.tenant_id)
+async def get_job(job_id: JobId, tenant: CurrentTenantDep, read_engine: AsyncReadEngineDep) -> JobRead:
+    # The hot polling path: on PostgreSQL one SELECT on the event loop (asyncio engine, no thread hop, no
+    # request session); on SQLite one worker-thread hop for the query.
+    if read_engine is not None:
+        return await jobs_service.read_async(read_engine, job_id=job_id, tenant_id=tenant.tenant_id)
+    return await run_in_threadpool(_read_job, job_id, tenant.tenant_id)
 
 
-def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
-    try:
+def _read_job(job_id: str, tenant_id: str) -> JobRead:
+    with get_sessionmaker()() as session:  # closed here, in the thread, not on the event loop
         begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
         return jobs_service.read(session, job_id=job_id, tenant_id=tenant_id)
-    finally:
-        session.close()  # returns the connection here, in the thread, not on the event loop
 
 
 @router.get(
