@@ -273,6 +273,15 @@ class WrkResult:
     p99_ms: float
     requests: int
     errors: int
+    # CPU seconds (user + system) the server process spent during the run, per request: far less
+    # sensitive than req/s to what else the machine runs (the database server's CPU is not in it).
+    server_cpu_us_per_request: float = 0.0
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
@@ -333,6 +342,7 @@ class Target:
     list_key: str = ""
     database_url: str = ""
     job_id: str = ""
+    pid: int = 0
 
 
 _SETUP = """
@@ -473,11 +483,14 @@ def run_case(
         argv = [py_spy, "record", "-p", str(pid), "-d", str(duration), "-r", "200", "-f", "raw"]
         argv += ["-o", str(out), "--nonblocking"]
         profiler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cpu_before = process_cpu_seconds(target.pid)
     output = run_wrk(url, connections=case.connections, duration=duration, headers=headers, script=script)
+    cpu = process_cpu_seconds(target.pid) - cpu_before
     if profiler is not None:
         profiler.wait(timeout=60)
     rps, p50, p99, requests, errors = parse_wrk(output)
-    return WrkResult(target.name, case.endpoint, case.connections, rps, p50, p99, requests, errors)
+    cpu_us = cpu / max(requests, 1) * 1e6
+    return WrkResult(target.name, case.endpoint, case.connections, rps, p50, p99, requests, errors, cpu_us)
 
 
 def median_of(results: list[WrkResult], target: str, case: Case) -> dict[str, float] | None:
@@ -492,6 +505,7 @@ def median_of(results: list[WrkResult], target: str, case: Case) -> dict[str, fl
         "requests_per_second": statistics.median(r.requests_per_second for r in runs),
         "p50_ms": statistics.median(r.p50_ms for r in runs),
         "p99_ms": statistics.median(r.p99_ms for r in runs),
+        "server_cpu_us_per_request": statistics.median(r.server_cpu_us_per_request for r in runs),
         "errors": sum(r.errors for r in runs),
         "rounds": len(runs),
     }
@@ -555,7 +569,7 @@ def main() -> None:
                     argv = uvicorn_argv("app.main:app", target.port)
                     cwd = target.root
                 process = stack.enter_context(serve(argv, env, target.port, tmp / f"{target.name}.log", cwd))
-                pids[target.name] = process.pid
+                pids[target.name] = target.pid = process.pid
             import httpx
 
             for target in targets.values():
@@ -582,7 +596,7 @@ def main() -> None:
                             f"round {round_index + 1} {name:7} {case.endpoint[:40]:40} "
                             f"c={case.connections:<3} {result.requests_per_second:9.1f} req/s  "
                             f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
-                            f"errors {result.errors}",
+                            f"cpu {result.server_cpu_us_per_request:6.0f} us/req  errors {result.errors}",
                             flush=True,
                         )
         finally:
@@ -607,7 +621,10 @@ def report(plan: list[Case], results: list[WrkResult], *, with_before: bool) -> 
     """Print medians, ratios to the in-memory app and the goals; return them as records."""
     goals = {"GET": 0.4, "POST": 0.2}
     summary: list[dict[str, Any]] = []
-    print("\nmedians (req/s, p99) and ratios to the in-memory app in the same run:")
+    print(
+        "\nmedians (req/s, p99, server CPU per request) and ratios to the in-memory app in the same run "
+        "(req/s ours / memory; cpu: memory's CPU per request / ours):"
+    )
     for case in plan:
         row: dict[str, Any] = {"endpoint": case.endpoint, "connections": case.connections}
         for name in case.targets:
@@ -616,14 +633,18 @@ def report(plan: list[Case], results: list[WrkResult], *, with_before: bool) -> 
         line = f"  {case.endpoint[:60]:60} c={case.connections:<3}"
         for name in ("ours", "before", "memory"):
             if row.get(name):
-                line += f" {name} {row[name]['requests_per_second']:8.1f}/s p99 {row[name]['p99_ms']:6.1f} ms"
+                figures = row[name]
+                line += f" {name} {figures['requests_per_second']:7.0f}/s p99 {figures['p99_ms']:5.1f} ms"
+                line += f" cpu {figures['server_cpu_us_per_request']:4.0f} us"
         if memory:
             method = case.endpoint.split()[0] if case.endpoint.startswith("POST") else "GET"
             for name in ("ours", "before"):
                 if row.get(name):
                     ratio = row[name]["requests_per_second"] / memory["requests_per_second"]
                     row[f"{name}_ratio"] = round(ratio, 3)
-                    line += f"  {name}/memory {ratio:.3f}x"
+                    cpu_ratio = memory["server_cpu_us_per_request"] / row[name]["server_cpu_us_per_request"]
+                    row[f"{name}_cpu_ratio"] = round(cpu_ratio, 3)
+                    line += f"  {name}/memory {ratio:.3f}x (cpu {cpu_ratio:.3f}x)"
             goal = goals[method]
             row["goal_ratio"] = goal
             line += f"  (goal >= {goal}x: {'met' if row['ours_ratio'] >= goal else 'NOT met'})"

@@ -8,11 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import get_sessionmaker
+from app.core.db import AsyncReads, get_sessionmaker
 from app.core.logging import bind as bind_log_fields
 from app.errors import Forbidden, Unauthorized
 from app.services import auth as auth_service
@@ -35,17 +34,17 @@ async def get_session() -> AsyncIterator[Session]:
             session.close()
 
 
-async def get_async_read_engine(request: Request) -> AsyncEngine | None:
-    """The app's asyncio engine for hot single-statement reads (PostgreSQL, while the lifespan runs).
+async def get_async_reads(request: Request) -> AsyncReads | None:
+    """The app's async pool for hot one-statement reads (PostgreSQL, while the lifespan runs).
 
     None on SQLite, and in an app whose lifespan has not started (a TestClient used without `with`):
     callers then read through a sync session in the thread pool.
     """
-    engine = getattr(request.app.state, "async_read_engine", None)
-    return engine if isinstance(engine, AsyncEngine) else None
+    reads = getattr(request.app.state, "async_reads", None)
+    return reads if isinstance(reads, AsyncReads) else None
 
 
-AsyncReadEngineDep = Annotated[AsyncEngine | None, Depends(get_async_read_engine)]
+AsyncReadsDep = Annotated[AsyncReads | None, Depends(get_async_reads)]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -90,12 +89,12 @@ def _authenticate(key: str, ttl_seconds: float) -> Principal | None:
 async def get_current_tenant(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
-    read_engine: AsyncReadEngineDep,
+    reads: AsyncReadsDep,
 ) -> Principal:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
 
     A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop; otherwise the
-    lookup runs on the event loop too (PostgreSQL's asyncio read engine), or in the thread pool (SQLite).
+    lookup runs on the event loop too (PostgreSQL's async read pool), or in the thread pool (SQLite).
     No request session is opened for it: the hot reads need none.
     """
     if credentials is None:
@@ -103,8 +102,8 @@ async def get_current_tenant(
     key = credentials.credentials
     ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
     principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
-    if principal is None and read_engine is not None:
-        principal = await auth_service.authenticate_async(read_engine, key=key, ttl_seconds=ttl_seconds)
+    if principal is None and reads is not None:
+        principal = await auth_service.authenticate_async(reads, key=key, ttl_seconds=ttl_seconds)
     elif principal is None:
         principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
     if principal is None:

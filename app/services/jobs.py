@@ -17,12 +17,12 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Row
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import AsyncReads, compile_for_psycopg
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
@@ -228,9 +228,9 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
     return job
 
 
-def _read_statement(job_id: str) -> Select[Any]:
-    table = Job.__table__
-    return select(table).where(table.c.id == job_id)
+# Built once: the polled read pays neither statement construction nor a cache-key walk of a new object.
+_READ_JOB = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
+_READ_JOB_SQL = compile_for_psycopg(_READ_JOB)
 
 
 def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> JobRead:
@@ -241,14 +241,13 @@ def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> Jo
 
 def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
     """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
-    row = session.execute(_read_statement(job_id)).first()
+    row = session.execute(_READ_JOB, {"job_id": job_id}).first()
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
-async def read_async(engine: AsyncEngine, *, job_id: str, tenant_id: str | None) -> JobRead:
-    """`read` on the event loop, through the asyncio read engine (one AUTOCOMMIT SELECT, no thread hop)."""
-    async with engine.connect() as conn:
-        row = (await conn.execute(_read_statement(job_id))).first()
+async def read_async(reads: AsyncReads, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
+    row = await reads.fetch_one(_READ_JOB_SQL, {"job_id": job_id})
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import (
-    AsyncReadEngineDep,
+    AsyncReadsDep,
     CurrentTenantDep,
     SessionDep,
     SettingsDep,
@@ -203,11 +203,11 @@ def start_job(
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 422, 503),
 )
-async def get_job(job_id: JobId, tenant: CurrentTenantDep, read_engine: AsyncReadEngineDep) -> JobRead:
-    # The hot polling path: on PostgreSQL one SELECT on the event loop (asyncio engine, no thread hop, no
+async def get_job(job_id: JobId, tenant: CurrentTenantDep, reads: AsyncReadsDep) -> JobRead:
+    # The hot polling path: on PostgreSQL one SELECT on the event loop (async read pool, no thread hop, no
     # request session); on SQLite one worker-thread hop for the query.
-    if read_engine is not None:
-        return await jobs_service.read_async(read_engine, job_id=job_id, tenant_id=tenant.tenant_id)
+    if reads is not None:
+        return await jobs_service.read_async(reads, job_id=job_id, tenant_id=tenant.tenant_id)
     return await run_in_threadpool(_read_job, job_id, tenant.tenant_id)
 
 
