@@ -12,7 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers
 from app.core.config import Settings, get_settings
-from app.core.db import get_engine, get_sessionmaker, make_async_reads
+from app.core.db import get_engine, get_sessionmaker, make_async_db
 from app.core.logging import configure_logging
 from app.errors import install_exception_handlers
 from app.services.metrics import HttpMetricsMiddleware, build_registry
@@ -55,17 +55,17 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         configure_logging(fmt=app_settings.log_format, level=app_settings.log_level)
         app_settings.ensure_dirs()
         _seed_teachers_if_migrated()
-        # The hot reads' async pool lives on this loop (PostgreSQL only; see app.core.db.AsyncReads).
-        reads = make_async_reads(app_settings.resolved_database_url)
-        if reads is not None:
-            await reads.open()
-        app.state.async_reads = reads
+        # The hot paths' async pool lives on this loop (PostgreSQL only; see app.core.db.AsyncDb).
+        async_db = make_async_db(app_settings.resolved_database_url)
+        if async_db is not None:
+            await async_db.open()
+        app.state.async_db = async_db
         try:
             yield
         finally:
-            app.state.async_reads = None
-            if reads is not None:
-                await reads.close()
+            app.state.async_db = None
+            if async_db is not None:
+                await async_db.close()
 
     app = FastAPI(
         title="Distillery",
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     )
     app.state.settings = app_settings
     app.state.wake_scheduler = wake_scheduler
-    app.state.async_reads = None  # until the lifespan starts
+    app.state.async_db = None  # until the lifespan starts
     install_exception_handlers(app)
     # One registry per app (tests build several); the database figures are read at scrape time.
     registry, http_latency = build_registry(lambda: get_sessionmaker()())

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import AsyncReads, get_sessionmaker
+from app.core.db import AsyncDb, get_sessionmaker
 from app.core.logging import bind as bind_log_fields
 from app.errors import Forbidden, Unauthorized
 from app.services import auth as auth_service
@@ -34,17 +34,17 @@ async def get_session() -> AsyncIterator[Session]:
             session.close()
 
 
-async def get_async_reads(request: Request) -> AsyncReads | None:
-    """The app's async pool for hot one-statement reads (PostgreSQL, while the lifespan runs).
+async def get_async_db(request: Request) -> AsyncDb | None:
+    """The app's async pool for hot one-statement work (PostgreSQL, while the lifespan runs).
 
     None on SQLite, and in an app whose lifespan has not started (a TestClient used without `with`):
     callers then read through a sync session in the thread pool.
     """
-    reads = getattr(request.app.state, "async_reads", None)
-    return reads if isinstance(reads, AsyncReads) else None
+    db = getattr(request.app.state, "async_db", None)
+    return db if isinstance(db, AsyncDb) else None
 
 
-AsyncReadsDep = Annotated[AsyncReads | None, Depends(get_async_reads)]
+AsyncDbDep = Annotated[AsyncDb | None, Depends(get_async_db)]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -89,7 +89,7 @@ def _authenticate(key: str, ttl_seconds: float) -> Principal | None:
 async def get_current_tenant(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
-    reads: AsyncReadsDep,
+    db: AsyncDbDep,
 ) -> Principal:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
 
@@ -102,8 +102,8 @@ async def get_current_tenant(
     key = credentials.credentials
     ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
     principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
-    if principal is None and reads is not None:
-        principal = await auth_service.authenticate_async(reads, key=key, ttl_seconds=ttl_seconds)
+    if principal is None and db is not None:
+        principal = await auth_service.authenticate_async(db, key=key, ttl_seconds=ttl_seconds)
     elif principal is None:
         principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
     if principal is None:

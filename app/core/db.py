@@ -14,7 +14,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from sqlalchemy import ClauseElement, Engine, create_engine, event
 from sqlalchemy.dialects.postgresql import psycopg as psycopg_dialect
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DisconnectionError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import get_settings
@@ -90,9 +90,9 @@ def begin_autocommit_read(session: Session) -> None:
     session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
-# The API process's async read pool: connections, and how long a request waits for one before a 503.
-ASYNC_READ_POOL_SIZE = 10
-ASYNC_READ_WAIT_SECONDS = 3.0
+# The API process's async pool: connections, and how long a request waits for one before a 503.
+ASYNC_DB_POOL_SIZE = 10
+ASYNC_DB_WAIT_SECONDS = 3.0
 
 
 def compile_for_psycopg(statement: ClauseElement) -> str:
@@ -105,16 +105,18 @@ def compile_for_psycopg(statement: ClauseElement) -> str:
     return str(statement.compile(dialect=psycopg_dialect.dialect()))
 
 
-class AsyncReads:
-    """PostgreSQL: a psycopg 3 async connection pool (psycopg_pool) for the API's hot one-statement reads.
+class AsyncDb:
+    """PostgreSQL: a psycopg 3 async connection pool (psycopg_pool) for the API's hot one-statement work.
 
-    They run on the event loop: no worker-thread hop and no GIL hand-off per request, which is what the
-    thread pool costs a read that takes a fraction of a millisecond. Connections are autocommit (each read
-    is one statement: no BEGIN/ROLLBACK round trips) and session time zone UTC (rows read as UTC, like
-    `UTCDateTime`); never write through them. Rows are named tuples (attribute access, as Core rows).
-    Opened and closed by the app's lifespan, on the loop that uses it. A read that meets a dropped
-    connection (server restart) is retried once on another; a second failure, or no free connection within
-    ASYNC_READ_WAIT_SECONDS, raises SQLAlchemy's OperationalError, which the API answers with a 503.
+    The polled job read, the key lookup and the create of a pending job (one data-modifying statement) run
+    on the event loop: no worker-thread hop and no GIL hand-off per request, which is what the thread pool
+    costs work that takes a fraction of a millisecond. Connections are autocommit (each call is one
+    statement, atomic on its own: no BEGIN/COMMIT round trips) with session time zone UTC (rows read as
+    UTC, like `UTCDateTime`). Rows are named tuples (attribute access, as Core rows). Opened and closed by
+    the app's lifespan, on the loop that uses it. A read that meets a dropped connection (server restart)
+    is retried once on another (a write is not: it may have committed); a failure, or no free connection
+    within ASYNC_DB_WAIT_SECONDS, raises SQLAlchemy's OperationalError, which the API answers with a 503.
+    Anything needing a transaction of several statements or locks goes through the sync engine.
     """
 
     def __init__(self, url: str) -> None:
@@ -122,8 +124,8 @@ class AsyncReads:
         self._pool = AsyncConnectionPool(
             conninfo,
             min_size=1,
-            max_size=ASYNC_READ_POOL_SIZE,
-            timeout=ASYNC_READ_WAIT_SECONDS,
+            max_size=ASYNC_DB_POOL_SIZE,
+            timeout=ASYNC_DB_WAIT_SECONDS,
             open=False,
             name="api-reads",
             kwargs={"autocommit": True, "options": "-c TimeZone=UTC", "row_factory": namedtuple_row},
@@ -135,8 +137,11 @@ class AsyncReads:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def fetch_one(self, sql: str, params: Mapping[str, Any]) -> Any | None:
-        """The first row of `sql` (from `compile_for_psycopg`) with `params`, or None."""
+    async def fetch_one(self, sql: str, params: Mapping[str, Any], *, retry: bool = True) -> Any | None:
+        """The first row of `sql` (psycopg `%(name)s` parameters) with `params`, or None.
+
+        `retry=False` for a statement that writes: a dropped connection may have committed it.
+        """
         for attempt in (1, 2):
             try:
                 async with self._pool.connection() as conn:
@@ -145,16 +150,24 @@ class AsyncReads:
             except PoolTimeout as exc:
                 raise OperationalError(sql, dict(params), exc) from exc
             except psycopg.OperationalError as exc:
-                if attempt == 2:
-                    raise OperationalError(sql, dict(params), exc) from exc
+                if attempt == 2 or not retry:
+                    raise _as_sqlalchemy_error(sql, params, exc) from exc
                 # The pool discards the broken connection; try once more on another.
+            except psycopg.Error as exc:
+                raise _as_sqlalchemy_error(sql, params, exc) from exc
         raise AssertionError("unreachable")
 
 
-def make_async_reads(url: str) -> AsyncReads | None:
+def _as_sqlalchemy_error(sql: str, params: Mapping[str, Any], exc: psycopg.Error) -> Exception:
+    """psycopg's error as the SQLAlchemy one the sync engine raises (DataError, OperationalError, ...), so
+    the API's handlers answer both paths alike (a NUL byte: 422; the server gone: 503)."""
+    return DBAPIError.instance(sql, dict(params), exc, psycopg.Error)
+
+
+def make_async_db(url: str) -> AsyncDb | None:
     """The async read pool for `url`; None on SQLite: the embedded default keeps its sync engine in the
     thread pool (a local file read is cheap, and there is no async driver to install)."""
-    return None if is_sqlite(url) else AsyncReads(url)
+    return None if is_sqlite(url) else AsyncDb(url)
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from app.core.db import AsyncReads, compile_for_psycopg
+from app.core.db import AsyncDb, compile_for_psycopg
 from app.errors import NotFound
 from app.models import ApiKey, Tenant, utcnow
 from app.services import tenants as tenants_service
@@ -94,7 +94,7 @@ def authenticate(session: Session, *, key: str) -> Principal | None:
     return _principal(session.execute(_PRINCIPAL_BY_HASH, {"key_hash": hash_key(key)}).first())
 
 
-async def authenticate_async(reads: AsyncReads, *, key: str, ttl_seconds: float) -> Principal | None:
+async def authenticate_async(db: AsyncDb, *, key: str, ttl_seconds: float) -> Principal | None:
     """`authenticate_cached` through the API's async read pool: the lookup runs on the event loop."""
     if not key or len(key) > MAX_KEY_LENGTH:
         return None
@@ -102,7 +102,7 @@ async def authenticate_async(reads: AsyncReads, *, key: str, ttl_seconds: float)
     if principal is not None:
         return principal
     key_hash = hash_key(key)
-    principal = _principal(await reads.fetch_one(_PRINCIPAL_BY_HASH_SQL, {"key_hash": key_hash}))
+    principal = _principal(await db.fetch_one(_PRINCIPAL_BY_HASH_SQL, {"key_hash": key_hash}))
     if principal is not None and ttl_seconds > 0:
         principal_cache.put(key_hash, principal, ttl_seconds)
     return principal

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from app.core.db import AsyncReads, make_async_reads, session_scope
+from app.core.db import AsyncDb, make_async_db, session_scope
 from app.errors import NotFound
 from app.models import Job, JobStatus, utcnow
 from app.services import jobs as jobs_service
@@ -60,43 +60,43 @@ def test_read_matches_the_orm_view_and_hides_other_tenants_jobs(clean_database: 
 
 
 @pytest.fixture()
-def async_reads(clean_database: str) -> AsyncReads:
-    reads = make_async_reads(clean_database)
+def async_db(clean_database: str) -> AsyncDb:
+    reads = make_async_db(clean_database)
     if reads is None:
         pytest.skip("the async read pool is PostgreSQL's (SQLite reads through the sync engine)")
     return reads
 
 
-def test_read_async_matches_the_orm_view_and_hides_other_tenants_jobs(async_reads: AsyncReads) -> None:
+def test_read_async_matches_the_orm_view_and_hides_other_tenants_jobs(async_db: AsyncDb) -> None:
     job_id, tenant_id, other_id = _stored_job()
     with session_scope() as session:
         via_orm = jobs_service.to_read(jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant_id))
 
     async def reads() -> None:
-        await async_reads.open()
+        await async_db.open()
         try:
-            via_pool = await jobs_service.read_async(async_reads, job_id=job_id, tenant_id=tenant_id)
+            via_pool = await jobs_service.read_async(async_db, job_id=job_id, tenant_id=tenant_id)
             assert via_pool == via_orm
             # Byte for byte the same response (time zones included: the pool's sessions read UTC).
             assert via_pool.model_dump_json() == via_orm.model_dump_json()
             with pytest.raises(NotFound):
-                await jobs_service.read_async(async_reads, job_id=job_id, tenant_id=other_id)
+                await jobs_service.read_async(async_db, job_id=job_id, tenant_id=other_id)
             with pytest.raises(NotFound):
-                await jobs_service.read_async(async_reads, job_id="no-such-job", tenant_id=tenant_id)
+                await jobs_service.read_async(async_db, job_id="no-such-job", tenant_id=tenant_id)
         finally:
-            await async_reads.close()
+            await async_db.close()
 
     asyncio.run(reads())
 
 
-def test_read_async_survives_a_dropped_connection(async_reads: AsyncReads) -> None:
+def test_read_async_survives_a_dropped_connection(async_db: AsyncDb) -> None:
     """A server-side disconnect (restart, idle timeout) costs one retry on another connection, not a 503."""
     job_id, tenant_id, _ = _stored_job()
 
     async def reads() -> None:
-        await async_reads.open()
+        await async_db.open()
         try:
-            await jobs_service.read_async(async_reads, job_id=job_id, tenant_id=tenant_id)
+            await jobs_service.read_async(async_db, job_id=job_id, tenant_id=tenant_id)
             with session_scope() as session:  # end every backend of the pool ("api-reads" connections)
                 dropped = session.scalars(
                     text(
@@ -106,9 +106,9 @@ def test_read_async_survives_a_dropped_connection(async_reads: AsyncReads) -> No
                     )
                 ).all()
             assert dropped and all(dropped)
-            read = await jobs_service.read_async(async_reads, job_id=job_id, tenant_id=tenant_id)
+            read = await jobs_service.read_async(async_db, job_id=job_id, tenant_id=tenant_id)
             assert read.job_id == job_id
         finally:
-            await async_reads.close()
+            await async_db.close()
 
     asyncio.run(reads())
