@@ -312,7 +312,7 @@ async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobR
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
-def _encode_cursor(job: Job) -> str:
+def _encode_cursor(job: Job | Row[Any]) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -334,6 +334,26 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, job_id
 
 
+# What a list page shows, and no more: the spec's three summary fields are extracted by the database, so a
+# page never loads (or decodes) the specs, metrics and results of its 50 jobs.
+_SUMMARY_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.progress,
+    Job.phase,
+    Job.teacher_model_name,
+    Job.spec["target_compression"].as_float().label("target_compression"),
+    Job.spec["distillation_method"].as_string().label("distillation_method"),
+    Job.spec["task"].as_string().label("task"),
+    Job.attempt,
+    Job.created_at,
+    Job.queued_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+)
+
+
 def list_page(
     session: Session,
     *,
@@ -342,9 +362,14 @@ def list_page(
     statuses: Iterable[str] = (),
     teacher: str | None = None,
     tenant_id: str | None,
-) -> tuple[list[Job], bool, str | None]:
-    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, cursor)."""
-    query = select(Job)
+) -> tuple[list[Row[Any]], bool, str | None]:
+    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (rows, has_more, cursor).
+
+    Rows carry the summary columns (`to_summary` turns one into a JobSummary). With the tenant's
+    (tenant_id, created_at, id) indexes (and their status and teacher variants, migration 0005) a page
+    reads its rows in index order from the cursor on: its cost does not grow with the tenant's job count.
+    """
+    query = select(*_SUMMARY_COLUMNS)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
     status_list = list(statuses)
@@ -357,7 +382,7 @@ def list_page(
         query = query.where(
             or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
         )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
+    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
     has_more = len(rows) > limit
     page = rows[:limit]
     return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
@@ -518,17 +543,28 @@ def to_read(job: Job | Row[Any]) -> JobRead:
     )
 
 
-def to_summary(job: Job) -> JobSummary:
-    spec = job.spec or {}
+def to_summary(job: Job | Row[Any]) -> JobSummary:
+    """A job in a list: from a `list_page` row (the spec's fields extracted in SQL) or an ORM instance."""
+    if isinstance(job, Job):
+        spec = job.spec or {}
+        target_compression = spec.get("target_compression")
+        distillation_method = spec.get("distillation_method")
+        task = spec.get("task")
+    else:
+        target_compression, distillation_method, task = (
+            job.target_compression,
+            job.distillation_method,
+            job.task,
+        )
     return JobSummary(
         job_id=job.id,
         status=job.status,
         progress=min(100.0, max(0.0, job.progress or 0.0)),
         phase=job.phase,
         teacher_model_name=job.teacher_model_name,
-        target_compression=spec.get("target_compression"),
-        distillation_method=spec.get("distillation_method"),
-        task=spec.get("task"),
+        target_compression=target_compression,
+        distillation_method=distillation_method,
+        task=task,
         attempt=job.attempt,
         created_at=job.created_at,
         queued_at=job.queued_at,
