@@ -102,7 +102,13 @@ def compile_for_psycopg(statement: ClauseElement) -> str:
     execution machinery (compile-cache lookup, result metadata, greenlet hop), which costs about twice the
     driver's own work for a one-row read.
     """
-    return str(statement.compile(dialect=psycopg_dialect.dialect()))
+    return compile_for_psycopg_with_constants(statement)[0]
+
+
+def compile_for_psycopg_with_constants(statement: ClauseElement) -> tuple[str, dict[str, Any]]:
+    """`compile_for_psycopg`, and the values of the binds the statement fixed itself (e.g. JSON keys)."""
+    compiled = statement.compile(dialect=psycopg_dialect.dialect())
+    return str(compiled), {name: value for name, value in compiled.params.items() if value is not None}
 
 
 class AsyncDb:
@@ -142,11 +148,22 @@ class AsyncDb:
 
         `retry=False` for a statement that writes: a dropped connection may have committed it.
         """
+        rows = await self._fetch(sql, params, retry=retry, first=True)
+        return rows[0] if rows else None
+
+    async def fetch_all(self, sql: str, params: Mapping[str, Any]) -> list[Any]:
+        """Every row of the read `sql` with `params`."""
+        return await self._fetch(sql, params, retry=True, first=False)
+
+    async def _fetch(self, sql: str, params: Mapping[str, Any], *, retry: bool, first: bool) -> list[Any]:
         for attempt in (1, 2):
             try:
                 async with self._pool.connection() as conn:
                     cursor = await conn.execute(sql, params)
-                    return await cursor.fetchone()
+                    if first:
+                        row = await cursor.fetchone()
+                        return [] if row is None else [row]
+                    return await cursor.fetchall()
             except PoolTimeout as exc:
                 raise OperationalError(sql, dict(params), exc) from exc
             except psycopg.OperationalError as exc:

@@ -14,16 +14,18 @@ import logging
 import math
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.core.db import AsyncDb, compile_for_psycopg
+from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, new_id, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
@@ -312,7 +314,7 @@ async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobR
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
-def _encode_cursor(job: Job | Row[Any]) -> str:
+def _encode_cursor(job: Any) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -354,6 +356,64 @@ _SUMMARY_COLUMNS = (
 )
 
 
+@dataclass(frozen=True)
+class _ListShape:
+    """Which filters a list query has: each shape is one statement, built (and compiled) once."""
+
+    tenant: bool
+    statuses: bool
+    teacher: bool
+    cursor: bool
+
+
+@lru_cache(maxsize=64)
+def _list_statement(shape: _ListShape, *, status_any: bool) -> Select[Any]:
+    """The list query of `shape` with bind parameters; `status_any`: `status = ANY(array)` (one bind,
+    for the psycopg text) instead of an expanding IN (SQLAlchemy's execution)."""
+    query = select(*_SUMMARY_COLUMNS)
+    if shape.tenant:
+        query = query.where(Job.tenant_id == bindparam("tenant_id"))
+    if shape.statuses:
+        if status_any:
+            query = query.where(Job.status == func.any(bindparam("statuses")))
+        else:
+            query = query.where(Job.status.in_(bindparam("statuses", expanding=True)))
+    if shape.teacher:
+        query = query.where(Job.teacher_model_name == bindparam("teacher"))
+    if shape.cursor:
+        after_at = bindparam("after_at", type_=Job.__table__.c.created_at.type)
+        query = query.where(
+            or_(Job.created_at < after_at, and_(Job.created_at == after_at, Job.id < bindparam("after_id")))
+        )
+    return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit"))
+
+
+@lru_cache(maxsize=64)
+def _list_sql(shape: _ListShape) -> tuple[str, dict[str, Any]]:
+    """`_list_statement` as psycopg text, and the values of its constant binds (the spec's JSON keys)."""
+    return compile_for_psycopg_with_constants(_list_statement(shape, status_any=True))
+
+
+def _list_query(
+    *, limit: int, cursor: str | None, statuses: Iterable[str], teacher: str | None, tenant_id: str | None
+) -> tuple[_ListShape, dict[str, Any]]:
+    status_list = list(statuses)
+    params: dict[str, Any] = {"limit": limit + 1, "tenant_id": tenant_id, "statuses": status_list}
+    params["teacher"] = teacher
+    if cursor:
+        params["after_at"], params["after_id"] = _decode_cursor(cursor)
+    shape = _ListShape(
+        tenant=tenant_id is not None, statuses=bool(status_list), teacher=bool(teacher), cursor=bool(cursor)
+    )
+    return shape, params
+
+
+def _page_of(rows: list[Any], limit: int) -> tuple[list[Any], bool, str | None]:
+    has_more = len(rows) > limit
+    page = rows[:limit]
+    return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
+
+
 def list_page(
     session: Session,
     *,
@@ -369,23 +429,29 @@ def list_page(
     (tenant_id, created_at, id) indexes (and their status and teacher variants, migration 0005) a page
     reads its rows in index order from the cursor on: its cost does not grow with the tenant's job count.
     """
-    query = select(*_SUMMARY_COLUMNS)
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    status_list = list(statuses)
-    if status_list:
-        query = query.where(Job.status.in_(status_list))
-    if teacher:
-        query = query.where(Job.teacher_model_name == teacher)
-    if cursor:
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    rows = list(session.execute(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
-    has_more = len(rows) > limit
-    page = rows[:limit]
-    return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
+    shape, params = _list_query(
+        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+    )
+    rows = list(session.execute(_list_statement(shape, status_any=False), params).all())
+    return _page_of(rows, limit)
+
+
+async def list_page_async(
+    db: AsyncDb,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    statuses: Iterable[str] = (),
+    teacher: str | None = None,
+    tenant_id: str,
+) -> tuple[list[Any], bool, str | None]:
+    """`list_page` on the event loop through the async pool: the same statement, compiled once per shape."""
+    shape, params = _list_query(
+        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+    )
+    sql, constants = _list_sql(shape)
+    rows = await db.fetch_all(sql, constants | params)
+    return _page_of(rows, limit)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -543,7 +609,7 @@ def to_read(job: Job | Row[Any]) -> JobRead:
     )
 
 
-def to_summary(job: Job | Row[Any]) -> JobSummary:
+def to_summary(job: Any) -> JobSummary:
     """A job in a list: from a `list_page` row (the spec's fields extracted in SQL) or an ORM instance."""
     if isinstance(job, Job):
         spec = job.spec or {}

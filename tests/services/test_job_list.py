@@ -3,15 +3,21 @@ exactly as before: each summary equals the one built from the whole ORM row."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from typing import Any
 
-from app.core.db import session_scope
+import pytest
+
+from app.core.db import make_async_db, session_scope
 from app.models import Job, JobStatus, utcnow
+from app.schemas.jobs import JobSummary
 from app.services import jobs as jobs_service
 from app.services import tenants as tenants_service
 
 
-def test_list_summaries_match_the_orm_rows_and_page_by_cursor(clean_database: str) -> None:
+def _store_jobs() -> str:
+    """Seven jobs of one tenant (mixed specs, statuses, teachers, errors) and one of another; the tenant."""
     now = utcnow()
     specs = [
         {
@@ -39,7 +45,11 @@ def test_list_summaries_match_the_orm_rows_and_page_by_cursor(clean_database: st
                 )
             )
         session.add(Job(spec=specs[0], teacher_model_name="gpt2", tenant_id=other.id))
-        tenant_id = tenant.id
+        return tenant.id
+
+
+def test_list_summaries_match_the_orm_rows_and_page_by_cursor(clean_database: str) -> None:
+    tenant_id = _store_jobs()
     with session_scope() as session:
         orm_jobs = session.query(Job).filter(Job.tenant_id == tenant_id).order_by(Job.created_at.desc()).all()
         expected = [jobs_service.to_summary(job) for job in orm_jobs]
@@ -59,3 +69,49 @@ def test_list_summaries_match_the_orm_rows_and_page_by_cursor(clean_database: st
         assert [jobs_service.to_summary(r) for r in failed_gpt] == [
             s for s in expected if s.status == "failed"
         ]
+
+
+def test_async_list_pages_like_the_sync_one(clean_database: str) -> None:
+    db = make_async_db(clean_database)
+    if db is None:
+        pytest.skip("the async pool is PostgreSQL's (SQLite lists through the sync engine)")
+    tenant_id = _store_jobs()
+    queries: list[dict[str, Any]] = [
+        {},
+        {"statuses": ["failed"]},
+        {"statuses": ["failed", "completed"], "teacher": "gpt2"},
+        {"teacher": "digits-cnn"},
+    ]
+
+    async def pages(query: dict[str, Any]) -> list[list[JobSummary]]:
+        out, cursor = [], None
+        while True:
+            rows, has_more, cursor = await jobs_service.list_page_async(
+                db, limit=2, cursor=cursor, tenant_id=tenant_id, **query
+            )
+            out.append([jobs_service.to_summary(row) for row in rows])
+            if not has_more:
+                return out
+
+    async def run() -> list[list[list[JobSummary]]]:
+        await db.open()
+        try:
+            return [await pages(query) for query in queries]
+        finally:
+            await db.close()
+
+    got = asyncio.run(run())
+    with session_scope() as session:
+        for query, async_pages in zip(queries, got, strict=True):
+            sync_pages, cursor = [], None
+            while True:
+                rows, has_more, cursor = jobs_service.list_page(
+                    session, limit=2, cursor=cursor, tenant_id=tenant_id, **query
+                )
+                sync_pages.append([jobs_service.to_summary(row) for row in rows])
+                if not has_more:
+                    break
+            assert async_pages == sync_pages, query
+            assert [s.model_dump_json() for p in async_pages for s in p] == [
+                s.model_dump_json() for p in sync_pages for s in p
+            ]
