@@ -18,8 +18,10 @@ GET >= 0.4x, POST >= 0.2x) and the list p99 (goal <= 30 ms). Figures, not pass/f
     DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres BROKER_URL=redis://127.0.0.1:6379/0 \
         .venv/bin/python bench/bench_api.py [--before /tmp/perf-before] [--rounds 3] [--duration 15] [--quick]
 
-Full run: 10 wrk runs per round (14 with --before) x 15 s x 3 rounds = 7.5 min (10.5 min with --before),
-plus about 30 s of setup. --quick: 1 round of 5 s runs (about 1-1.5 min), for direction only.
+Full run: 10 wrk runs per round x 15 s x 3 rounds = 7.5 min of load plus about 20 s of setup; with --before,
+16 runs per round = 12 min. --quick: 1 round of 5 s runs (under a minute; 1.3 min with --before), for
+direction only. Each run also reports the server process's CPU time per request (from /proc), which a busy
+machine distorts far less than req/s.
 """
 
 from __future__ import annotations
