@@ -88,7 +88,6 @@ _CREATE_EXAMPLES: dict[str, Any] = {
     },
 )
 async def create_job(
-    session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenantDep,
     wake: WakeSchedulerDep,
@@ -111,11 +110,27 @@ async def create_job(
             response.headers["Location"] = f"/distillation/jobs/{read.job_id}"
             return read
     return await run_in_threadpool(
-        _create_job, session, settings, tenant, wake, background, response, request, idempotency_key
+        _create_job, settings, tenant, wake, background, response, request, idempotency_key
     )
 
 
 def _create_job(
+    settings: Settings,
+    tenant: Principal,
+    wake: bool,
+    background: BackgroundTasks,
+    response: Response,
+    request: JobCreate,
+    idempotency_key: str | None,
+) -> Any:
+    # Its own session, opened in the thread: the one-statement path above needs none.
+    with get_sessionmaker()() as session:
+        return _create_job_in_session(
+            session, settings, tenant, wake, background, response, request, idempotency_key
+        )
+
+
+def _create_job_in_session(
     session: Session,
     settings: Settings,
     tenant: Principal,
