@@ -288,6 +288,11 @@ class JobRead(BaseModel):
     metrics: dict[str, Any] | None = Field(description="The latest metrics the worker reported")
     results: dict[str, Any] | None = Field(description="DistillationResults once completed")
     error: JobError | None = Field(description="{code, message} once failed")
+    queue_reason: str | None = Field(
+        default=None,
+        description="Why a queued job is not admitted yet, when it asks for more devices "
+        "(training_config.world_size) than any live worker offers; null otherwise",
+    )
 
 
 class JobEventRead(BaseModel):

@@ -20,18 +20,18 @@ from functools import lru_cache
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
+from app.core.config import Settings, get_settings
 from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
-from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, new_id, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
-from app.services import file_roots
+from app.services import file_roots, heartbeats
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -238,6 +238,7 @@ def create(
         job.status = JobStatus.queued
         job.queued_at = now
         record_state_change(session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued)
+        _note_capacity_wait(session, job, settings)
     if commit:
         session.commit()
     else:
@@ -332,8 +333,23 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
 
 
 # Built once: the polled read pays neither statement construction nor a cache-key walk of a new object.
-_READ_JOB = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
+# A queued job's read also says the most devices a live worker offers (for `queue_reason`); other states
+# skip that subquery (CASE), so the polled read of a running job costs what it did.
+_LIVE_DEVICES = (
+    select(func.max(heartbeats.offered_devices()))
+    .where(ServiceHeartbeat.kind == "worker", ServiceHeartbeat.last_seen_at >= bindparam("live_since"))
+    .scalar_subquery()
+)
+_READ_JOB = select(
+    Job.__table__,
+    case((Job.__table__.c.status == JobStatus.queued.value, _LIVE_DEVICES), else_=None).label("live_devices"),
+).where(Job.__table__.c.id == bindparam("job_id"))
 _READ_JOB_SQL = compile_for_psycopg(_READ_JOB)
+
+
+def _read_params(job_id: str) -> dict[str, Any]:
+    since = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout)
+    return {"job_id": job_id, "live_since": since}
 
 
 def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> JobRead:
@@ -344,13 +360,13 @@ def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> Jo
 
 def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
     """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
-    row = session.execute(_READ_JOB, {"job_id": job_id}).first()
+    row = session.execute(_READ_JOB, _read_params(job_id)).first()
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
 async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
     """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
-    row = await db.fetch_one(_READ_JOB_SQL, {"job_id": job_id})
+    row = await db.fetch_one(_READ_JOB_SQL, _read_params(job_id))
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
@@ -530,6 +546,7 @@ def start(
     record_state_change(
         session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued, attempt=job.attempt
     )
+    _note_capacity_wait(session, job, settings)
     if commit:
         session.commit()
     else:
@@ -597,6 +614,14 @@ def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: 
         shutil.rmtree(job_dir)
 
 
+def _note_capacity_wait(session: Session, job: Job, settings: Settings) -> None:
+    """A just-queued job larger than every live worker gets a `queue` event saying why it waits."""
+    from app.services import scheduler
+
+    session.flush()
+    scheduler.note_capacity_wait(session, job=job, settings=settings)
+
+
 def wake_scheduler(settings: Settings) -> None:
     """Ask for admission right away (after a commit); a failure is logged, the scheduler's tick retries."""
     from app.services import scheduler
@@ -646,7 +671,18 @@ def to_read(job: Job | Row[Any]) -> JobRead:
         metrics=job.metrics,
         results=job.results,
         error=_error(job),
+        queue_reason=_queue_reason(job),
     )
+
+
+def _queue_reason(job: Job | Row[Any]) -> str | None:
+    """Why a queued job is not admitted yet, when it is larger than every live worker (reads only)."""
+    if job.status != JobStatus.queued:
+        return None
+    from app.services.scheduler import capacity_wait_reason
+
+    world_size = int(((job.spec or {}).get("training_config") or {}).get("world_size") or 1)
+    return capacity_wait_reason(world_size, getattr(job, "live_devices", None))
 
 
 def to_summary(job: Any) -> JobSummary:
