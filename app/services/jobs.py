@@ -25,7 +25,7 @@ from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_constants
+from app.core.db import AsyncDb, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
@@ -336,7 +336,7 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
 # A queued job's read also says the most devices a live worker offers (for `queue_reason`); other states
 # skip that subquery (CASE), so the polled read of a running job costs what it did.
 _LIVE_DEVICES = (
-    select(func.max(heartbeats.offered_devices()))
+    select(func.coalesce(func.max(heartbeats.offered_devices()), 0))
     .where(ServiceHeartbeat.kind == "worker", ServiceHeartbeat.last_seen_at >= bindparam("live_since"))
     .scalar_subquery()
 )
@@ -344,7 +344,7 @@ _READ_JOB = select(
     Job.__table__,
     case((Job.__table__.c.status == JobStatus.queued.value, _LIVE_DEVICES), else_=None).label("live_devices"),
 ).where(Job.__table__.c.id == bindparam("job_id"))
-_READ_JOB_SQL = compile_for_psycopg(_READ_JOB)
+_READ_JOB_SQL, _READ_JOB_CONSTANTS = compile_for_psycopg_with_constants(_READ_JOB)
 
 
 def _read_params(job_id: str) -> dict[str, Any]:
@@ -366,7 +366,7 @@ def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
 
 async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
     """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
-    row = await db.fetch_one(_READ_JOB_SQL, _read_params(job_id))
+    row = await db.fetch_one(_READ_JOB_SQL, _READ_JOB_CONSTANTS | _read_params(job_id))
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
