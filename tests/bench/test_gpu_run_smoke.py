@@ -14,9 +14,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_gpu_run_smoke_writes_one_json_of_figures(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     data_dir = Path(os.environ["DATA_DIR"])  # the suite's DATA_DIR: the digits teacher is built once there
+    command = [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--smoke", "--out", str(out)]
     done = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu_run.py"), "--smoke", "--out", str(out)]
-        + ["--data-dir", str(data_dir), "--step-timeout", "300"],
+        [*command, "--data-dir", str(data_dir), "--step-timeout", "300"],
         cwd=REPO,
         env=os.environ | {"PYTHONPATH": str(REPO)},
         capture_output=True,
