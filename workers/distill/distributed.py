@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import threading
 import time
@@ -284,6 +285,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 def _rank_main(launch: RankLaunch, job: RankJob, events: Any, stop_flag: Any) -> None:
     """One rank: join the group, run the job's phases, report how it ended to the parent."""
+    # Ctrl-C reaches the whole terminal process group: the parent turns it into a stop the ranks share.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(launch.parent_pid)
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
