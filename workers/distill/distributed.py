@@ -25,15 +25,17 @@ world_size 1 never comes here: it runs today's single-process path.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import multiprocessing.process
 import os
 import queue
 import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -356,6 +358,32 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@contextlib.contextmanager
+def _children_allowed() -> Iterator[None]:
+    """Let a daemonic process (a Celery prefork pool process, a billiard process) start the ranks.
+
+    multiprocessing refuses children of daemonic processes because they would be orphaned when the daemon
+    is terminated; the ranks handle that themselves (they exit when the launching process is gone, and the
+    launcher terminates them on every way out of `run_distributed`).
+    """
+    config = multiprocessing.process.current_process()._config  # type: ignore[attr-defined]
+    daemon, authkey = config.get("daemon"), config.get("authkey")
+    config["daemon"] = False
+    if authkey is not None:  # billiard's own key type refuses the pickling the launch needs
+        config["authkey"] = multiprocessing.process.AuthenticationString(  # type: ignore[attr-defined]
+            bytes(authkey)
+        )
+    try:
+        yield
+    finally:
+        if daemon is None:
+            config.pop("daemon", None)
+        else:
+            config["daemon"] = daemon
+        if authkey is not None:
+            config["authkey"] = authkey
+
+
 def rank_context() -> Any:
     """Where ranks come from: a forkserver that has imported the engine once (torch, transformers, the
     adapters), so a job's ranks start in well under a second after the first; a fresh interpreter like
@@ -385,11 +413,12 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
     events = context.Queue()
     stop_flag = context.Value("b", 0)
     port = free_port()
-    processes = [
-        context.Process(
-            target=_rank_main,
-            args=(
-                RankLaunch(
+    ranks_file = job.paths.work_dir / RANKS_FILE
+    processes: list[Any] = []
+    try:
+        with _children_allowed():  # a Process copies the launcher's config when it is built
+            for rank in range(world):
+                launch = RankLaunch(
                     rank=rank,
                     world_size=world,
                     port=port,
@@ -398,30 +427,26 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
                     threads=threads,
                     parent_pid=os.getpid(),
                     timeout_s=job.engine.distributed_timeout_s,
-                ),
-                job,
-                events,
-                stop_flag,
-            ),
-            name=f"distill-rank-{rank}",
-            daemon=True,
-        )
-        for rank in range(world)
-    ]
-    ranks_file = job.paths.work_dir / RANKS_FILE
-    try:
-        for process in processes:
-            process.start()
+                )
+                process = context.Process(
+                    target=_rank_main,
+                    args=(launch, job, events, stop_flag),
+                    name=f"distill-rank-{rank}",
+                    daemon=True,
+                )
+                processes.append(process)
+                process.start()
         ranks_file.parent.mkdir(parents=True, exist_ok=True)
         ranks_file.write_text(
             json.dumps([{"rank": r, "pid": p.pid} for r, p in enumerate(processes)]), encoding="utf-8"
         )
         outcome = _watch(processes, events, stop_flag, callbacks, job.engine.distributed_timeout_s)
     finally:
-        for process in processes:
+        started = [process for process in processes if process.pid is not None]
+        for process in started:
             if process.is_alive():
                 process.terminate()
-        for process in processes:
+        for process in started:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
