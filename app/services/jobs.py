@@ -25,7 +25,7 @@ from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
-from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
+from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
 from app.services import datasets as datasets_service
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
@@ -191,6 +191,8 @@ def create(
         created_at=now,
         updated_at=now,
         tenant_id=tenant_id,
+        name=request.name,
+        job_metadata=dict(request.metadata),
     )
     session.add(job)
     session.flush()
@@ -265,12 +267,21 @@ def list_page(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
     tenant_id: str | None,
 ) -> tuple[list[Job], bool, str | None]:
-    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, cursor)."""
+    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, cursor).
+
+    `name` and every `metadata` pair must match exactly (JSON ->> on PostgreSQL, json_extract on SQLite).
+    """
     query = select(Job)
     if tenant_id is not None:
         query = query.where(Job.tenant_id == tenant_id)
+    if name is not None:
+        query = query.where(Job.name == name)
+    for key, value in (metadata or {}).items():
+        query = query.where(Job.job_metadata[key].as_string() == value)
     status_list = list(statuses)
     if status_list:
         query = query.where(Job.status.in_(status_list))
@@ -439,6 +450,14 @@ def to_read(job: Job | Row[Any]) -> JobRead:
         metrics=job.metrics,
         results=job.results,
         error=_error(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
+        estimate=job.estimate,
+        parent=(
+            JobLineage(job_id=job.parent_job_id, checkpoint=job.parent_checkpoint or "")
+            if job.parent_job_id
+            else None
+        ),
     )
 
 
@@ -459,4 +478,6 @@ def to_summary(job: Job) -> JobSummary:
         started_at=job.started_at,
         finished_at=job.finished_at,
         error=_error(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
     )

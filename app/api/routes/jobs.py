@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Path, Query, Request, Response, status
@@ -12,8 +13,20 @@ from sqlalchemy.orm import Session
 from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
 from app.core.config import Settings
 from app.core.db import begin_autocommit_read
+from app.errors import Unprocessable
 from app.models import JobStatus
-from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
+from app.schemas.jobs import (
+    DIGITS_JOB_EXAMPLE,
+    METADATA_KEY_MAX,
+    METADATA_KEY_PATTERN,
+    METADATA_MAX_PAIRS,
+    METADATA_VALUE_MAX,
+    ArtifactRead,
+    JobCreate,
+    JobEventRead,
+    JobRead,
+    JobSummary,
+)
 from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.services import artifacts as artifacts_service
@@ -218,6 +231,7 @@ def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
     responses=problem_responses(401, 422, 503),
 )
 def list_jobs(
+    request: Request,
     session: SessionDep,
     tenant: CurrentTenantDep,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
@@ -231,6 +245,17 @@ def list_jobs(
     teacher: Annotated[
         str | None, Query(min_length=1, max_length=512, description="Only jobs of this teacher")
     ] = None,
+    name: Annotated[
+        str | None, Query(min_length=1, max_length=256, description="Only jobs with this name")
+    ] = None,
+    metadata_filter: Annotated[
+        str | None,
+        Query(
+            alias="metadata[key]",
+            description="Only jobs whose metadata has `key` = this value: write the key in the brackets, "
+            "e.g. `metadata[team]=vision`; repeat with other keys to require all of them.",
+        ),
+    ] = None,
 ) -> Page[JobSummary]:
     jobs, has_more, next_cursor = jobs_service.list_page(
         session,
@@ -238,11 +263,53 @@ def list_jobs(
         cursor=cursor,
         statuses=[s.value for s in status_filter or []],
         teacher=teacher,
+        name=name,
+        metadata=_metadata_filters(request),
         tenant_id=tenant.tenant_id,
     )
     return Page[JobSummary](
         data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
     )
+
+
+_METADATA_PARAM = re.compile(r"^metadata\[(.*)\]$")
+
+
+def _metadata_filters(request: Request) -> dict[str, str]:
+    """`metadata[key]=value` query parameters as {key: value}; 422 naming the parameter when malformed."""
+    filters: dict[str, str] = {}
+    for param, value in request.query_params.multi_items():
+        if not param.startswith("metadata"):
+            continue
+        match = _METADATA_PARAM.match(param)
+        problem = None
+        if match is None:
+            problem = "filter on metadata as metadata[key]=value"
+        else:
+            key = match.group(1)
+            if not key or len(key) > METADATA_KEY_MAX or not re.match(METADATA_KEY_PATTERN, key):
+                problem = f"metadata keys are 1-{METADATA_KEY_MAX} characters of letters, digits, '_.:-'"
+            elif len(value) > METADATA_VALUE_MAX:
+                problem = f"metadata values are at most {METADATA_VALUE_MAX} characters"
+            elif key in filters:
+                problem = "give each metadata key once"
+            else:
+                filters[key] = value
+        if problem is None and len(filters) > METADATA_MAX_PAIRS:
+            problem = f"at most {METADATA_MAX_PAIRS} metadata filters"
+        if problem is not None:
+            raise Unprocessable(
+                f"query parameter {param[:100]}: {problem}",
+                errors=[
+                    {
+                        "loc": ["query", param[:100]],
+                        "field": param[:100],
+                        "msg": problem,
+                        "type": "value_error",
+                    }
+                ],
+            )
+    return filters
 
 
 @router.post(
