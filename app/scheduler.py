@@ -116,7 +116,7 @@ def serve(settings: Settings | None = None, *, stop: threading.Event | None = No
                 stop.wait(backoff)
                 continue
             backoff = 0.0
-            for what in ("admitted", "redispatched", "requeued", "failed", "cancelled"):
+            for what in ("admitted", "redispatched", "requeued", "failed", "cancelled", "paused"):
                 ids = getattr(report, what)
                 if ids:
                     log.info("%s: %s", what, ", ".join(ids))

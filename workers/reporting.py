@@ -1,8 +1,8 @@
 """EngineCallbacks writing a job's progress, metrics and events to the database, throttled, under its lease.
 
 A background thread refreshes the job's heartbeat every HEARTBEAT_INTERVAL so the scheduler can tell a live
-job from one whose worker died; `should_stop()` answers True once the job is `cancelling` or the lease was
-taken away (re-queued after a stale heartbeat, or claimed by another worker).
+job from one whose worker died; `should_stop()` answers True once the job is `cancelling` or `pausing`, or
+the lease was taken away (re-queued after a stale heartbeat, or claimed by another worker).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ class JobReporter:
             )
 
     def should_stop(self) -> bool:
-        """True when the job is being cancelled or this worker's lease is gone (cached ~0.5 s)."""
+        """True when the job is being cancelled or paused, or this worker's lease is gone (cached ~0.5 s)."""
         if self._lease_lost.is_set():
             return True
         checked_at, answer = self._stop_cache

@@ -2,8 +2,8 @@
 
 Thin by design: the engine (`workers.distill.runner.run_job`) trains, `workers.reporting` writes progress
 and heartbeats, `app.services.lifecycle` does every lease-guarded write. Whatever happens, a claimed job
-leaves `running`: completed, failed with `error: {code, message}`, cancelled, or (lease lost) left to the
-worker that now holds it.
+leaves `running`: completed, failed with `error: {code, message}`, cancelled, paused (its checkpoint kept
+for the resume), or (lease lost) left to the worker that now holds it.
 """
 
 from __future__ import annotations
@@ -150,17 +150,18 @@ def _describe_artifacts(folder: Path) -> list[lifecycle.ArtifactFile]:
 
 
 def _stopped(claim: Claim, *, lease_lost: bool) -> str:
+    """The engine stopped on request: cancelled or paused (checkpoint kept), as the request said."""
     if lease_lost:
         return "stopped: lease lost"
-    cancelled = _retry(
-        "record cancel",
+    ended = _retry(
+        "record stop",
         lambda: _in_session(
-            lambda session: lifecycle.cancel_stopped_job(
+            lambda session: lifecycle.end_stopped_job(
                 session, job_id=claim.job_id, lease_token=claim.lease_token, attempt=claim.attempt
             )
         ),
     )
-    return "cancelled" if cancelled else "stopped: lease lost"
+    return ended or "stopped: lease lost"
 
 
 def _fail(claim: Claim, code: str, message: str) -> str:

@@ -343,7 +343,8 @@ def start(
 
 
 def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
-    """pending/queued -> cancelled at once; dispatched/running -> cancelling (the worker stops it).
+    """pending/queued/paused -> cancelled at once; dispatched/running/pausing -> cancelling (the worker
+    stops it).
 
     Cancelling again is a no-op; a finished job answers 409.
     """
@@ -355,7 +356,7 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
         if current in TERMINAL_STATUSES:
             raise Conflict(f"Job {job_id} already ended ({current}); nothing to cancel.", job_status=current)
         values: dict[str, Any] = {}
-        if current in (JobStatus.pending, JobStatus.queued):
+        if current in (JobStatus.pending, JobStatus.queued, JobStatus.paused):
             target = JobStatus.cancelled
             values["finished_at"] = utcnow()
         else:
@@ -377,18 +378,92 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
     raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
 
 
-def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
-    """Remove a finished job: its row (events and artifacts cascade) and its directory under jobs_dir."""
+def pause(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
+    """queued/dispatched -> paused at once; running -> pausing (the worker stops at its next check, keeps
+    its checkpoint and frees the slot: -> paused). Pausing again is a no-op; other states answer 409.
+
+    A dispatched job's message is dropped by the worker's claim (it claims only `dispatched` jobs).
+    """
     job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
-    if job.status not in TERMINAL_STATUSES:
+    for _ in range(_STATE_CHANGE_RETRIES):
+        current = job.status
+        if current in (JobStatus.pausing, JobStatus.paused):
+            return job
+        values: dict[str, Any] = {}
+        if current in (JobStatus.queued, JobStatus.dispatched):
+            target = JobStatus.paused
+            values["dispatched_at"] = None
+        elif current == JobStatus.running:
+            target = JobStatus.pausing
+        else:
+            hint = {
+                JobStatus.pending: "it is not queued yet (start it, or leave it pending)",
+                JobStatus.cancelling: "it is being cancelled",
+            }.get(JobStatus(current), "it already ended")
+            raise Conflict(
+                f"Job {job_id} is {current}; only a queued or running job can be paused: {hint}.",
+                job_status=current,
+            )
+        if _compare_and_set(session, job, current, target, **values):
+            record_state_change(
+                session, job_id=job.id, old=current, new=target, attempt=job.attempt, reason="pause requested"
+            )
+            session.commit()
+            session.refresh(job)
+            return job
+        session.rollback()
+        session.refresh(job)
+    raise Conflict(f"Job {job_id} kept changing state; retry the pause.", job_status=job.status)
+
+
+def resume(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> Job:
+    """paused -> queued (queued_at now: it waits behind the jobs queued while it rested); the run resumes
+    from its checkpoint on whichever worker claims it. 409 while still pausing or in any other state, 429
+    when the (tenant's) queue is full."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status != JobStatus.paused:
+        hint = (
+            "its worker is still stopping; retry once it is paused"
+            if job.status == JobStatus.pausing
+            else "only a paused job can be resumed"
+        )
+        raise Conflict(f"Job {job_id} is {job.status}; {hint}.", job_status=job.status)
+    _check_queue_room(session, settings, job.tenant_id)
+    if not _compare_and_set(session, job, JobStatus.paused, JobStatus.queued, queued_at=utcnow()):
+        session.rollback()
+        session.refresh(job)
         raise Conflict(
-            f"Job {job_id} is {job.status}; only a completed, failed or cancelled job can be deleted "
-            "(cancel it first).",
+            f"Job {job_id} is {job.status}; only a paused job can be resumed.", job_status=job.status
+        )
+    record_state_change(
+        session,
+        job_id=job.id,
+        old=JobStatus.paused,
+        new=JobStatus.queued,
+        attempt=job.attempt,
+        reason="resume requested",
+    )
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+_DELETABLE_STATUSES = (*TERMINAL_STATUSES, JobStatus.paused)
+
+
+def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
+    """Remove a finished or paused job: its row (events, artifacts and checkpoints cascade) and its
+    directory under jobs_dir."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status not in _DELETABLE_STATUSES:
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a completed, failed, cancelled or paused job can be "
+            "deleted (cancel or pause it first).",
             job_status=job.status,
         )
     result = session.execute(
         delete(Job)
-        .where(Job.id == job_id, Job.status.in_(list(TERMINAL_STATUSES)))
+        .where(Job.id == job_id, Job.status.in_(list(_DELETABLE_STATUSES)))
         .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:

@@ -317,8 +317,9 @@ def _metadata_filters(request: Request) -> dict[str, str]:
     response_model=JobRead,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel a job",
-    description="pending/queued -> cancelled at once (200); dispatched/running -> cancelling, the worker "
-    "stops at its next check (202); cancelling again is accepted (202); a finished job answers 409.",
+    description="pending/queued/paused -> cancelled at once (200); dispatched/running/pausing -> "
+    "cancelling, the worker stops at its next check (202); cancelling again is accepted (202); a finished "
+    "job answers 409.",
     responses={
         **problem_responses(401, 404, 422, 409, 503),
         200: {"model": JobRead, "description": "Cancelled at once"},
@@ -331,10 +332,54 @@ def cancel_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, res
     return jobs_service.to_read(job)
 
 
+@router.post(
+    "/{job_id}/pause",
+    response_model=JobRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Pause a job",
+    description="running -> pausing: the worker stops at its next check, keeps its checkpoint and frees "
+    "the slot (-> paused, 202); queued/dispatched -> paused at once (200); pausing or paused again is "
+    "accepted as it is; pending, cancelling and finished jobs answer 409.",
+    responses={
+        **problem_responses(401, 404, 422, 409, 503),
+        200: {"model": JobRead, "description": "Paused at once"},
+    },
+)
+def pause_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, response: Response) -> JobRead:
+    job = jobs_service.pause(session, job_id=job_id, tenant_id=tenant.tenant_id)
+    if job.status == JobStatus.paused:
+        response.status_code = status.HTTP_200_OK
+    return jobs_service.to_read(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobRead,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Resume a paused job",
+    description="paused -> queued; the run continues from its checkpoint on any worker and repeats no "
+    "finished epoch. 409 while the job is still pausing or in any other state; 429 with Retry-After when "
+    "the queue is full.",
+    responses=problem_responses(401, 404, 422, 409, 429, 503),
+)
+def resume_job(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+    wake: WakeSchedulerDep,
+    background: BackgroundTasks,
+) -> JobRead:
+    job = jobs_service.resume(session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id)
+    if wake:
+        background.add_task(jobs_service.wake_scheduler, settings)
+    return jobs_service.to_read(job)
+
+
 @router.delete(
     "/{job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
-    summary="Delete a finished job with its events, artifacts and checkpoints",
+    summary="Delete a finished or paused job with its events, artifacts and checkpoints",
     responses=problem_responses(401, 404, 422, 409, 503),
 )
 def delete_job(
