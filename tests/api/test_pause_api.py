@@ -33,7 +33,9 @@ def _set_status(job_id: str, status: str, **values: Any) -> None:
 
 def _states(client: TestClient, job_id: str) -> list[tuple[str, str]]:
     events = client.get(f"/distillation/jobs/{job_id}/events").json()["data"]
-    return [(e["data"]["from"], e["data"]["to"]) for e in events if e["kind"] == "state" and e["data"]["from"]]
+    return [
+        (e["data"]["from"], e["data"]["to"]) for e in events if e["kind"] == "state" and e["data"]["from"]
+    ]
 
 
 def test_queued_job_pauses_at_once_and_resumes_to_queued(client: TestClient) -> None:

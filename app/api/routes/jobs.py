@@ -29,10 +29,12 @@ from app.schemas.jobs import (
 )
 from app.schemas.page import Page
 from app.schemas.problem import problem_responses
+from app.schemas.webhooks import WebhookDeliveryRead
 from app.services import artifacts as artifacts_service
 from app.services import event_stream, idempotency
 from app.services import events as events_service
 from app.services import jobs as jobs_service
+from app.services import webhooks as webhooks_service
 from app.services.auth import Principal
 
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
@@ -374,6 +376,22 @@ def resume_job(
     if wake:
         background.add_task(jobs_service.wake_scheduler, settings)
     return jobs_service.to_read(job)
+
+
+@router.get(
+    "/{job_id}/webhook-deliveries",
+    response_model=list[WebhookDeliveryRead],
+    summary="The webhook deliveries of a job: every event, endpoint, attempt count and last outcome",
+    responses=problem_responses(401, 404, 422, 503),
+)
+def list_webhook_deliveries(
+    job_id: JobId, session: SessionDep, tenant: CurrentTenantDep
+) -> list[WebhookDeliveryRead]:
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
+    return [
+        WebhookDeliveryRead.model_validate(d, from_attributes=True)
+        for d in webhooks_service.list_deliveries(session, job_id=job_id, tenant_id=tenant.tenant_id)
+    ]
 
 
 @router.delete(
