@@ -6,7 +6,6 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-
 DIGITS: dict[str, Any] = {
     "teacher_model_name": "digits-cnn",
     "target_compression": 0.25,

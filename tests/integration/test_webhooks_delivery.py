@@ -37,7 +37,7 @@ class Receiver:
         received = self.requests
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 received.append({"path": self.path, "headers": dict(self.headers.items()), "body": body})
                 self.send_response(200)
