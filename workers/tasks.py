@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.celery_client import TASK_RUN_JOB, wake_scheduler
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.errors import NotFound
+from app.models import Job
 from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import lifecycle
+from app.services import estimates, lifecycle
 from app.services.datasets import get_dataset_path
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
@@ -97,6 +99,10 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     if reporter.lease_lost:
         return "lease lost; results discarded"
     artifacts = _describe_artifacts(paths.artifacts)
+    stored_results = results.model_dump(mode="json")
+    estimate = _measured_estimate(claim, stored_results)
+    if estimate is not None:
+        stored_results["estimate"] = _estimate_comparison(estimate)
     stored = _retry(
         "store results",
         lambda: _in_session(
@@ -105,12 +111,35 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 job_id=claim.job_id,
                 lease_token=claim.lease_token,
                 attempt=claim.attempt,
-                results=results.model_dump(mode="json"),
+                results=stored_results,
                 artifacts=artifacts,
+                estimate=estimate,
             )
         ),
     )
     return "completed" if stored else "lease lost; results discarded"
+
+
+def _measured_estimate(claim: Claim, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's stored estimate with what this run measured (feeds later estimates); None without one."""
+    try:
+        with session_scope() as session:
+            stored = session.scalar(select(Job.estimate).where(Job.id == claim.job_id))
+        return estimates.measured(JobSpec.model_validate(claim.spec), stored, results)
+    except (SQLAlchemyError, ValidationError) as exc:
+        log.warning("job %s: estimate not compared: %s", claim.job_id, exc.__class__.__name__)
+        return None
+
+
+def _estimate_comparison(estimate: dict[str, Any]) -> dict[str, Any]:
+    """What `results.estimate` shows: expected vs actual training seconds (ratio = actual / expected)."""
+    actual = estimate.get("actual") or {}
+    return {
+        "expected_training_seconds": estimate.get("expected_training_seconds"),
+        "actual_training_seconds": actual.get("training_seconds"),
+        "ratio": actual.get("ratio"),
+        "basis": estimate.get("basis"),
+    }
 
 
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:

@@ -27,6 +27,7 @@ from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
 from app.services import datasets as datasets_service
+from app.services import estimates as estimates_service
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -193,6 +194,7 @@ def create(
         tenant_id=tenant_id,
         name=request.name,
         job_metadata=dict(request.metadata),
+        estimate=estimates_service.estimate(session, spec=spec, tenant_id=tenant_id, settings=settings),
     )
     session.add(job)
     session.flush()

@@ -221,9 +221,12 @@ def complete_job(
     attempt: int,
     results: dict[str, Any],
     artifacts: list[ArtifactFile],
+    estimate: dict[str, Any] | None = None,
 ) -> bool:
-    """Store results and artifact rows and mark the job completed, if the lease still holds it."""
+    """Store results and artifact rows and mark the job completed, if the lease still holds it
+    (`estimate`: the job's estimate with what it measured, replacing the stored one)."""
     now = utcnow()
+    extra: dict[str, Any] = {"estimate": estimate} if estimate is not None else {}
     old = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     result = session.execute(
         _guarded(job_id, lease_token)
@@ -237,6 +240,7 @@ def complete_job(
             finished_at=now,
             heartbeat_at=now,
             updated_at=now,
+            **extra,
         )
     )
     if _rowcount(result) != 1:

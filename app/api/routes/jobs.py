@@ -15,6 +15,7 @@ from app.core.config import Settings
 from app.core.db import begin_autocommit_read
 from app.errors import Unprocessable
 from app.models import JobStatus
+from app.schemas.estimates import JobEstimate
 from app.schemas.jobs import (
     DIGITS_JOB_EXAMPLE,
     METADATA_KEY_MAX,
@@ -31,6 +32,7 @@ from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.schemas.webhooks import WebhookDeliveryRead
 from app.services import artifacts as artifacts_service
+from app.services import estimates as estimates_service
 from app.services import event_stream, idempotency
 from app.services import events as events_service
 from app.services import jobs as jobs_service
@@ -151,6 +153,30 @@ def _create_job(
     if job.status == JobStatus.queued and wake:
         background.add_task(jobs_service.wake_scheduler, settings)
     return read
+
+
+@router.post(
+    "/estimate",
+    response_model=JobEstimate,
+    summary="Estimate a job before launching it",
+    description="The same body as POST /distillation/jobs (checked the same way, nothing is stored): "
+    "teacher and student sizes, the dataset's size, the training FLOPs and the expected training seconds "
+    "from this service's measured throughput on finished jobs of the same task, device type and teacher "
+    "size, with the basis stated (or `no history: FLOP count only`).",
+    responses=problem_responses(401, 422, 503),
+)
+def estimate_job(
+    request: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+) -> JobEstimate:
+    spec = jobs_service.check_spec(
+        session, spec=request.spec(), settings=settings, tenant_id=tenant.tenant_id
+    )
+    return JobEstimate.model_validate(
+        estimates_service.estimate(session, spec=spec, tenant_id=tenant.tenant_id, settings=settings)
+    )
 
 
 @router.post(

@@ -1,0 +1,109 @@
+"""POST /distillation/jobs/estimate: sizes, FLOPs and expected seconds from measured history, basis stated;
+the same estimate is stored on each job at create."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from app.core.db import session_scope
+from app.models import Job, utcnow
+
+DIGITS: dict[str, Any] = {
+    "teacher_model_name": "digits-cnn",
+    "target_compression": 0.25,
+    "training_config": {"epochs": 4, "batch_size": 32, "device": "cpu"},
+    "dataset_config": {"kind": "builtin", "name": "digits"},
+}
+
+
+def _finished(*, device: str, flops_per_second: float, teacher_parameters: int = 846826) -> None:
+    """A completed job as the worker leaves it: its estimate with what it measured."""
+    now = utcnow()
+    with session_scope() as session:
+        session.add(
+            Job(
+                spec=DIGITS,
+                teacher_model_name="digits-cnn",
+                status="completed",
+                created_at=now,
+                updated_at=now,
+                finished_at=now,
+                estimate={
+                    "task": "classification",
+                    "teacher_model_name": "digits-cnn",
+                    "actual": {
+                        "device_type": device,
+                        "teacher_parameters": teacher_parameters,
+                        "flops_per_second": flops_per_second,
+                        "training_seconds": 5.0,
+                    },
+                },
+            )
+        )
+
+
+def _estimate(client: TestClient, **fields: Any) -> dict[str, Any]:
+    response = client.post("/distillation/jobs/estimate", json=DIGITS | fields)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_without_a_teacher_size_it_says_why_there_is_no_figure(client: TestClient) -> None:
+    body = _estimate(client)
+    assert body["expected_training_seconds"] is None and body["flops"] is None
+    assert body["basis"].startswith("no estimate: unknown the parameter count of teacher 'digits-cnn'")
+    assert (body["dataset_rows"], body["train_rows"], body["val_rows"]) == (1797, 1294, 144)
+    assert client.get("/distillation/jobs").json()["data"] == [], "an estimate stores nothing"
+
+
+def test_measured_history_of_the_same_task_device_and_size_gives_the_figure(client: TestClient) -> None:
+    _finished(device="cpu", flops_per_second=1e11)
+    _finished(device="cpu", flops_per_second=3e11)
+    _finished(device="cpu", flops_per_second=2e11, teacher_parameters=100_000_000)  # not similar in size
+    _finished(device="cuda", flops_per_second=9e12)
+    body = _estimate(client)
+    assert body["teacher_parameters"] == 846826 and body["student_parameters"] == round(846826 * 0.25)
+    assert body["history_jobs"] == 2 and body["flops_per_second"] == 2e11
+    assert "2 finished jobs (same task, device type and teacher size" in body["basis"]
+    assert abs(body["expected_training_seconds"] - body["flops"] / 2e11) < 1e-9
+    low, high = body["expected_training_seconds_range"]
+    assert low < body["expected_training_seconds"] < high
+    # Twice the epochs: twice the student's FLOPs; the teacher's outputs are cached once either way.
+    longer = _estimate(client, training_config=DIGITS["training_config"] | {"epochs": 8})
+    assert 1.5 * body["flops"] < longer["flops"] < 2 * body["flops"]
+    uncached = _estimate(
+        client, training_config=DIGITS["training_config"] | {"epochs": 8, "teacher_cache": "off"}
+    )
+    assert uncached["flops"] > longer["flops"]
+    # A device with no history of its own falls back to the FLOP count alone.
+    cuda = _estimate(client, training_config=DIGITS["training_config"] | {"device": "cuda"})
+    assert cuda["history_jobs"] == 1 and cuda["flops_per_second"] == 9e12
+    _finished(device="cpu", flops_per_second=1e11)
+    baseline = _estimate(client, training_config=DIGITS["training_config"] | {"baseline": True})
+    assert [r["run"] for r in baseline["runs"]] == ["baseline", "stage 1"]
+
+
+def test_no_history_on_this_device_uses_the_flop_count_only(make_client: Any) -> None:
+    _finished(device="cuda", flops_per_second=9e12)
+    client = make_client(estimate_default_flops_per_second=1e9)
+    body = _estimate(client)
+    assert body["basis"].startswith("no history: FLOP count only")
+    assert body["history_jobs"] == 0 and body["expected_training_seconds"] == body["flops"] / 1e9
+
+
+def test_estimate_checks_the_spec_like_create(client: TestClient, problem: Any) -> None:
+    body = problem(
+        client.post("/distillation/jobs/estimate", json=DIGITS | {"teacher_model_name": "nope"}), 422
+    )
+    assert "teacher_model_name" in body["detail"]
+    problem(client.post("/distillation/jobs/estimate", json=DIGITS | {"target_compression": 2}), 422)
+
+
+def test_create_stores_the_estimate_on_the_job(client: TestClient) -> None:
+    _finished(device="cpu", flops_per_second=2e11)
+    job = client.post("/distillation/jobs", json=DIGITS).json()
+    assert job["estimate"]["history_jobs"] == 1
+    assert job["estimate"]["expected_training_seconds"] == _estimate(client)["expected_training_seconds"]
