@@ -24,10 +24,11 @@ from rich.console import Console
 from rich.table import Table
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters import get_adapter
-from workers.distill.contract import NullCallbacks
+from workers.distill.checkpoint import save_checkpoint
+from workers.distill.contract import NullCallbacks, StopChecker
+from workers.distill.loop import Progressor, train_run
+from workers.distill.registry import get_adapter
 from workers.distill.runner import build_plans, resolve_teacher
-from workers.distill.trainer import Progressor, StopChecker, save_checkpoint, train_run
 
 
 def ours(spec: JobSpec, adapter: Any, data: Any, teacher: torch.nn.Module) -> float:

@@ -25,11 +25,15 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, PreTrainedModel
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters.base import TaskData, TensorDictDataset, iterate_batches, to_device
-from workers.distill.contract import NullCallbacks
-from workers.distill.hf.adapters import SequenceClassificationAdapter
-from workers.distill.hf.models import count_parameters, initialise_from_teacher, student_config
-from workers.distill.trainer import Progressor, RunPlan, StopChecker, train_run
+from workers.distill.contract import NullCallbacks, StopChecker
+from workers.distill.kernel import TaskData, TensorDictDataset, iterate_batches, to_device
+from workers.distill.loop import Progressor, RunPlan, train_run
+from workers.distill.tasks.transformers.adapters import SequenceClassificationAdapter
+from workers.distill.tasks.transformers.models import (
+    count_parameters,
+    initialise_from_teacher,
+    student_config,
+)
 
 TEMPERATURE = 4.0
 ALPHA = 0.7

@@ -20,8 +20,8 @@ import torch
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
+from tests.engine.tiny_models import classification_rows, save_tiny_bert, write_jsonl
 from workers.distill.contract import JobPaths, NullCallbacks, Progress
-from workers.distill.hf.tiny import classification_rows, save_tiny_bert, write_jsonl
 from workers.distill.runner import run_job
 
 

@@ -122,6 +122,7 @@ def run(
             console.print(f"  {where}: {error['msg']}")
         raise typer.Exit(2) from exc
 
+    from workers.distill.config import EngineConfig
     from workers.distill.contract import EngineError, JobPaths, JobStopped
     from workers.distill.runner import resolve_teacher, run_job
 
@@ -152,6 +153,7 @@ def run(
                     callbacks=callbacks,
                     resume=not fresh,
                     trust_remote_code=trust_remote_code,
+                    config=EngineConfig.from_settings(get_settings()),
                 )
             finally:
                 signal.signal(signal.SIGINT, previous)

@@ -77,7 +77,7 @@ def _preload_engine(**_kwargs: Any) -> None:
     settings.ensure_dirs()
     _seed_teachers()
     import workers.distill.runner  # noqa: F401
-    from workers.distill.adapters import registered_tasks
+    from workers.distill.registry import registered_tasks
 
     log.info("engine loaded; tasks: %s", ", ".join(registered_tasks()))
 

@@ -74,6 +74,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     with JobReporter(claim, settings) as reporter:
         try:
             spec, teacher, file_root = _prepare(claim, settings)
+            from workers.distill.config import EngineConfig
             from workers.distill.runner import run_job
 
             results = run_job(
@@ -85,6 +86,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 resume=True,
                 file_root=file_root,
                 trust_remote_code=settings.trust_remote_code,
+                config=EngineConfig.from_settings(settings),
             )
         except JobStopped:
             reporter.close()

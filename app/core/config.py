@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -129,6 +129,18 @@ class Settings(BaseSettings):
         le=100,
         description="Checkpoints kept per job: always `last` and `best`, plus the most recent epoch "
         "checkpoints up to this many in all.",
+    )
+    teacher_cache_max_bytes: int = Field(
+        default=2 * 2**30,
+        ge=0,
+        validation_alias=AliasChoices("teacher_cache_max_bytes", "distillery_teacher_cache_max_bytes"),
+        description="Engine: teacher_cache=auto caches teacher outputs up to this many bytes.",
+    )
+    checkpoint_min_interval_s: float = Field(
+        default=0.0,
+        ge=0,
+        validation_alias=AliasChoices("checkpoint_min_interval_s", "distillery_checkpoint_min_interval_s"),
+        description="Engine: minimum seconds between epoch checkpoints (0: every epoch).",
     )
     log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
     log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")

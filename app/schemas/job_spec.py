@@ -38,6 +38,13 @@ class TeacherCache(StrEnum):
     off = "off"
 
 
+class Selection(StrEnum):
+    """Which epoch of the last stage is delivered: the best on the validation split, or the last one."""
+
+    best_validation = "best_validation"
+    last = "last"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -90,6 +97,11 @@ class TrainingConfig(_Strict):
     )
     max_seq_length: int = Field(strict=True, default=128, ge=8, le=8192)
     compile: bool = Field(strict=True, default=False, description="torch.compile the student (CUDA).")
+    select: Selection = Field(
+        default=Selection.best_validation,
+        description="Epoch delivered (and measured in student_accuracy): 'best_validation' (best on the "
+        "validation split) or 'last'.",
+    )
 
 
 class BuiltinDataset(_Strict):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -62,9 +62,31 @@ class DistillationResults(_Open):
     device: str
     teacher_accuracy: float
     initial_student_accuracy: float
-    final_student_accuracy: float
-    best_student_accuracy: float
-    accuracy_retention: float
+    student_accuracy: float | None = Field(
+        default=None,
+        description="THE headline: the task metric (see `metric`) of the delivered student (the weights in "
+        "student.safetensors / student.pt2) on the test split. Set by every engine run; absent only in "
+        "results stored before it existed.",
+    )
+    selected_by: Literal["best_validation", "last"] | None = Field(
+        default=None, description="How the delivered epoch was chosen (training_config.select)"
+    )
+    selected_epoch: int | None = Field(
+        default=None, description="The epoch delivered, within the last distillation stage (1-based)"
+    )
+    metric_direction: Literal["higher_is_better", "lower_is_better"] = Field(
+        default="higher_is_better", description="Whether a larger `metric` is better"
+    )
+    metric_split: Literal["test"] = Field(
+        default="test", description="The split every student/teacher/baseline figure is measured on"
+    )
+    final_student_accuracy: float = Field(description="The last epoch's student on test (seed name)")
+    best_student_accuracy: float = Field(
+        description="The best-validation epoch's student on test (seed name)"
+    )
+    accuracy_retention: float = Field(
+        description="Delivered student vs teacher (1.0 = as good; teacher/student for lower-is-better)"
+    )
     original_parameters: int
     compressed_parameters: int
     compression_ratio: float
@@ -77,8 +99,18 @@ class DistillationResults(_Open):
     cost_savings: float
     training_history: list[HistoryEntry]
     stages: list[StageResult] = Field(default_factory=list)
-    baseline_accuracy: float | None = None
-    kd_gain: float | None = Field(default=None, description="KD student minus baseline, in points")
+    baseline_accuracy: float | None = Field(
+        default=None,
+        description="The labels-only baseline student on test, its epoch chosen by the same `selected_by`",
+    )
+    kd_gain: float | None = Field(
+        default=None,
+        description="Delivered KD student vs the baseline, positive = KD better: 100 * (student - baseline) "
+        "points for accuracy, baseline - student for perplexity (see kd_gain_unit)",
+    )
+    kd_gain_unit: Literal["points", "perplexity"] | None = Field(
+        default=None, description="Unit of kd_gain: 'points' (of accuracy) or 'perplexity'"
+    )
     teacher_cache_used: bool = False
     training_seconds: float = 0.0
     total_seconds: float = 0.0

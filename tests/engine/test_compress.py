@@ -11,8 +11,6 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters import get_adapter
-from workers.distill.adapters.base import TaskData, iterate_batches
 from workers.distill.compress import (
     INT8_WEIGHTS,
     compress_student,
@@ -23,8 +21,10 @@ from workers.distill.compress import (
     state_size_mb,
 )
 from workers.distill.contract import NullCallbacks
-from workers.distill.data import load_digits_data
-from workers.distill.models import MLP
+from workers.distill.kernel import TaskData, iterate_batches
+from workers.distill.registry import get_adapter
+from workers.distill.tasks.classification.data import load_digits_data
+from workers.distill.tasks.classification.models import MLP
 
 torch.set_num_threads(2)
 

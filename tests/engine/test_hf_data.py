@@ -14,17 +14,22 @@ import torch
 
 from app.schemas.job_spec import JobSpec, Task
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from workers.distill.adapters.base import IGNORE_INDEX
-from workers.distill.contract import EngineError
-from workers.distill.hf.data import causal_targets, mask_tokens, read_text_splits, tokenise_split
-from workers.distill.hf.models import load_hf_teacher
-from workers.distill.hf.tiny import (
+from tests.engine.tiny_models import (
     classification_rows,
     make_bert_tokenizer,
     save_tiny_bert,
     save_tiny_gpt2,
     write_jsonl,
 )
+from workers.distill.contract import EngineError
+from workers.distill.kernel import IGNORE_INDEX
+from workers.distill.tasks.transformers.data import (
+    causal_targets,
+    mask_tokens,
+    read_text_splits,
+    tokenise_split,
+)
+from workers.distill.tasks.transformers.models import load_hf_teacher
 
 
 def _spec(path: str, task: str = "sequence-classification", **dataset: Any) -> JobSpec:

@@ -12,14 +12,14 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelFo
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from workers.distill.adapters import get_adapter
-from workers.distill.adapters.base import iterate_batches
+from tests.engine.tiny_models import classification_rows, lm_rows, save_tiny_bert, save_tiny_gpt2, write_jsonl
 from workers.distill.compress import INT8_RECIPE, INT8_WEIGHTS, load_int8_student
 from workers.distill.contract import JobPaths, NullCallbacks, Progress
-from workers.distill.hf.tiny import classification_rows, lm_rows, save_tiny_bert, save_tiny_gpt2, write_jsonl
+from workers.distill.kernel import iterate_batches
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
-from workers.distill.onnx_export import run_onnx
+from workers.distill.registry import get_adapter
 from workers.distill.runner import run_job
+from workers.distill.tasks.transformers.onnx_export import run_onnx
 
 torch.set_num_threads(2)
 

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from workers.distill.contract import EngineError
-from workers.distill.hf.models import (
+from workers.distill.tasks.transformers.models import (
     build_hf_student,
     count_parameters,
     initialise_from_teacher,

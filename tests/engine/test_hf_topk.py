@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters import get_adapter
-from workers.distill.adapters.base import IGNORE_INDEX, ModelOutputs
-from workers.distill.hf.losses import token_kl, topk_teacher_logits
+from workers.distill.kernel import IGNORE_INDEX, ModelOutputs
 from workers.distill.losses import LOSSES, LossInputs, soft_target_kl_value
+from workers.distill.registry import get_adapter
+from workers.distill.tasks.transformers.losses import token_kl, topk_teacher_logits
 
 torch.manual_seed(0)
 

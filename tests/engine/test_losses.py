@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from workers.distill.adapters.base import IGNORE_INDEX, ModelOutputs
+from workers.distill.kernel import IGNORE_INDEX, ModelOutputs
 from workers.distill.losses import (
     LOSSES,
     FeatureProjector,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
+from workers.distill.checkpoint import load_checkpoint, save_checkpoint
 from workers.distill.contract import (
     ARTIFACT_CONFIG,
     ARTIFACT_EXPORT,
@@ -22,9 +23,8 @@ from workers.distill.contract import (
     JobPaths,
     JobStopped,
 )
-from workers.distill.models import build_model
 from workers.distill.runner import CHECKPOINT_FILE, resolve_teacher, run_job
-from workers.distill.trainer import load_checkpoint, save_checkpoint
+from workers.distill.tasks.classification.models import build_model
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_CNN = resolve_teacher("digits-cnn")
@@ -94,8 +94,8 @@ def test_tiny_job_writes_measured_results_and_usable_artifacts(
 
 def test_builtin_teacher_is_built_once_and_reloaded(data_dir: Path) -> None:
     from workers.distill.contract import NullCallbacks
-    from workers.distill.data import load_digits_data
-    from workers.distill.teachers import get_digits_teacher
+    from workers.distill.tasks.classification.data import load_digits_data
+    from workers.distill.tasks.classification.teachers import get_digits_teacher
 
     data = load_digits_data()
     first, _ = get_digits_teacher(data_dir, data, NullCallbacks())  # built by an earlier test or now
@@ -279,7 +279,7 @@ def test_non_finite_loss_fails_with_nan_loss(tmp_path: Path, data_dir: Path) -> 
     # A local MLP teacher over a 4-feature table in which some values are infinite.
     from safetensors.torch import save_file
 
-    from workers.distill.models import MLP, model_config
+    from workers.distill.tasks.classification.models import MLP, model_config
 
     teacher_dir = tmp_path / "teacher"
     teacher_dir.mkdir()

@@ -8,11 +8,11 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from workers.distill.adapters import get_adapter, register_adapter, registered_tasks
-from workers.distill.adapters.base import count_parameters
 from workers.distill.contract import EngineError
-from workers.distill.data import load_digits_data
-from workers.distill.models import MLP, DigitsCNN, SmallCNN, build_model, model_config
+from workers.distill.kernel import count_parameters
+from workers.distill.registry import get_adapter, register_adapter, registered_tasks
+from workers.distill.tasks.classification.data import load_digits_data
+from workers.distill.tasks.classification.models import MLP, DigitsCNN, SmallCNN, build_model, model_config
 
 
 def test_digits_splits_follow_the_issue() -> None:

@@ -43,8 +43,8 @@ def _running(pid: int) -> bool:
 def checkpointed_epochs(job_id: str) -> int | None:
     """Epochs done in the job's stored checkpoint (None without one), read as the engine's resume reads it."""
     from app.core.config import get_settings
+    from workers.distill.checkpoint import load_checkpoint
     from workers.distill.runner import CHECKPOINT_FILE
-    from workers.distill.trainer import load_checkpoint
 
     saved = load_checkpoint(get_settings().jobs_dir / job_id / "checkpoints" / CHECKPOINT_FILE)
     if saved is None or not saved.get("run"):

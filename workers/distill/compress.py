@@ -21,8 +21,9 @@ from torch import nn
 from torch.nn.utils import prune
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters.base import Batch, TaskAdapter, TaskData, iterate_batches, to_device
+from workers.distill.adapter import TaskAdapter
 from workers.distill.contract import EngineCallbacks, JobStopped, Progress
+from workers.distill.kernel import Batch, TaskData, iterate_batches, to_device
 
 INT8_WEIGHTS = "student_int8.safetensors"
 INT8_RECIPE = "student_int8.json"

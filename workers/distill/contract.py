@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -59,6 +60,26 @@ class EngineError(Exception):
 
 class JobStopped(Exception):
     """Raised when `should_stop()` answered True; the last checkpoint is kept."""
+
+
+# Seconds between should_stop / progress calls inside an epoch (a cancel lands well within ~1 s).
+CHECK_INTERVAL_S = 0.2
+
+
+class StopChecker:
+    """Rate-limited should_stop: at most every CHECK_INTERVAL_S, and always when forced."""
+
+    def __init__(self, callbacks: EngineCallbacks) -> None:
+        self.callbacks = callbacks
+        self.last = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= CHECK_INTERVAL_S
+
+    def check(self, where: str) -> None:
+        self.last = time.monotonic()
+        if self.callbacks.should_stop():
+            raise JobStopped(f"stopped {where}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.distill.adapters.base import IGNORE_INDEX, ModelOutputs
+from workers.distill.kernel import IGNORE_INDEX, ModelOutputs
 
 
 @dataclass
@@ -123,7 +123,7 @@ def layer_mapping(student_layers: int, teacher_layers: int) -> list[int]:
 class FeatureProjector(nn.Module):
     """Learned linear maps from student hidden widths to the mapped teacher layers' widths.
 
-    Built from one probe forward pass; owned by the trainer, trained by its optimizer, saved in checkpoints.
+    Built from one probe forward pass; owned by the loop, trained by its optimizer, saved in checkpoints.
     """
 
     def __init__(self, student_widths: Sequence[int], teacher_widths: Sequence[int]) -> None:

@@ -8,7 +8,8 @@ import time
 import torch
 from torch import nn
 
-from workers.distill.adapters.base import Batch, TaskAdapter, to_device
+from workers.distill.adapter import TaskAdapter
+from workers.distill.kernel import Batch, to_device
 
 
 def _synchronize(device: torch.device) -> None:

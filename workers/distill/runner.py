@@ -1,8 +1,12 @@
 """`run_job`: the one entry point the Celery task, the CLI runner, tests and benchmarks all call.
 
-Phases: data -> teacher (built/loaded, then frozen) -> [baseline] -> distillation stage(s) -> evaluate ->
-post-training (adapter hook) -> export. A checkpoint (`checkpoints/last.pt`) is written when each run starts
-and after every epoch; `resume=True` continues exactly from it.
+A job is a sequence of named phases, each a function below:
+`load_data` -> `prepare_teacher` -> `train_stages` (the optional labels-only baseline, then one distillation
+stage, or `num_stages` if progressive) -> `measure` -> `compress` -> `export` -> `write_results`.
+Progress is one monotone figure over the whole job: `PROGRESS_TABLE` gives each phase its slice, and the
+training slice is shared by the baseline and the stages in proportion to their epochs x steps.
+A checkpoint (`checkpoints/last.safetensors`) is written when each run starts and after every epoch
+(throttled by `EngineConfig.checkpoint_min_interval_s`); `resume=True` continues exactly from it.
 """
 
 from __future__ import annotations
@@ -11,17 +15,26 @@ import functools
 import json
 import logging
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from app.schemas.job_spec import Device, DistillationMethod, JobSpec, UploadedDataset
+from app.schemas.job_spec import Device, DistillationMethod, JobSpec, Selection, UploadedDataset
 from app.schemas.results import DistillationResults
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
-from workers.distill.adapters import get_adapter
-from workers.distill.adapters.base import TaskAdapter, TaskData, count_parameters, model_size_mb
+from workers.distill.adapter import TaskAdapter
+from workers.distill.checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    flush_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from workers.distill.compress import compress_student
+from workers.distill.config import EngineConfig
 from workers.distill.contract import (
     ARTIFACT_EXPORT,
     ARTIFACT_RESULTS,
@@ -30,26 +43,111 @@ from workers.distill.contract import (
     JobPaths,
     NullCallbacks,
     Progress,
-)
-from workers.distill.metrics import measure_latency_ms
-from workers.distill.trainer import (
-    Progressor,
-    RunPlan,
     StopChecker,
-    eval_loader,
-    flush_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    train_run,
 )
+from workers.distill.kernel import TaskData, count_parameters, model_size_mb
+from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
+from workers.distill.metrics import measure_latency_ms
+from workers.distill.registry import get_adapter
+
+__all__ = ["CHECKPOINT_FILE", "PROGRESS_TABLE", "build_plans", "resolve_teacher", "run_job"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "last.safetensors"
-CHECKPOINT_FORMAT = 2
-# Overall progress fractions at which phases begin.
-TEACHER_END = 0.15
-TRAINING_END = 0.92
+# The one table of progress: the slice [start, end) of the job's 0..1 progress each phase covers, in order,
+# sized by the work a typical job spends there. "training" is shared by the baseline and the distillation
+# stages in proportion to their epochs x steps per epoch (see `train_stages`); the teacher's slice covers
+# building or fine-tuning it (instant when it is reused).
+PROGRESS_TABLE: dict[str, tuple[float, float]] = {
+    "data": (0.00, 0.02),
+    "teacher": (0.02, 0.15),
+    "training": (0.15, 0.92),
+    "evaluate": (0.92, 0.94),
+    "compress": (0.94, 0.97),
+    "export": (0.97, 1.00),
+}
+
+
+@dataclass
+class StageRecord:
+    """One finished training run (baseline or distillation stage), as kept in the checkpoint and results."""
+
+    kind: str  # "baseline" | "distill"
+    stage: int  # 0 for the baseline, else the 1-based distillation stage
+    ratio: float  # target student params / teacher params
+    temperature: float
+    alpha: float
+    parameters: int
+    best_val: float | None  # best validation metric over the epochs
+    best_epoch: int
+    best_test: float  # test metric of the best-validation epoch
+    final_test: float  # test metric of the last epoch
+    selected_epoch: int  # the epoch delivered (training_config.select)
+    selected_test: float  # its test metric
+    history: list[dict[str, Any]]
+    state: dict[str, torch.Tensor]  # the delivered weights (the next stage's teacher, or the job's student)
+    cache_used: bool
+    cache_seconds: float
+    seconds: float
+
+    def to_payload(self) -> dict[str, Any]:
+        """A plain dict for the checkpoint (tensors shared, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> StageRecord:
+        return cls(**{f.name: payload[f.name] for f in fields(cls)})
+
+
+@dataclass
+class JobContext:
+    """What every phase of one job reads: spec, adapter, device, callbacks, the engine settings."""
+
+    spec: JobSpec
+    adapter: TaskAdapter
+    device: torch.device
+    callbacks: EngineCallbacks
+    stopper: StopChecker
+    paths: JobPaths
+    engine: EngineConfig
+    started: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str, message: str, fraction: float | None = None, **data: Any) -> None:
+        """Announce a phase (event + progress at `fraction`, default its table start), then check stop."""
+        self.callbacks.on_event("phase", message, {"phase": name, **data})
+        start = PROGRESS_TABLE[name][0] if fraction is None else fraction
+        self.callbacks.on_progress(Progress(phase=name, fraction=start))
+        self.stopper.check(f"before phase {name}")
+
+    def slice_callbacks(self, name: str) -> EngineCallbacks:
+        """Callbacks that map a phase's own 0..1 progress into its slice of the job."""
+        start, end = PROGRESS_TABLE[name]
+        return _PhaseCallbacks(self.callbacks, start, end)
+
+    def evaluate(self, model: nn.Module, data: TaskData) -> float:
+        """The task metric on the test split."""
+        return self.adapter.evaluate(model, eval_loader(data.test, data), self.device)
+
+
+@dataclass
+class PreparedTeacher:
+    model: nn.Module
+    metric: float  # on the test split
+    parameters: int
+
+
+@dataclass
+class Measurements:
+    """Size and latency of the teacher and the delivered student, on the job's device."""
+
+    latency: dict[str, dict[str, float]]
+    teacher_mb: float
+    student_mb: float
+    student_parameters: int
+
+    @property
+    def speedup(self) -> float:
+        return self.latency["teacher"]["batch_64"] / self.latency["student"]["batch_64"]
 
 
 class _PhaseCallbacks:
@@ -139,15 +237,22 @@ def build_plans(spec: JobSpec, adapter: TaskAdapter) -> list[RunPlan]:
     return plans
 
 
+def kd_gain(*, student: float, baseline: float, higher_is_better: bool) -> tuple[float, str]:
+    """KD student vs labels-only baseline, signed so that positive means KD is better, and its unit.
+
+    Accuracy-like metrics: percentage points, 100 * (student - baseline). Lower-is-better metrics
+    (perplexity): baseline - student, in the metric's own unit.
+    """
+    if higher_is_better:
+        return 100.0 * (student - baseline), "points"
+    return baseline - student, "perplexity"
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.eval()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model
-
-
-def _evaluate(adapter: TaskAdapter, model: nn.Module, data: TaskData, device: torch.device) -> float:
-    return adapter.evaluate(model, eval_loader(data.test, data), device)
 
 
 def run_job(
@@ -160,6 +265,7 @@ def run_job(
     resume: bool = True,
     file_root: Path | None = None,
     trust_remote_code: bool = False,
+    config: EngineConfig | None = None,
 ) -> DistillationResults:
     """Run one distillation job end to end; writes artifacts and returns (and stores) its results.
 
@@ -172,7 +278,7 @@ def run_job(
     if threads is not None and resolve_device(spec.training_config.device).type == "cpu":
         torch.set_num_threads(threads)
     try:
-        return _run_job(
+        return _run_phases(
             spec,
             teacher=teacher,
             paths=paths,
@@ -181,6 +287,7 @@ def run_job(
             resume=resume,
             file_root=file_root,
             trust_remote_code=trust_remote_code,
+            engine=config or EngineConfig(),
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -202,7 +309,7 @@ def _oom_error(spec: JobSpec) -> EngineError:
     )
 
 
-def _run_job(
+def _run_phases(
     spec: JobSpec,
     *,
     teacher: TeacherSource,
@@ -212,51 +319,101 @@ def _run_job(
     resume: bool,
     file_root: Path | None,
     trust_remote_code: bool,
+    engine: EngineConfig,
 ) -> DistillationResults:
-    job_started = time.monotonic()
-    config = spec.training_config
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
             "dataset_unresolved",
             f"dataset '{spec.dataset_config.dataset_id}' is an upload; "
             "the caller must resolve it to a file dataset first",
         )
-    adapter = get_adapter(spec.task)
-    device = resolve_device(config.device)
-    stopper = StopChecker(callbacks)
-    torch.manual_seed(config.seed)
+    ctx = JobContext(
+        spec=spec,
+        adapter=get_adapter(spec.task),
+        device=resolve_device(spec.training_config.device),
+        callbacks=callbacks,
+        stopper=StopChecker(callbacks),
+        paths=paths,
+        engine=engine,
+    )
+    torch.manual_seed(spec.training_config.seed)
+    data = load_data(ctx, data_dir=data_dir, file_root=file_root)
+    prepared = prepare_teacher(
+        ctx, teacher, data, data_dir=data_dir, file_root=file_root, trust_remote_code=trust_remote_code
+    )
+    initial_metric, completed, training_seconds = train_stages(ctx, prepared, data, resume=resume)
+    delivered = [r for r in completed if r.kind == "distill"][-1]
+    student = _freeze(_stage_student(ctx, prepared.model, delivered))
+    measured = measure(ctx, prepared.model, student, data)
+    extra = compress(ctx, student, data)
+    extra |= export(ctx, student, data)
+    return write_results(
+        ctx,
+        teacher=teacher,
+        prepared=prepared,
+        initial_metric=initial_metric,
+        completed=completed,
+        measured=measured,
+        extra=extra,
+        training_seconds=training_seconds,
+    )
 
-    def phase(name: str, message: str, fraction: float, **data: Any) -> None:
-        callbacks.on_event("phase", message, {"phase": name, **data})
-        callbacks.on_progress(Progress(phase=name, fraction=fraction))
-        stopper.check(f"before phase {name}")
 
-    phase("data", "loading data", 0.0, device=str(device))
-    data = adapter.load_data(spec, data_dir=data_dir, file_root=file_root)
+def load_data(ctx: JobContext, *, data_dir: Path, file_root: Path | None) -> TaskData:
+    """Phase `data`: the job's train/val/test splits."""
+    ctx.phase("data", "loading data", device=str(ctx.device))
+    return ctx.adapter.load_data(ctx.spec, data_dir=data_dir, file_root=file_root)
 
-    phase("teacher", f"preparing teacher {teacher.name}", 0.0)
-    teacher_model = adapter.load_teacher(
-        teacher,
-        spec,
+
+def prepare_teacher(
+    ctx: JobContext,
+    source: TeacherSource,
+    data: TaskData,
+    *,
+    data_dir: Path,
+    file_root: Path | None,
+    trust_remote_code: bool,
+) -> PreparedTeacher:
+    """Phase `teacher`: load (build, fine-tune) the teacher, freeze it on the device, measure it on test."""
+    ctx.phase("teacher", f"preparing teacher {source.name}")
+    model = ctx.adapter.load_teacher(
+        source,
+        ctx.spec,
         data,
         data_dir=data_dir,
         file_root=file_root,
-        device=device,
-        callbacks=_PhaseCallbacks(callbacks, 0.0, TEACHER_END),
+        device=ctx.device,
+        callbacks=ctx.slice_callbacks("teacher"),
         trust_remote_code=trust_remote_code,
     )
-    _freeze(teacher_model.to(device))
-    stopper.check("after preparing the teacher")
-    teacher_metric = _evaluate(adapter, teacher_model, data, device)
-    teacher_params = count_parameters(teacher_model)
-    callbacks.on_event(
-        "phase",
-        "teacher ready",
-        {"phase": "teacher", adapter.metric: teacher_metric, "parameters": teacher_params},
+    _freeze(model.to(ctx.device))
+    ctx.stopper.check("after preparing the teacher")
+    metric = ctx.evaluate(model, data)
+    parameters = count_parameters(model)
+    ctx.callbacks.on_event(
+        "phase", "teacher ready", {"phase": "teacher", ctx.adapter.metric: metric, "parameters": parameters}
     )
+    return PreparedTeacher(model=model, metric=metric, parameters=parameters)
 
+
+def _stage_student(ctx: JobContext, teacher: nn.Module, record: StageRecord) -> nn.Module:
+    """The delivered student of a finished run, rebuilt on the device."""
+    model = ctx.adapter.build_student(teacher, record.ratio, seed=ctx.spec.training_config.seed)
+    model.load_state_dict(record.state)
+    return model.to(ctx.device)
+
+
+def train_stages(
+    ctx: JobContext, prepared: PreparedTeacher, data: TaskData, *, resume: bool
+) -> tuple[float, list[StageRecord], float]:
+    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
+
+    Returns the fresh student's test metric, the finished runs and the seconds spent training.
+    """
+    spec, adapter, callbacks = ctx.spec, ctx.adapter, ctx.callbacks
+    config = spec.training_config
     plans = build_plans(spec, adapter)
-    checkpoint_path = paths.checkpoints / CHECKPOINT_FILE
+    checkpoint_path = ctx.paths.checkpoints / CHECKPOINT_FILE
     spec_json = spec.model_dump(mode="json")
     saved = load_checkpoint(checkpoint_path) if resume else None
     if saved is not None and (saved.get("format") != CHECKPOINT_FORMAT or saved.get("spec") != spec_json):
@@ -268,22 +425,21 @@ def _run_job(
             "resuming from checkpoint",
             {"run_index": saved["run_index"], "epoch": (saved["run"] or {}).get("epoch")},
         )
-
-    if saved is not None:
         initial_metric = float(saved["initial_student_accuracy"])
-        completed: list[dict[str, Any]] = list(saved["completed"])
+        completed = [StageRecord.from_payload(r) for r in saved["completed"]]
         start_index = int(saved["run_index"])
     else:
-        fresh = adapter.build_student(teacher_model, spec.target_compression, seed=config.seed)
-        initial_metric = _evaluate(adapter, fresh.to(device), data, device)
+        fresh = adapter.build_student(prepared.model, spec.target_compression, seed=config.seed)
+        initial_metric = ctx.evaluate(fresh.to(ctx.device), data)
         completed = []
         start_index = 0
 
     steps_per_epoch = -(-len(data.train) // config.batch_size)  # type: ignore[arg-type]
+    start, end = PROGRESS_TABLE["training"]
     progressor = Progressor(
         callbacks,
-        start=TEACHER_END,
-        end=TRAINING_END,
+        start=start,
+        end=end,
         total_steps=sum(p.epochs for p in plans) * steps_per_epoch,
         steps_before=sum(p.epochs for p in plans[:start_index]) * steps_per_epoch,
     )
@@ -297,25 +453,29 @@ def _run_job(
                 "initial_student_accuracy": initial_metric,
                 "run_index": run_index,
                 "run": run_payload,
-                "completed": completed,
+                "completed": [r.to_payload() for r in completed],
             },
         )
-
-    def stage_student(record: dict[str, Any]) -> nn.Module:
-        model = adapter.build_student(teacher_model, record["ratio"], seed=config.seed)
-        model.load_state_dict(record["best_state"])
-        return model.to(device)
 
     training_started = time.monotonic()
     for index in range(start_index, len(plans)):
         plan = plans[index]
         name = "baseline" if plan.kind == "baseline" else "distill"
-        phase(name, f"{name} stage {plan.stage}: ratio {plan.ratio:.4g}", progressor.start, stage=plan.stage)
-        student = adapter.build_student(teacher_model, plan.ratio, seed=config.seed)
+        # A run starts where the previous one ended in the training slice, never back at its start.
+        ctx.phase(
+            name,
+            f"{name} stage {plan.stage}: ratio {plan.ratio:.4g}",
+            progressor.fraction_done(),
+            stage=plan.stage,
+        )
+        student = adapter.build_student(prepared.model, plan.ratio, seed=config.seed)
         run_teacher: nn.Module | None = None
         if plan.kind == "distill":
-            previous = [r for r in completed if r["kind"] == "distill"]
-            run_teacher = _freeze(stage_student(previous[-1])) if previous else teacher_model
+            previous = [r for r in completed if r.kind == "distill"]
+            # Progressive: each stage is taught by the previous stage's delivered student.
+            run_teacher = (
+                _freeze(_stage_student(ctx, prepared.model, previous[-1])) if previous else prepared.model
+            )
         resume_payload = saved["run"] if saved is not None and index == start_index else None
         run_started = time.monotonic()
         state, cache_info = train_run(
@@ -325,129 +485,188 @@ def _run_job(
             adapter=adapter,
             data=data,
             spec=spec,
-            device=device,
+            device=ctx.device,
             callbacks=callbacks,
             progressor=progressor,
             checkpoint=functools.partial(write_checkpoint, index),
             resume_from=resume_payload,
-            stopper=stopper,
+            stopper=ctx.stopper,
+            engine=ctx.engine,
         )
-        final_metric = _evaluate(adapter, student, data, device)
+        final_metric = ctx.evaluate(student, data)
+        final_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
         assert state.best_state is not None
         student.load_state_dict(state.best_state)
-        best_metric = _evaluate(adapter, student, data, device)
+        best_metric = ctx.evaluate(student, data)
+        if config.select == Selection.last:
+            selected_epoch, selected_test, delivered_state = plan.epochs, final_metric, final_state
+        else:
+            selected_epoch, selected_test, delivered_state = state.best_epoch, best_metric, state.best_state
         completed.append(
-            {
-                "kind": plan.kind,
-                "stage": plan.stage,
-                "ratio": plan.ratio,
-                "temperature": plan.temperature,
-                "alpha": plan.alpha,
-                "parameters": count_parameters(student),
-                "best_val": state.best_metric,
-                "best_epoch": state.best_epoch,
-                "best_test": best_metric,
-                "final_test": final_metric,
-                "history": state.history,
-                "best_state": state.best_state,
-                "cache_used": cache_info["used"],
-                "cache_seconds": cache_info["seconds"],
-                "seconds": time.monotonic() - run_started,
-            }
+            StageRecord(
+                kind=plan.kind,
+                stage=plan.stage,
+                ratio=plan.ratio,
+                temperature=plan.temperature,
+                alpha=plan.alpha,
+                parameters=count_parameters(student),
+                best_val=state.best_metric,
+                best_epoch=state.best_epoch,
+                best_test=best_metric,
+                final_test=final_metric,
+                selected_epoch=selected_epoch,
+                selected_test=selected_test,
+                history=state.history,
+                state=delivered_state,
+                cache_used=bool(cache_info["used"]),
+                cache_seconds=float(cache_info["seconds"]),
+                seconds=time.monotonic() - run_started,
+            )
         )
         progressor.steps_before += plan.epochs * steps_per_epoch
         write_checkpoint(index + 1, None)
-    training_seconds = time.monotonic() - training_started
+    return initial_metric, completed, time.monotonic() - training_started
 
-    phase("evaluate", "measuring teacher and student", TRAINING_END)
-    distilled = [r for r in completed if r["kind"] == "distill"]
-    final_record = distilled[-1]
-    student = _freeze(stage_student(final_record))
-    student_params = count_parameters(student)
-    latency = {"teacher": {}, "student": {}}  # type: dict[str, dict[str, float]]
+
+def measure(ctx: JobContext, teacher: nn.Module, student: nn.Module, data: TaskData) -> Measurements:
+    """Phase `evaluate`: latency at batch 1 and 64 and the stored size of the teacher and the student."""
+    ctx.phase("evaluate", "measuring teacher and student")
+    latency: dict[str, dict[str, float]] = {"teacher": {}, "student": {}}
     for batch_size in (1, 64):
-        batch = adapter.example_batch(data, batch_size)
-        for role, model in (("teacher", teacher_model), ("student", student)):
-            stopper.check("while measuring latency")
-            latency[role][f"batch_{batch_size}"] = measure_latency_ms(adapter, model, batch, device)
-    speedup = latency["teacher"]["batch_64"] / latency["student"]["batch_64"]
-    teacher_mb, student_mb = model_size_mb(teacher_model), model_size_mb(student)
-
-    phase("compress", "post-training steps", 0.94)
-    extra = adapter.post_training(
-        student,
-        data,
-        spec,
-        out_dir=paths.artifacts,
-        device=device,
-        callbacks=_PhaseCallbacks(callbacks, 0.94, 0.97),
+        batch = ctx.adapter.example_batch(data, batch_size)
+        for role, model in (("teacher", teacher), ("student", student)):
+            ctx.stopper.check("while measuring latency")
+            latency[role][f"batch_{batch_size}"] = measure_latency_ms(ctx.adapter, model, batch, ctx.device)
+    return Measurements(
+        latency=latency,
+        teacher_mb=model_size_mb(teacher),
+        student_mb=model_size_mb(student),
+        student_parameters=count_parameters(student),
     )
 
-    phase("export", "writing artifacts", 0.97)
-    paths.artifacts.mkdir(parents=True, exist_ok=True)
-    adapter.save_student(student, paths.artifacts, data)
-    adapter.export_program(student, paths.artifacts / ARTIFACT_EXPORT, data)
 
-    baseline = next((r for r in completed if r["kind"] == "baseline"), None)
-    best = float(final_record["best_test"])
-    ratio = student_params / teacher_params
+def compress(ctx: JobContext, student: nn.Module, data: TaskData) -> dict[str, Any]:
+    """Phase `compress`: the spec's pruning (in place) and int8 copy, each stage re-measured."""
+    ctx.phase("compress", "post-training steps")
+    return compress_student(
+        student,
+        ctx.adapter,
+        data,
+        ctx.spec,
+        out_dir=ctx.paths.artifacts,
+        device=ctx.device,
+        callbacks=ctx.slice_callbacks("compress"),
+    )
+
+
+def export(ctx: JobContext, student: nn.Module, data: TaskData) -> dict[str, Any]:
+    """Phase `export`: the student's weights and config, its `torch.export` program, the task's extras."""
+    ctx.phase("export", "writing artifacts")
+    ctx.paths.artifacts.mkdir(parents=True, exist_ok=True)
+    extra = ctx.adapter.export_extras(student, ctx.paths.artifacts, data, ctx.callbacks)
+    ctx.adapter.save_student(student, ctx.paths.artifacts, data)
+    ctx.adapter.export_program(student, ctx.paths.artifacts / ARTIFACT_EXPORT, data)
+    return extra
+
+
+def write_results(
+    ctx: JobContext,
+    *,
+    teacher: TeacherSource,
+    prepared: PreparedTeacher,
+    initial_metric: float,
+    completed: list[StageRecord],
+    measured: Measurements,
+    extra: dict[str, Any],
+    training_seconds: float,
+) -> DistillationResults:
+    """The results of the delivered student: stored as results.json, announced, returned."""
+    spec, adapter = ctx.spec, ctx.adapter
+    distilled = [r for r in completed if r.kind == "distill"]
+    delivered = distilled[-1]
+    baseline = next((r for r in completed if r.kind == "baseline"), None)
+    student_metric = float(delivered.selected_test)
+    gain, gain_unit = (
+        kd_gain(
+            student=student_metric,
+            baseline=float(baseline.selected_test),
+            higher_is_better=adapter.higher_is_better,
+        )
+        if baseline
+        else (None, None)
+    )
+    ratio = measured.student_parameters / prepared.parameters
+    speedup = measured.speedup
     history = [
         {k: v for k, v in entry.items() if k != "losses"} | {"losses": entry.get("losses", {})}
         for record in distilled
-        for entry in record["history"]
+        for entry in record.history
     ]
     results = DistillationResults(
         task=str(spec.task),
         metric=adapter.metric,
-        device=str(device),
+        metric_direction="higher_is_better" if adapter.higher_is_better else "lower_is_better",
+        metric_split="test",
+        device=str(ctx.device),
         teacher_name=teacher.name,
         distillation_method=str(spec.distillation_method),
-        teacher_accuracy=teacher_metric,
+        teacher_accuracy=prepared.metric,
         initial_student_accuracy=initial_metric,
-        final_student_accuracy=float(final_record["final_test"]),
-        best_student_accuracy=best,
-        accuracy_retention=adapter.retention(teacher_metric, best),
-        original_parameters=teacher_params,
-        compressed_parameters=student_params,
+        student_accuracy=student_metric,
+        selected_by=str(spec.training_config.select),
+        selected_epoch=delivered.selected_epoch,
+        final_student_accuracy=float(delivered.final_test),
+        best_student_accuracy=float(delivered.best_test),
+        accuracy_retention=adapter.retention(prepared.metric, student_metric),
+        original_parameters=prepared.parameters,
+        compressed_parameters=measured.student_parameters,
         compression_ratio=ratio,
         target_compression=spec.target_compression,
         parameter_reduction=1.0 - ratio,
-        model_size_mb={"teacher": teacher_mb, "student": student_mb},
-        memory_savings=1.0 - student_mb / teacher_mb,
-        latency_ms=latency,
+        model_size_mb={"teacher": measured.teacher_mb, "student": measured.student_mb},
+        memory_savings=1.0 - measured.student_mb / measured.teacher_mb,
+        latency_ms=measured.latency,
         inference_speedup=speedup,
         cost_savings=1.0 - 1.0 / speedup,
         training_history=history,
         stages=[
             {
-                "stage": r["stage"],
-                "compression_ratio": r["parameters"] / teacher_params,
-                "parameters": r["parameters"],
-                "best_student_accuracy": r["best_test"],
-                "temperature": r["temperature"],
-                "alpha": r["alpha"],
-                "best_epoch": r["best_epoch"],
-                "teacher_cache_used": r["cache_used"],
-                "cache_seconds": r["cache_seconds"],
-                "seconds": r["seconds"],
+                "stage": r.stage,
+                "compression_ratio": r.parameters / prepared.parameters,
+                "parameters": r.parameters,
+                "best_student_accuracy": r.best_test,
+                "student_accuracy": r.selected_test,
+                "selected_epoch": r.selected_epoch,
+                "temperature": r.temperature,
+                "alpha": r.alpha,
+                "best_epoch": r.best_epoch,
+                "teacher_cache_used": r.cache_used,
+                "cache_seconds": r.cache_seconds,
+                "seconds": r.seconds,
             }
             for r in distilled
         ],
-        baseline_accuracy=baseline["best_test"] if baseline else None,
-        kd_gain=(best - baseline["best_test"]) * 100.0 if baseline else None,
-        baseline_history=baseline["history"] if baseline else None,
-        teacher_cache_used=all(r["cache_used"] for r in distilled),
+        baseline_accuracy=baseline.selected_test if baseline else None,
+        kd_gain=gain,
+        kd_gain_unit=gain_unit,
+        baseline_history=baseline.history if baseline else None,
+        teacher_cache_used=all(r.cache_used for r in distilled),
         training_seconds=training_seconds,
-        total_seconds=time.monotonic() - job_started,
+        total_seconds=time.monotonic() - ctx.started,
         **extra,
     )
-    (paths.artifacts / ARTIFACT_RESULTS).write_text(results.model_dump_json(indent=2), encoding="utf-8")
-    callbacks.on_event(
+    (ctx.paths.artifacts / ARTIFACT_RESULTS).write_text(results.model_dump_json(indent=2), encoding="utf-8")
+    ctx.callbacks.on_event(
         "phase",
         "done",
-        {"phase": "done", "best_student_accuracy": best, "retention": results.accuracy_retention},
+        {
+            "phase": "done",
+            "student_accuracy": student_metric,
+            "best_student_accuracy": delivered.best_test,
+            "retention": results.accuracy_retention,
+        },
     )
-    callbacks.on_progress(Progress(phase="done", fraction=1.0, eta_seconds=0.0))
+    ctx.callbacks.on_progress(Progress(phase="done", fraction=1.0, eta_seconds=0.0))
     return results
 
 

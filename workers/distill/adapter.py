@@ -1,133 +1,42 @@
-"""The seam between the generic trainer and task-specific code (digits/tabular here, transformers in `hf`).
+"""`TaskAdapter`: the seam between the generic loop and task code (`workers.distill.tasks.<task>`).
 
-The trainer (`workers.distill.trainer`) only ever talks to a `TaskAdapter`: it asks it for data, a teacher, a
-student, forward passes as `ModelOutputs`, loss targets, the metric, and how to save/export the student.
+The loop (`workers.distill.loop`) and the runner only ever talk to a `TaskAdapter`: they ask it for data,
+a teacher, a student, forward passes as `ModelOutputs`, loss targets, the metric, and how to save and
+export the student.
 Everything about a task (tokenizers, model families, metrics) stays behind this interface.
 
 Contract details an adapter must honour:
 - Datasets yield `dict[str, Tensor]` items in a deterministic order (no random augmentation), so that the
   teacher's outputs can be cached once per example index. A `TensorDictDataset` (all items stacked in
-  tensors) gives the trainer a fast path that skips per-item collation.
+  tensors) gives the loop a fast path that skips per-item collation.
 - `forward` returns `ModelOutputs`; `hidden_states`/`attentions` only when asked (they cost memory).
-- `targets(batch)` is aligned position-for-position with `forward(...).logits` (the trainer never shifts
+- `targets(batch)` is aligned position-for-position with `forward(...).logits` (the loop never shifts
   tokens): `(B,)` labels for classification, `(B, T)` ids for token tasks, `IGNORE_INDEX` (-100) = ignore.
-- `loss_weights` names the terms of `workers.distill.losses.LOSSES` the trainer sums, with their weights.
+- `loss_weights` names the terms of `workers.distill.losses.LOSSES` the loop sums, with their weights.
 - `cache_teacher_outputs` may shrink the teacher's outputs before they are cached (e.g. top-k logits in
   `ModelOutputs.extra`); a loss term registered by the adapter then reads that form.
-- All tensors an adapter returns from `forward` live on the model's device; batches the trainer passes in
+- All tensors an adapter returns from `forward` live on the model's device; batches the loop passes in
   are already on that device. `evaluate` gets CPU batches and moves them itself (`to_device`).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
 from workers.distill.contract import EngineCallbacks
-
-IGNORE_INDEX = -100
-
-Batch = dict[str, torch.Tensor]
-Collate = Callable[[list[Batch]], Batch]
-
-
-@dataclass
-class ModelOutputs:
-    """What a forward pass gives the losses."""
-
-    logits: torch.Tensor  # (B, C) classification | (B, T, V) token tasks
-    hidden_states: Sequence[torch.Tensor] | None = None  # per layer: (B, H) or (B, T, H)
-    attentions: Sequence[torch.Tensor] | None = None  # per layer: (B, heads, T, T)
-    # Adapter-specific extras, e.g. {"topk_indices": (B, T, k)} for a top-k teacher cache.
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-class TensorDictDataset(Dataset[Batch]):
-    """Items are rows of equally long tensors; lets the trainer index whole batches at once."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        lengths = {name: t.shape[0] for name, t in tensors.items()}
-        if len(set(lengths.values())) != 1:
-            raise ValueError(f"tensors differ in length: {lengths}")
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    def __getitem__(self, index: int) -> Batch:
-        return {name: t[index] for name, t in self.tensors.items()}
-
-    def get_batch(self, indices: torch.Tensor) -> Batch:
-        """Rows `indices` of every tensor: (B, ...) each."""
-        return {name: t[indices] for name, t in self.tensors.items()}
-
-
-@dataclass
-class TaskData:
-    """The three splits of a job's data plus what the adapter needs to interpret them."""
-
-    train: Dataset[Batch]
-    val: Dataset[Batch]
-    test: Dataset[Batch]
-    collate: Collate | None  # None: items are stacked with torch.stack per key
-    num_labels: int | None
-    info: dict[str, Any] = field(default_factory=dict)  # e.g. {"tokenizer": ...}
-
-
-def default_collate(items: list[Batch]) -> Batch:
-    """Stack same-shaped items key by key: (B, ...)."""
-    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
-
-
-def make_batch(dataset: Dataset[Batch], indices: torch.Tensor, collate: Collate | None) -> Batch:
-    """One batch of `indices` from `dataset` (fast path for `TensorDictDataset`)."""
-    if isinstance(dataset, TensorDictDataset):
-        return dataset.get_batch(indices)
-    return (collate or default_collate)([dataset[int(i)] for i in indices])
-
-
-def iterate_batches(
-    dataset: Dataset[Batch],
-    batch_size: int,
-    collate: Collate | None,
-    *,
-    generator: torch.Generator | None = None,
-) -> Iterator[tuple[torch.Tensor, Batch]]:
-    """Yield (indices, batch); shuffled with `generator` when given, else in dataset order."""
-    size = len(dataset)  # type: ignore[arg-type]
-    order = torch.randperm(size, generator=generator) if generator is not None else torch.arange(size)
-    for start in range(0, size, batch_size):
-        indices = order[start : start + batch_size]
-        yield indices, make_batch(dataset, indices, collate)
-
-
-def to_device(batch: Batch, device: torch.device, *, non_blocking: bool = False) -> Batch:
-    """Move every tensor of a batch to `device`."""
-    return {key: value.to(device, non_blocking=non_blocking) for key, value in batch.items()}
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (shared tensors counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def model_size_mb(model: nn.Module) -> float:
-    """Bytes of parameters and buffers / 2**20."""
-    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+from workers.distill.kernel import IGNORE_INDEX, Batch, ModelOutputs, TaskData, to_device
 
 
 class TaskAdapter(ABC):
-    """Everything task-specific the generic trainer needs. One instance per job run."""
+    """Everything task-specific the generic loop needs. One instance per job run."""
 
     task: ClassVar[Task]
     metric: ClassVar[str] = "accuracy"  # "accuracy" | "perplexity"
@@ -214,7 +123,7 @@ class TaskAdapter(ABC):
         return teacher_metric / student_metric if student_metric else 0.0
 
     def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
-        """Named loss terms (keys of `losses.LOSSES`) and weights for this job; the trainer sums them."""
+        """Named loss terms (keys of `losses.LOSSES`) and weights for this job; the loop sums them."""
         del temperature
         weights = {"soft_target_kl": alpha, "hard_target_ce": 1.0 - alpha}
         method = spec.distillation_method
@@ -235,20 +144,9 @@ class TaskAdapter(ABC):
         tensors += list(outputs.extra.values())
         return sum(t.numel() * t.element_size() for t in tensors) // max(batch_size, 1)
 
-    def post_training(
-        self,
-        student: nn.Module,
-        data: TaskData,
-        spec: JobSpec,
-        *,
-        out_dir: Path,
-        device: torch.device,
-        callbacks: EngineCallbacks,
+    def export_extras(
+        self, student: nn.Module, out_dir: Path, data: TaskData, callbacks: EngineCallbacks
     ) -> dict[str, Any]:
-        """The spec's compression (pruning in place, an int8 copy saved), every stage re-measured; returns
-        extra result fields ({} when compression is left at its defaults). Adapters may add more phases."""
-        from workers.distill.compress import compress_student  # compress imports this module
-
-        return compress_student(
-            student, self, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
-        )
+        """More artifacts beside the student (e.g. ONNX) and their result fields; default: none."""
+        del student, out_dir, data, callbacks
+        return {}

@@ -16,9 +16,9 @@ from sklearn.model_selection import train_test_split
 from transformers import PreTrainedTokenizerBase
 
 from app.schemas.job_spec import FileDataset, HubDataset, JobSpec, Task
-from workers.distill.adapters.base import IGNORE_INDEX, TensorDictDataset
 from workers.distill.contract import EngineError
-from workers.distill.hf.models import resolve_under_root
+from workers.distill.kernel import IGNORE_INDEX, TensorDictDataset
+from workers.distill.tasks.transformers.models import resolve_under_root
 
 MLM_PROBABILITY = 0.15
 _MIN_PER_SPLIT = 1

@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from app.schemas.job_spec import BuiltinDataset, FileDataset, JobSpec
-from workers.distill.adapters.base import TaskData, TensorDictDataset
 from workers.distill.contract import EngineError
+from workers.distill.kernel import TaskData, TensorDictDataset
 
 VALIDATION_FRACTION = 0.1
 

@@ -19,9 +19,9 @@ from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from workers.distill.adapters.base import TaskData, count_parameters, iterate_batches
 from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress
-from workers.distill.models import DigitsCNN, build_model, model_config
+from workers.distill.kernel import TaskData, count_parameters, iterate_batches
+from workers.distill.tasks.classification.models import DigitsCNN, build_model, model_config
 
 # The recipe of the built-in teacher; a change rebuilds it (stored beside the weights).
 DIGITS_TEACHER_RECIPE: dict[str, Any] = {

@@ -1,4 +1,7 @@
-"""Task adapters, keyed by task. `classification` is built in; transformer tasks come from `hf` if present."""
+"""The task registry: one adapter per task, registered by its package under `workers.distill.tasks`.
+
+`classification` is always there; the transformer tasks register when `transformers` is installed.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import logging
 from collections.abc import Callable
 
 from app.schemas.job_spec import Task
-from workers.distill.adapters.base import TaskAdapter
+from workers.distill.adapter import TaskAdapter
 from workers.distill.contract import EngineError
 
 logger = logging.getLogger(__name__)
@@ -16,7 +19,7 @@ AdapterFactory = Callable[[], TaskAdapter]
 
 _ADAPTERS: dict[Task, AdapterFactory] = {}
 # Modules that register more adapters when imported; a missing or broken one never breaks the others.
-_OPTIONAL_MODULES = ("workers.distill.adapters.hf", "workers.distill.hf")
+_OPTIONAL_MODULES = ("workers.distill.tasks.transformers",)
 _loaded_optional = False
 
 
@@ -32,7 +35,7 @@ def _load_optional() -> None:
     if _loaded_optional:
         return
     _loaded_optional = True
-    import workers.distill.adapters.classification  # noqa: F401  (registers 'classification')
+    import workers.distill.tasks.classification  # noqa: F401  (registers 'classification')
 
     for module in _OPTIONAL_MODULES:
         try:

@@ -7,187 +7,42 @@ on CUDA only, a checkpoint each epoch that `resume` restores exactly, progress a
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import json
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from app.schemas.job_spec import JobSpec, TeacherCache
-from workers.distill.adapters.base import (
+from workers.distill.adapter import TaskAdapter
+from workers.distill.checkpoint import flushes_checkpoints, restore_rng_state, rng_state
+from workers.distill.config import EngineConfig
+from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress, StopChecker
+from workers.distill.kernel import (
     Batch,
     ModelOutputs,
-    TaskAdapter,
     TaskData,
+    autocast,
     iterate_batches,
     make_batch,
     to_device,
 )
-from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
+from workers.distill.teacher_cache import TeacherCacheStore
 
 logger = logging.getLogger(__name__)
 
-# Teacher outputs are cached when they fit in this many bytes (teacher_cache=auto).
-TEACHER_CACHE_MAX_BYTES = int(os.environ.get("DISTILLERY_TEACHER_CACHE_MAX_BYTES", str(2 * 2**30)))
-# Seconds between should_stop / progress calls inside an epoch (a cancel lands well within ~1 s).
-CHECK_INTERVAL_S = 0.2
-# Minimum seconds between epoch checkpoints (0: every epoch).
-CHECKPOINT_MIN_INTERVAL_S = float(os.environ.get("DISTILLERY_CHECKPOINT_MIN_INTERVAL_S", "0"))
 EVAL_BATCH_SIZE = 256
-
-
-def autocast(device: torch.device) -> Any:
-    """bf16 autocast on CUDA, nothing elsewhere."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16)
 
 
 def eval_loader(dataset: Any, data: TaskData, batch_size: int = EVAL_BATCH_SIZE) -> Iterator[Batch]:
     """CPU batches of a split in order."""
     for _, batch in iterate_batches(dataset, batch_size, data.collate):
         yield batch
-
-
-class StopChecker:
-    """Rate-limited should_stop: at most every CHECK_INTERVAL_S, and always when forced."""
-
-    def __init__(self, callbacks: EngineCallbacks) -> None:
-        self.callbacks = callbacks
-        self.last = 0.0
-
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= CHECK_INTERVAL_S
-
-    def check(self, where: str) -> None:
-        self.last = time.monotonic()
-        if self.callbacks.should_stop():
-            raise JobStopped(f"stopped {where}")
-
-
-class TeacherCacheStore:
-    """Teacher outputs for every train example, computed once (teacher frozen, data deterministic).
-
-    Tensors whose shape is the same for every batch are stacked (N, ...); tensors with a sequence dimension
-    that varies between batches are kept per example and fitted (padded/truncated) to each batch's length;
-    the positions this adds or removes are padding, which the losses ignore.
-    """
-
-    def __init__(self, stacked: dict[str, torch.Tensor | list[torch.Tensor]], layout: dict[str, int]) -> None:
-        self.entries = stacked
-        self.layout = layout  # number of hidden-state / attention layers: {"hidden": L, "attn": L}
-
-    @staticmethod
-    def build(
-        teacher: nn.Module,
-        adapter: TaskAdapter,
-        data: TaskData,
-        spec: JobSpec,
-        *,
-        device: torch.device,
-        hidden_states: bool,
-        attentions: bool,
-        batch_size: int,
-        max_bytes: int | None,
-        stopper: StopChecker,
-    ) -> TeacherCacheStore | None:
-        """Run the teacher over the train split in order; None when the estimate exceeds `max_bytes`."""
-        pieces: dict[str, list[torch.Tensor]] = {}
-        layout: dict[str, int] = {}
-        total = len(data.train)  # type: ignore[arg-type]
-        with torch.inference_mode():
-            for indices, cpu_batch in iterate_batches(data.train, batch_size, data.collate):
-                batch = to_device(cpu_batch, device)
-                with autocast(device):
-                    outputs = adapter.forward(
-                        teacher, batch, hidden_states=hidden_states, attentions=attentions
-                    )
-                outputs = adapter.cache_teacher_outputs(outputs, spec)
-                if not pieces and max_bytes is not None:
-                    estimate = adapter.cache_bytes_per_example(outputs, indices.numel()) * total
-                    if estimate > max_bytes:
-                        logger.info(
-                            "teacher cache needs ~%d bytes > %d: recomputing instead", estimate, max_bytes
-                        )
-                        return None
-                flat = _flatten(outputs)
-                layout = {"hidden": len(outputs.hidden_states or ()), "attn": len(outputs.attentions or ())}
-                for key, tensor in flat.items():
-                    pieces.setdefault(key, []).append(tensor.detach().clone())
-                if stopper.due():
-                    stopper.check("while caching teacher outputs")
-        entries: dict[str, torch.Tensor | list[torch.Tensor]] = {}
-        for key, chunks in pieces.items():
-            if all(c.shape[1:] == chunks[0].shape[1:] for c in chunks):
-                entries[key] = torch.cat(chunks)  # (N, ...)
-            else:
-                entries[key] = [row for chunk in chunks for row in chunk]  # N x (T_i, ...)
-        return TeacherCacheStore(entries, layout)
-
-    def lookup(self, indices: torch.Tensor, like: ModelOutputs | None) -> ModelOutputs:
-        """Teacher outputs for the examples `indices`; variable-length entries fitted to `like`'s lengths."""
-        flat: dict[str, torch.Tensor] = {}
-        for key, entry in self.entries.items():
-            if isinstance(entry, torch.Tensor):
-                flat[key] = entry[indices if indices.device == entry.device else indices.to(entry.device)]
-            else:
-                rows = [entry[int(i)] for i in indices]
-                length = _sequence_length(like, rows[0].dim())
-                flat[key] = torch.stack([_fit(row, length) for row in rows])
-        return _unflatten(flat, self.layout)
-
-
-def _sequence_length(like: ModelOutputs | None, row_dims: int) -> int:
-    if like is None or like.logits.dim() < 3:
-        raise EngineError("unsupported", "variable-length cached teacher outputs need (B, T, ...) logits")
-    del row_dims
-    return like.logits.shape[1]
-
-
-def _fit(row: torch.Tensor, length: int) -> torch.Tensor:
-    """Pad (zeros) or truncate every leading sequence dim of `row` (T_i, ...) / (h, T_i, T_i) to `length`."""
-    for dim in range(row.dim()):
-        size = row.shape[dim]
-        if dim == 0 or (row.dim() == 3 and dim in (1, 2) and row.shape[1] == row.shape[2]):
-            if size > length:
-                row = row.narrow(dim, 0, length)
-            elif size < length:
-                pad_shape = list(row.shape)
-                pad_shape[dim] = length - size
-                row = torch.cat([row, row.new_zeros(pad_shape)], dim=dim)
-    return row
-
-
-def _flatten(outputs: ModelOutputs) -> dict[str, torch.Tensor]:
-    flat = {"logits": outputs.logits}
-    for i, h in enumerate(outputs.hidden_states or ()):
-        flat[f"hidden.{i}"] = h
-    for i, a in enumerate(outputs.attentions or ()):
-        flat[f"attn.{i}"] = a
-    for key, value in outputs.extra.items():
-        flat[f"extra.{key}"] = value
-    return flat
-
-
-def _unflatten(flat: dict[str, torch.Tensor], layout: dict[str, int]) -> ModelOutputs:
-    hidden = [flat[f"hidden.{i}"] for i in range(layout["hidden"])] or None
-    attn = [flat[f"attn.{i}"] for i in range(layout["attn"])] or None
-    extra = {k.removeprefix("extra."): v for k, v in flat.items() if k.startswith("extra.")}
-    return ModelOutputs(logits=flat["logits"], hidden_states=hidden, attentions=attn, extra=extra)
 
 
 @dataclass
@@ -226,6 +81,10 @@ class Progressor:
     started: float = field(default_factory=time.monotonic)
     steps_at_start: int = 0  # steps already done when this process started (resume)
 
+    def fraction_done(self) -> float:
+        """The job fraction reached when the finished runs are done (where the next run starts)."""
+        return self.start + (self.end - self.start) * self.steps_before / max(self.total_steps, 1)
+
     def report(
         self, phase: str, plan: RunPlan, epoch: int, step: int, steps: int, metrics: dict[str, float]
     ) -> None:
@@ -248,8 +107,6 @@ class Progressor:
 
 
 Checkpointer = Callable[[dict[str, Any]], None]
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 def _best_is_better(adapter: TaskAdapter, metric: float, best: float | None) -> bool:
@@ -262,35 +119,7 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    """Global and data-order RNG states, as tensors (loadable with weights_only)."""
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "shuffle": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["shuffle"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _flushes_checkpoints(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """The wrapped call returns or raises only once every checkpoint it handed over is on disk."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            flush_checkpoints()
-
-    return wrapper
-
-
-@_flushes_checkpoints
+@flushes_checkpoints
 def train_run(
     *,
     plan: RunPlan,
@@ -305,6 +134,7 @@ def train_run(
     checkpoint: Checkpointer,
     resume_from: dict[str, Any] | None,
     stopper: StopChecker,
+    engine: EngineConfig | None = None,
 ) -> tuple[RunState, dict[str, Any]]:
     """Train `student` for `plan.epochs`; returns its state (best student kept) and cache info.
 
@@ -312,6 +142,7 @@ def train_run(
     `resume_from` is such a payload for this run.
     """
     config = spec.training_config
+    engine = engine or EngineConfig()
     need_teacher, need_hidden, need_attn = needs(plan.weights)
     if need_teacher and teacher is None:
         raise EngineError("unsupported", "the loss terms need a teacher")
@@ -393,7 +224,7 @@ def train_run(
         assert teacher is not None
         started = time.monotonic()
         callbacks.on_event("phase", "caching teacher outputs", {"phase": "cache", "stage": plan.stage})
-        max_bytes = None if config.teacher_cache == TeacherCache.on else TEACHER_CACHE_MAX_BYTES
+        max_bytes = None if config.teacher_cache == TeacherCache.on else engine.teacher_cache_max_bytes
         try:
             cache = TeacherCacheStore.build(
                 teacher,
@@ -489,10 +320,9 @@ def train_run(
         }
         state.history.append(entry)
         state.epoch = epoch
-        # Every epoch by default, so a resume never repeats a finished epoch.
-        # DISTILLERY_CHECKPOINT_MIN_INTERVAL_S
-        # > 0 throttles sub-second epochs (the last epoch and a stop always write).
-        if epoch == plan.epochs or time.monotonic() - last_saved["at"] >= CHECKPOINT_MIN_INTERVAL_S:
+        # Every epoch by default, so a resume never repeats a finished epoch; a checkpoint interval > 0
+        # throttles sub-second epochs (the last epoch and a stop always write).
+        if epoch == plan.epochs or time.monotonic() - last_saved["at"] >= engine.checkpoint_min_interval_s:
             save()
         callbacks.on_event(
             "metric",
@@ -522,101 +352,3 @@ def _nan_error(plan: RunPlan, epoch: int, step: int, value: float) -> EngineErro
         f"the training loss became {value} (stage {plan.stage}, epoch {epoch}, step {step}); "
         "lower training_config.learning_rate or temperature, or check the data for invalid values",
     )
-
-
-_MARKERS = frozenset({"__tensor__", "__tuple__", "__dict__"})
-_PRIMITIVES = (bool, int, float, str, type(None))
-
-
-def _encode(value: Any, tensors: dict[str, torch.Tensor], seen: dict[int, str]) -> Any:
-    """A JSON-able mirror of `value` whose tensors are moved into `tensors` (by key).
-
-    Dicts with string keys stay JSON objects; other dicts (e.g. an optimizer's int-keyed state) and tuples
-    are wrapped in a marker object so they come back as they were.
-    """
-    if isinstance(value, _PRIMITIVES):
-        return value
-    if isinstance(value, torch.Tensor):
-        key = seen.get(id(value))
-        if key is None:
-            key = seen[id(value)] = f"t{len(tensors)}"
-            tensors[key] = value.detach().to("cpu", copy=True).contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, dict):
-        if all(type(k) is str for k in value) and not _MARKERS.intersection(value):
-            return {
-                k: v if isinstance(v, _PRIMITIVES) else _encode(v, tensors, seen) for k, v in value.items()
-            }
-        return {
-            "__dict__": [[_encode(k, tensors, seen), _encode(v, tensors, seen)] for k, v in value.items()]
-        }
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, tensors, seen) for v in value]}
-    if isinstance(value, list):
-        return [v if isinstance(v, _PRIMITIVES) else _encode(v, tensors, seen) for v in value]
-    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
-
-
-def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            return tensors[value["__tensor__"]]
-        if "__tuple__" in value:
-            return tuple(_decode(v, tensors) for v in value["__tuple__"])
-        if "__dict__" in value:
-            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__dict__"]}
-        return {k: _decode(v, tensors) for k, v in value.items()}
-    return value
-
-
-def load_checkpoint(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at `path`, or None when there is none. Safetensors + JSON: nothing is unpickled."""
-    flush_checkpoints()
-    if not path.is_file():
-        return None
-    with safe_open(str(path), framework="pt") as handle:
-        structure = json.loads(handle.metadata()["structure"])
-        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
-    payload: dict[str, Any] = _decode(structure, tensors)
-    return payload
-
-
-# One background writer per process: checkpoints are snapshotted on the training thread (tensors copied,
-# structure serialised) and written in order behind it, so per-epoch checkpoints cost the loop only the copy.
-_CHECKPOINT_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-writer")
-_pending_writes: list[Future[None]] = []
-_pending_lock = threading.Lock()
-
-
-def _write_checkpoint_file(path: Path, tensors: dict[str, torch.Tensor], structure: str) -> None:
-    """Write atomically (temp file + rename): a crash mid-write leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"structure": structure})
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Snapshot `payload` now and write it in the background; `flush_checkpoints()` waits for the writes."""
-    with _pending_lock:
-        done = [future for future in _pending_writes if future.done()]
-        for future in done:
-            _pending_writes.remove(future)
-    for future in done:
-        future.result()  # a failed earlier write surfaces here rather than at the end of the run
-    tensors: dict[str, torch.Tensor] = {}
-    structure = json.dumps(_encode(payload, tensors, {}))
-    future = _CHECKPOINT_WRITER.submit(_write_checkpoint_file, path, tensors, structure)
-    with _pending_lock:
-        _pending_writes.append(future)
-
-
-def flush_checkpoints() -> None:
-    """Wait until every checkpoint handed to `save_checkpoint` is on disk (re-raises a failed write)."""
-    with _pending_lock:
-        futures = list(_pending_writes)
-        _pending_writes.clear()
-    for future in futures:
-        future.result()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from workers.distill.adapters.base import IGNORE_INDEX
+from workers.distill.kernel import IGNORE_INDEX
 
 
 def topk_teacher_logits(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from app.schemas.job_spec import JobSpec
-from workers.distill.adapters.base import TensorDictDataset, iterate_batches, to_device
 from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress
+from workers.distill.kernel import TensorDictDataset, iterate_batches, to_device
 
 _STOP_CHECK_EVERY = 5
 

@@ -17,21 +17,37 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
-from workers.distill.adapters.base import (
+from workers.distill.adapter import TaskAdapter
+from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
+from workers.distill.kernel import (
     IGNORE_INDEX,
     Batch,
     ModelOutputs,
-    TaskAdapter,
     TaskData,
     TensorDictDataset,
     to_device,
 )
-from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
-from workers.distill.hf.data import TextSplits, causal_targets, read_text_splits, tokenise_split
-from workers.distill.hf.finetune import finetune_classifier, finetune_key, finetune_lock, finetuned_dir
-from workers.distill.hf.losses import token_kl, topk_teacher_logits
-from workers.distill.hf.models import AUTO_CLASSES, build_hf_student, load_hf_teacher, teacher_location
 from workers.distill.losses import LossInputs, register_loss
+from workers.distill.tasks.transformers.data import (
+    TextSplits,
+    causal_targets,
+    read_text_splits,
+    tokenise_split,
+)
+from workers.distill.tasks.transformers.finetune import (
+    finetune_classifier,
+    finetune_key,
+    finetune_lock,
+    finetuned_dir,
+)
+from workers.distill.tasks.transformers.losses import token_kl, topk_teacher_logits
+from workers.distill.tasks.transformers.models import (
+    AUTO_CLASSES,
+    build_hf_student,
+    load_hf_teacher,
+    teacher_location,
+)
+from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, export_onnx
 
 ONNX_FILE = "student.onnx"
 INT8_FILE = "student_int8.safetensors"
@@ -67,7 +83,7 @@ class HFTaskAdapter(TaskAdapter):
     """Shared behaviour of the transformer tasks; subclasses set the task, metric and targets.
 
     The tokenizer belongs to the teacher, so `load_data` reads and splits raw text and `load_teacher`
-    tokenises the splits in place (the trainer reads `data.train/val/test` only after `load_teacher`).
+    tokenises the splits in place (the loop reads `data.train/val/test` only after `load_teacher`).
     """
 
     task: ClassVar[Task]
@@ -271,35 +287,21 @@ class SequenceClassificationAdapter(HFTaskAdapter):
     def targets(self, batch: Batch) -> torch.Tensor:
         return batch["labels"]  # (B,)
 
-    def post_training(
-        self,
-        student: nn.Module,
-        data: TaskData,
-        spec: JobSpec,
-        *,
-        out_dir: Path,
-        device: torch.device,
-        callbacks: EngineCallbacks,
+    def export_extras(
+        self, student: nn.Module, out_dir: Path, data: TaskData, callbacks: EngineCallbacks
     ) -> dict[str, Any]:
-        """Compression, then `student.onnx` of the final fp32 student beside the save_pretrained files.
+        """`student.onnx` of the final fp32 student beside the save_pretrained files.
 
         The ONNX logits are checked against PyTorch's; the outcome (or the exporter's error, which then
         does not fail an otherwise finished job) is reported in the results as `onnx_export`.
         """
-        extra = super().post_training(
-            student, data, spec, out_dir=out_dir, device=device, callbacks=callbacks
-        )
-        from workers.distill.onnx_export import ONNX_OPSET, export_onnx
-
         out_dir.mkdir(parents=True, exist_ok=True)
         try:
             difference = export_onnx(student, out_dir / ONNX_FILE, self.example_batch(data, 2))
         except EngineError as exc:
             callbacks.on_event("warning", f"ONNX export failed: {exc.message}", {"phase": "export"})
-            extra["onnx_export"] = {"file": None, "error": exc.message}
-        else:
-            extra["onnx_export"] = {"file": ONNX_FILE, "opset": ONNX_OPSET, "max_abs_difference": difference}
-        return extra
+            return {"onnx_export": {"file": None, "error": exc.message}}
+        return {"onnx_export": {"file": ONNX_FILE, "opset": ONNX_OPSET, "max_abs_difference": difference}}
 
 
 class _TokenAdapter(HFTaskAdapter):

@@ -11,11 +11,11 @@ from torch import nn
 
 from app.schemas.job_spec import JobSpec, Task
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from workers.distill.adapters import register_adapter
-from workers.distill.adapters.base import Batch, ModelOutputs, TaskAdapter, TaskData, count_parameters
+from workers.distill.adapter import TaskAdapter
 from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
-from workers.distill.data import load_classification_data, resolve_under_root
-from workers.distill.models import (
+from workers.distill.kernel import Batch, ModelOutputs, TaskData, count_parameters
+from workers.distill.tasks.classification.data import load_classification_data, resolve_under_root
+from workers.distill.tasks.classification.models import (
     MLP,
     DigitsCNN,
     SmallCNN,
@@ -24,7 +24,7 @@ from workers.distill.models import (
     scaled_small_cnn,
     small_model_config,
 )
-from workers.distill.teachers import get_digits_teacher, load_model_dir
+from workers.distill.tasks.classification.teachers import get_digits_teacher, load_model_dir
 
 BUILTIN_TEACHERS = ("digits-cnn",)
 
@@ -164,6 +164,3 @@ class _Exportable(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.student(inputs)
-
-
-register_adapter(Task.classification, ClassificationAdapter)

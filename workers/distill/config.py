@@ -1,0 +1,33 @@
+"""`EngineConfig`: the settings the engine reads, given by its callers (never from os.environ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.core.config import Settings
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine settings for one `run_job` call; defaults are the service's defaults."""
+
+    # teacher_cache=auto caches the teacher's outputs over the train split when they fit in this many bytes.
+    teacher_cache_max_bytes: int = 2 * 2**30
+    # Minimum seconds between epoch checkpoints (0: every epoch; the last epoch and a stop always write).
+    checkpoint_min_interval_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.teacher_cache_max_bytes < 0:
+            raise ValueError("teacher_cache_max_bytes must be >= 0")
+        if self.checkpoint_min_interval_s < 0:
+            raise ValueError("checkpoint_min_interval_s must be >= 0")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EngineConfig:
+        """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S)."""
+        return cls(
+            teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
+            checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
+        )
