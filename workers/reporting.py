@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.services import lifecycle
+from app.services import checkpoints, lifecycle
 from app.services.lifecycle import Claim
 from workers.distill.contract import Progress
 
@@ -108,6 +108,9 @@ class JobReporter:
             self._flush()
         if self._lease_lost.is_set():
             return
+        if kind == "checkpoint" and ("kept" in data or "removed" in data):
+            self._record_checkpoint(data)
+            return
         try:
             with session_scope() as session:
                 held = lifecycle.record_event_if_held(
@@ -125,6 +128,31 @@ class JobReporter:
         except SQLAlchemyError as exc:
             log.warning(
                 "job %s: could not store a %s event: %s", self.claim.job_id, kind, exc.__class__.__name__
+            )
+
+    def _record_checkpoint(self, data: dict[str, Any]) -> None:
+        """A kept checkpoint written or dropped: its row in `job_checkpoints` (no event: one per epoch)."""
+        try:
+            with session_scope() as session:
+                if "kept" in data:
+                    held = checkpoints.record_kept(
+                        session,
+                        job_id=self.claim.job_id,
+                        lease_token=self.claim.lease_token,
+                        data=_jsonable(data),
+                    )
+                else:
+                    held = checkpoints.record_removed(
+                        session,
+                        job_id=self.claim.job_id,
+                        lease_token=self.claim.lease_token,
+                        name=str(data["removed"]),
+                    )
+            if not held:
+                self._lease_lost.set()
+        except SQLAlchemyError as exc:
+            log.warning(
+                "job %s: could not record a checkpoint: %s", self.claim.job_id, exc.__class__.__name__
             )
 
     def should_stop(self) -> bool:

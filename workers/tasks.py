@@ -27,7 +27,7 @@ from app.errors import NotFound
 from app.models import Job
 from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import estimates, lifecycle
+from app.services import checkpoints, estimates, lifecycle
 from app.services.datasets import get_dataset_path
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
@@ -87,6 +87,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 file_root=file_root,
                 trust_remote_code=settings.trust_remote_code,
                 config=EngineConfig.from_settings(settings),
+                start_from=_parent_weights(paths),
             )
         except JobStopped:
             reporter.close()
@@ -120,6 +121,12 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
         ),
     )
     return "completed" if stored else "lease lost; results discarded"
+
+
+def _parent_weights(paths: JobPaths) -> Path | None:
+    """The kept checkpoint a fork starts from (copied into its folder at create), if it is one."""
+    path = paths.work_dir / checkpoints.PARENT_WEIGHTS
+    return path if path.is_file() else None
 
 
 def _measured_estimate(claim: Claim, results: dict[str, Any]) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
+from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
 from app.services import estimates as estimates_service
 from app.services import teachers as teachers_service
@@ -180,6 +181,13 @@ def create(
     `commit=False` flushes only, so the caller can commit it together with an idempotency record.
     """
     spec = check_spec(session, spec=request.spec(), settings=settings, tenant_id=tenant_id)
+    parent = (
+        checkpoints_service.resolve_parent(
+            session, source=request.from_checkpoint, spec=spec, tenant_id=tenant_id
+        )
+        if request.from_checkpoint is not None
+        else None
+    )
     if request.auto_start:
         _check_queue_room(session, settings, tenant_id)
     now = utcnow()
@@ -195,9 +203,13 @@ def create(
         name=request.name,
         job_metadata=dict(request.metadata),
         estimate=estimates_service.estimate(session, spec=spec, tenant_id=tenant_id, settings=settings),
+        parent_job_id=parent.job_id if parent else None,
+        parent_checkpoint=parent.name if parent else None,
     )
     session.add(job)
     session.flush()
+    if parent is not None:
+        checkpoints_service.copy_parent_weights(parent, job_id=job.id, settings=settings)
     record_event(
         session, job_id=job.id, kind="state", message="created", data={"from": None, "to": "pending"}
     )

@@ -45,6 +45,7 @@ from workers.distill.contract import (
     Progress,
     StopChecker,
 )
+from workers.distill.kept import KeptCheckpoints, StartFrom
 from workers.distill.kernel import TaskData, count_parameters, model_size_mb
 from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
@@ -266,9 +267,12 @@ def run_job(
     file_root: Path | None = None,
     trust_remote_code: bool = False,
     config: EngineConfig | None = None,
+    start_from: Path | None = None,
 ) -> DistillationResults:
     """Run one distillation job end to end; writes artifacts and returns (and stores) its results.
 
+    `start_from`: a kept checkpoint (`kept.KEPT_SUFFIX` file) of another job to start from, when there is
+    no checkpoint of this job's own to resume: only the epochs after it are trained.
     Raises EngineError(code, message) on failures a person can act on, JobStopped when `should_stop()`
     answered True (the last checkpoint is kept).
     """
@@ -288,6 +292,7 @@ def run_job(
             file_root=file_root,
             trust_remote_code=trust_remote_code,
             engine=config or EngineConfig(),
+            start_from=start_from,
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -320,6 +325,7 @@ def _run_phases(
     file_root: Path | None,
     trust_remote_code: bool,
     engine: EngineConfig,
+    start_from: Path | None = None,
 ) -> DistillationResults:
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
@@ -341,7 +347,9 @@ def _run_phases(
     prepared = prepare_teacher(
         ctx, teacher, data, data_dir=data_dir, file_root=file_root, trust_remote_code=trust_remote_code
     )
-    initial_metric, completed, training_seconds = train_stages(ctx, prepared, data, resume=resume)
+    initial_metric, completed, training_seconds = train_stages(
+        ctx, prepared, data, resume=resume, start_from=start_from
+    )
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, prepared.model, delivered))
     measured = measure(ctx, prepared.model, student, data)
@@ -404,9 +412,15 @@ def _stage_student(ctx: JobContext, teacher: nn.Module, record: StageRecord) -> 
 
 
 def train_stages(
-    ctx: JobContext, prepared: PreparedTeacher, data: TaskData, *, resume: bool
+    ctx: JobContext,
+    prepared: PreparedTeacher,
+    data: TaskData,
+    *,
+    resume: bool,
+    start_from: Path | None = None,
 ) -> tuple[float, list[StageRecord], float]:
-    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
+    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches
+    (else started from `start_from`, a kept checkpoint of another job, for a single-stage job).
 
     Returns the fresh student's test metric, the finished runs and the seconds spent training.
     """
@@ -434,6 +448,27 @@ def train_stages(
         completed = []
         start_index = 0
 
+    parent: StartFrom | None = None
+    if saved is None and start_from is not None:
+        if [p.kind for p in plans] != ["distill"]:
+            raise EngineError(
+                "fork_unsupported",
+                "a job started from a checkpoint is one distillation stage: no baseline, not progressive",
+            )
+        parent = StartFrom.load(start_from)
+        callbacks.on_event(
+            "checkpoint",
+            "starting from a parent checkpoint",
+            {"epoch": parent.epoch, "stage": parent.stage, "metric": parent.metric},
+        )
+    kept = KeptCheckpoints(
+        ctx.paths.checkpoints,
+        keep=ctx.engine.checkpoint_keep,
+        metric=adapter.metric,
+        stages=sum(1 for p in plans if p.kind == "distill"),
+        callbacks=callbacks,
+    )
+
     steps_per_epoch = -(-len(data.train) // config.batch_size)  # type: ignore[arg-type]
     start, end = PROGRESS_TABLE["training"]
     progressor = Progressor(
@@ -445,6 +480,9 @@ def train_stages(
     )
 
     def write_checkpoint(run_index: int, run_payload: dict[str, Any] | None) -> None:
+        if run_payload is not None:
+            plan = plans[run_index]
+            kept.after_epoch(run_kind=plan.kind, stage=plan.stage, payload=run_payload)
         save_checkpoint(
             checkpoint_path,
             {
@@ -492,6 +530,7 @@ def train_stages(
             resume_from=resume_payload,
             stopper=ctx.stopper,
             engine=ctx.engine,
+            start_from=parent if index == start_index and resume_payload is None else None,
         )
         final_metric = ctx.evaluate(student, data)
         final_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from app.core.config import Settings
 from app.core.db import begin_autocommit_read
 from app.errors import Unprocessable
 from app.models import JobStatus
+from app.schemas.checkpoints import CheckpointRead
 from app.schemas.estimates import JobEstimate
 from app.schemas.jobs import (
     DIGITS_JOB_EXAMPLE,
@@ -32,6 +34,7 @@ from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.schemas.webhooks import WebhookDeliveryRead
 from app.services import artifacts as artifacts_service
+from app.services import checkpoints as checkpoints_service
 from app.services import estimates as estimates_service
 from app.services import event_stream, idempotency
 from app.services import events as events_service
@@ -402,6 +405,68 @@ def resume_job(
     if wake:
         background.add_task(jobs_service.wake_scheduler, settings)
     return jobs_service.to_read(job)
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=list[CheckpointRead],
+    summary="A job's kept checkpoints: last, best and the latest epochs, with their validation metric",
+    description="CHECKPOINT_KEEP says how many are kept per job. Start a new job from one with "
+    '`from_checkpoint: {"job_id": ..., "checkpoint": "best"}`.',
+    responses=problem_responses(401, 404, 422, 503),
+)
+def list_checkpoints(
+    job_id: JobId, session: SessionDep, settings: SettingsDep, tenant: CurrentTenantDep
+) -> list[CheckpointRead]:
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
+    rows = checkpoints_service.list_for_job(session, job_id=job_id)
+    return [
+        CheckpointRead(
+            name=row.name,
+            kind=row.kind,
+            stage=row.stage,
+            epoch=row.epoch,
+            metric=row.metric_name,
+            validation_metric=row.metric_value,
+            created_at=row.created_at,
+            bytes=_file_size(row.weights_path, row.size_bytes),
+            url=f"/distillation/jobs/{job_id}/checkpoints/{row.name}",
+        )
+        for row in rows
+    ]
+
+
+def _file_size(path: str, recorded: int) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return recorded
+
+
+@router.get(
+    "/{job_id}/checkpoints/{name}",
+    response_class=FileResponse,
+    summary="Download the student weights of one kept checkpoint (safetensors)",
+    responses={
+        **problem_responses(401, 404, 422, 503),
+        200: {"content": {"application/octet-stream": {}}, "description": "The safetensors file"},
+    },
+)
+def download_checkpoint(
+    job_id: JobId,
+    name: Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")],
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+) -> FileResponse:
+    jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
+    row, path = checkpoints_service.get_file(session, job_id=job_id, name=name, settings=settings)
+    return FileResponse(
+        path,
+        media_type="application/octet-stream",
+        filename=f"{job_id}-{row.name}.safetensors",
+        headers={"X-Checkpoint-Epoch": str(row.epoch), "X-Checkpoint-Stage": str(row.stage)},
+    )
 
 
 @router.get(
