@@ -1,15 +1,18 @@
 """Estimates before launch: model and dataset sizes, a FLOP count, and the expected training seconds.
 
-The FLOP count of a job (the usual 6·P per trained example for the student's forward and backward pass,
-2·P for a teacher forward pass: once per example when its outputs are cached, every epoch otherwise; 2·P
-per validation example) is divided by the training FLOP/s this service measured on its own finished jobs
-of the same task and device type, preferring those with a teacher of similar size (within 3x). Each
-completed job stores what it measured (`estimate.actual`), so history costs one small read. With no such
-job yet the estimate falls back to ESTIMATE_DEFAULT_FLOPS_PER_SECOND and says so in `basis`.
+A job's work is counted as FLOPs (the usual 6·P per trained example for the student's forward and backward
+pass, 2·P for a teacher forward pass: once per example when its outputs are cached, every epoch otherwise;
+2·P per validation example), optimizer steps and epochs. With at least three finished jobs of the same task
+and device type (preferring teachers of similar size, within 3x) the training seconds are fitted on those
+(non-negative coefficients, least relative error: small models are dominated by per-step overhead, not
+FLOPs); with one or two, FLOPs are divided by their median measured FLOP/s; with none, by
+ESTIMATE_DEFAULT_FLOPS_PER_SECOND. `basis` says which. Each completed job stores what it measured
+(`estimate.actual`), so history costs one small read.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from pathlib import Path
@@ -41,6 +44,12 @@ _VALIDATION_FRACTION = 0.1
 _HISTORY_JOBS = 200
 # "Similar size": teacher parameter counts within this factor.
 _SIZE_FACTOR = 3.0
+# How a fitted coefficient is shown in `basis`.
+_UNITS: dict[str, tuple[str, Any]] = {
+    "flops": ("s per TFLOP", lambda c: f"{c * 1e12:.3g}"),
+    "steps": ("ms per optimizer step", lambda c: f"{c * 1e3:.3g}"),
+    "epochs": ("ms per epoch", lambda c: f"{c * 1e3:.3g}"),
+}
 # Line counting for `file` datasets stops here (a bigger file is estimated from its size).
 _COUNT_LINES_MAX_BYTES = 64 * 1024 * 1024
 
@@ -126,6 +135,64 @@ def training_flops(
     return total, runs
 
 
+def work_features(spec: JobSpec, *, flops: float, runs: int, train_rows: int) -> dict[str, float]:
+    """What a job's training time is fitted on: FLOPs, optimizer steps (per-step overhead dominates small
+    models) and epochs (each ends with a validation pass and a checkpoint)."""
+    config = spec.training_config
+    epochs = config.epochs * runs
+    return {
+        "flops": flops,
+        "steps": float(epochs * -(-train_rows // config.batch_size)),
+        "epochs": float(epochs),
+    }
+
+
+_FEATURES = ("flops", "steps", "epochs")
+
+
+def _solve(matrix: list[list[float]], vector: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(vector)
+    a = [[*row, vector[i]] for i, row in enumerate(matrix)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        if abs(a[pivot][col]) < 1e-12:
+            return None
+        a[col], a[pivot] = a[pivot], a[col]
+        for r in range(n):
+            if r != col:
+                factor = a[r][col] / a[col][col]
+                a[r] = [x - factor * y for x, y in zip(a[r], a[col], strict=True)]
+    return [a[i][n] / a[i][i] for i in range(n)]
+
+
+def fit_seconds(samples: list[tuple[dict[str, float], float]]) -> tuple[dict[str, float], list[float]] | None:
+    """Seconds = sum(coefficient x feature) with every coefficient >= 0, fitted on relative error (each
+    job's actual/predicted counts alike); the best subset of features. Returns (coefficients, the fit's
+    actual/predicted ratios) or None with too few jobs."""
+    best: tuple[float, dict[str, float], list[float]] | None = None
+    for size in (1, 2, 3):
+        for subset in itertools.combinations(_FEATURES, size):
+            if len(samples) < size + 2:
+                continue
+            # Rows x_i / y_i against target 1: least squares on relative error.
+            rows = [[f[k] / y for k in subset] for f, y in samples]
+            # Columns scaled to mean 1 (FLOPs ~1e10, epochs ~10) so the normal equations are well posed.
+            scales = [sum(r[i] for r in rows) / len(rows) or 1.0 for i in range(size)]
+            rows = [[r[i] / scales[i] for i in range(size)] for r in rows]
+            gram = [[sum(r[i] * r[j] for r in rows) for j in range(size)] for i in range(size)]
+            rhs = [sum(r[i] for r in rows) for i in range(size)]
+            solution = _solve(gram, rhs)
+            if solution is None or any(c <= 0 for c in solution):
+                continue
+            coefficients = {k: c / scales[i] for i, (k, c) in enumerate(zip(subset, solution, strict=True))}
+            ratios = [y / sum(coefficients[k] * f[k] for k in subset) for f, y in samples]
+            error = sum((1 / r - 1) ** 2 for r in ratios)
+            if best is None or error < best[0]:
+                best = (error, coefficients, ratios)
+    return None if best is None else (best[1], best[2])
+
+
 def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings: Settings) -> dict[str, Any]:
     """Sizes, FLOPs and expected training seconds of `spec`, with the basis stated."""
     history = _history(session)
@@ -171,7 +238,8 @@ def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings
     flops, runs = training_flops(
         spec, teacher_params=teacher_params, train_rows=result["train_rows"], val_rows=result["val_rows"]
     )
-    result |= {"flops": flops, "runs": runs, "parameters_source": params_source}
+    features = work_features(spec, flops=flops, runs=len(runs), train_rows=result["train_rows"])
+    result |= {"flops": flops, "runs": runs, "features": features, "parameters_source": params_source}
 
     same_kind = [
         h for h in history if h.get("task") == str(spec.task) and h["actual"].get("device_type") == device
@@ -190,6 +258,27 @@ def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings
             "same task and device type (no teacher of similar size yet)",
         )
     )
+    samples = [
+        (h["actual"]["features"], float(h["actual"]["training_seconds"]))
+        for h in chosen
+        if h["actual"].get("features") and h["actual"].get("training_seconds", 0) > 0
+    ]
+    fitted = fit_seconds(samples)
+    if fitted is not None:
+        coefficients, ratios = fitted
+        expected = sum(c * features[k] for k, c in coefficients.items())
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        terms = ", ".join(f"{_UNITS[k][1](c)} {_UNITS[k][0]}" for k, c in coefficients.items())
+        result |= {
+            "flops_per_second": flops / expected,
+            "expected_training_seconds": expected,
+            "expected_training_seconds_range": [expected * q1, expected * q3],
+            "history_jobs": len(samples),
+            "model": coefficients,
+            "basis": f"fitted on the measured training seconds of {len(samples)} finished jobs ({scope}): "
+            f"{terms}",
+        }
+        return result
     rates = [float(h["actual"]["flops_per_second"]) for h in chosen if h["actual"].get("flops_per_second")]
     if not rates:
         rate = settings.estimate_default_flops_per_second
@@ -232,7 +321,7 @@ def measured(
         "student_parameters": results.get("compressed_parameters"),
     }
     if teacher_params and estimate.get("train_rows") is not None and seconds > 0:
-        flops, _ = training_flops(
+        flops, runs = training_flops(
             spec,
             teacher_params=int(teacher_params),
             train_rows=int(estimate["train_rows"]),
@@ -240,6 +329,9 @@ def measured(
         )
         actual["flops"] = flops
         actual["flops_per_second"] = flops / seconds
+        actual["features"] = work_features(
+            spec, flops=flops, runs=len(runs), train_rows=int(estimate["train_rows"])
+        )
     expected = estimate.get("expected_training_seconds")
     if expected and seconds > 0:
         actual["ratio"] = seconds / float(expected)  # actual / expected: 1 is exact, >1 took longer

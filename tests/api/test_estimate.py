@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
 from app.core.db import session_scope
@@ -18,9 +19,17 @@ DIGITS: dict[str, Any] = {
 }
 
 
-def _finished(*, device: str, flops_per_second: float, teacher_parameters: int = 846826) -> None:
+def _finished(
+    *,
+    device: str,
+    flops_per_second: float,
+    teacher_parameters: int = 846826,
+    features: dict[str, float] | None = None,
+    seconds: float = 5.0,
+) -> None:
     """A completed job as the worker leaves it: its estimate with what it measured."""
     now = utcnow()
+    extra = {"features": features} if features else {}
     with session_scope() as session:
         session.add(
             Job(
@@ -37,7 +46,8 @@ def _finished(*, device: str, flops_per_second: float, teacher_parameters: int =
                         "device_type": device,
                         "teacher_parameters": teacher_parameters,
                         "flops_per_second": flops_per_second,
-                        "training_seconds": 5.0,
+                        "training_seconds": seconds,
+                        **extra,
                     },
                 },
             )
@@ -107,3 +117,18 @@ def test_create_stores_the_estimate_on_the_job(client: TestClient) -> None:
     job = client.post("/distillation/jobs", json=DIGITS).json()
     assert job["estimate"]["history_jobs"] == 1
     assert job["estimate"]["expected_training_seconds"] == _estimate(client)["expected_training_seconds"]
+
+
+def test_three_or_more_jobs_fit_seconds_on_flops_steps_and_epochs(client: TestClient) -> None:
+    def truth(f: dict[str, float]) -> float:  # a machine with per-step overhead: 2 ms a step, 50 ms an epoch
+        return 1e-10 * f["flops"] + 2e-3 * f["steps"] + 0.05 * f["epochs"]
+
+    for flops, steps, epochs in ((1e9, 100, 2), (5e9, 400, 4), (2e9, 800, 8), (8e9, 200, 6), (3e9, 300, 3)):
+        features = {"flops": flops, "steps": float(steps), "epochs": float(epochs)}
+        _finished(device="cpu", flops_per_second=1.0, features=features, seconds=truth(features))
+    body = _estimate(client)
+    assert body["basis"].startswith("fitted on the measured training seconds of 5 finished jobs")
+    assert "ms per optimizer step" in body["basis"] and body["history_jobs"] == 5
+    assert body["expected_training_seconds"] == pytest.approx(truth(body["features"]), rel=1e-6)
+    low, high = body["expected_training_seconds_range"]
+    assert low == pytest.approx(high, rel=1e-6), "an exact fit has no spread"
