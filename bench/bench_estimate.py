@@ -83,12 +83,13 @@ def run(jobs: int, env: dict[str, str], tmp: Path, seed: int) -> dict[str, Any]:
                 "actual_s": actual,
                 "ratio": done["results"]["estimate"]["ratio"],
                 "history_jobs": created["estimate"]["history_jobs"],
+                "method": "fit" if created["estimate"]["basis"].startswith("fitted") else "FLOP/s",
             }
             rows.append(row)
             print(
                 f"job {row['job']:2d}: epochs {row['epochs']}, batch {row['batch_size']:2d}, compression "
                 f"{row['target_compression']:.2f}: expected {expected:6.2f} s, actual {actual:6.2f} s, "
-                f"ratio {row['ratio']:.2f} (history {row['history_jobs']} jobs)",
+                f"ratio {row['ratio']:.2f} ({row['method']} on {row['history_jobs']} jobs)",
                 flush=True,
             )
     ratios = [float(r["ratio"]) for r in rows]
