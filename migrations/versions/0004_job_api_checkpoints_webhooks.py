@@ -89,7 +89,9 @@ def upgrade() -> None:
         batch_op.create_index("ix_webhook_deliveries_endpoint_id", ["endpoint_id"], unique=False)
         batch_op.create_index("ix_webhook_deliveries_tenant_id", ["tenant_id"], unique=False)
         batch_op.create_index("ix_webhook_deliveries_job_id", ["job_id"], unique=False)
-        batch_op.create_index("ix_webhook_deliveries_status_next", ["status", "next_attempt_at"], unique=False)
+        batch_op.create_index(
+            "ix_webhook_deliveries_status_next", ["status", "next_attempt_at"], unique=False
+        )
 
 
 def downgrade() -> None:
@@ -99,5 +101,12 @@ def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_index("ix_jobs_parent_job_id")
         batch_op.drop_index("ix_jobs_name")
-        for column in ("parent_checkpoint", "parent_job_id", "estimate", "pause_count", "job_metadata", "name"):
+        for column in (
+            "parent_checkpoint",
+            "parent_job_id",
+            "estimate",
+            "pause_count",
+            "job_metadata",
+            "name",
+        ):
             batch_op.drop_column(column)
