@@ -104,10 +104,12 @@ def _known_teacher_params(history: list[dict[str, Any]], teacher: str) -> int | 
 
 
 def training_flops(
-    spec: JobSpec, *, teacher_params: int, train_rows: int, val_rows: int
+    spec: JobSpec, *, teacher_params: int, train_rows: int, val_rows: int, start_epoch: int = 0
 ) -> tuple[float, list[dict[str, Any]]]:
-    """FLOPs of every training run of the job (baseline, stages) and their breakdown."""
+    """FLOPs of every training run of the job (baseline, stages) and their breakdown; a job started from
+    a checkpoint at `start_epoch` trains only the epochs after it."""
     config = spec.training_config
+    epochs = max(0, config.epochs - start_epoch)
     # Sequence tasks: per token; max_seq_length is an upper bound on tokens per example.
     tokens = 1 if spec.task == Task.classification else config.max_seq_length
     examples, val_examples = train_rows * tokens, val_rows * tokens
@@ -127,19 +129,21 @@ def training_flops(
     total = 0.0
     for run in runs:
         student, teacher = run["student_parameters"], run["teacher_parameters"]
-        teacher_passes = 1 if cached else config.epochs
-        flops = config.epochs * (6 * student * examples + 2 * student * val_examples)
+        teacher_passes = 1 if cached else epochs
+        flops = epochs * (6 * student * examples + 2 * student * val_examples)
         flops += teacher_passes * 2 * teacher * examples
         run["flops"] = float(flops)
         total += flops
     return total, runs
 
 
-def work_features(spec: JobSpec, *, flops: float, runs: int, train_rows: int) -> dict[str, float]:
+def work_features(
+    spec: JobSpec, *, flops: float, runs: int, train_rows: int, start_epoch: int = 0
+) -> dict[str, float]:
     """What a job's training time is fitted on: FLOPs, optimizer steps (per-step overhead dominates small
     models) and epochs (each ends with a validation pass and a checkpoint)."""
     config = spec.training_config
-    epochs = config.epochs * runs
+    epochs = max(0, config.epochs - start_epoch) * runs
     return {
         "flops": flops,
         "steps": float(epochs * -(-train_rows // config.batch_size)),
@@ -193,8 +197,11 @@ def fit_seconds(samples: list[tuple[dict[str, float], float]]) -> tuple[dict[str
     return None if best is None else (best[1], best[2])
 
 
-def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings: Settings) -> dict[str, Any]:
-    """Sizes, FLOPs and expected training seconds of `spec`, with the basis stated."""
+def estimate(
+    session: Session, *, spec: JobSpec, tenant_id: str | None, settings: Settings, start_epoch: int = 0
+) -> dict[str, Any]:
+    """Sizes, FLOPs and expected training seconds of `spec` (started from a checkpoint at `start_epoch`:
+    only the later epochs), with the basis stated."""
     history = _history(session)
     teacher = teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id)
     teacher_params = teacher.params if teacher is not None and teacher.params else None
@@ -218,6 +225,7 @@ def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings
         "expected_training_seconds_range": None,
         "flops_per_second": None,
         "history_jobs": 0,
+        "start_epoch": start_epoch,
         "basis": "",
     }
     if rows is not None:
@@ -236,9 +244,15 @@ def estimate(session: Session, *, spec: JobSpec, tenant_id: str | None, settings
         return result
     assert teacher_params is not None
     flops, runs = training_flops(
-        spec, teacher_params=teacher_params, train_rows=result["train_rows"], val_rows=result["val_rows"]
+        spec,
+        teacher_params=teacher_params,
+        train_rows=result["train_rows"],
+        val_rows=result["val_rows"],
+        start_epoch=start_epoch,
     )
-    features = work_features(spec, flops=flops, runs=len(runs), train_rows=result["train_rows"])
+    features = work_features(
+        spec, flops=flops, runs=len(runs), train_rows=result["train_rows"], start_epoch=start_epoch
+    )
     result |= {"flops": flops, "runs": runs, "features": features, "parameters_source": params_source}
 
     same_kind = [
@@ -326,11 +340,16 @@ def measured(
             teacher_params=int(teacher_params),
             train_rows=int(estimate["train_rows"]),
             val_rows=int(estimate.get("val_rows") or 0),
+            start_epoch=int(estimate.get("start_epoch") or 0),
         )
         actual["flops"] = flops
         actual["flops_per_second"] = flops / seconds
         actual["features"] = work_features(
-            spec, flops=flops, runs=len(runs), train_rows=int(estimate["train_rows"])
+            spec,
+            flops=flops,
+            runs=len(runs),
+            train_rows=int(estimate["train_rows"]),
+            start_epoch=int(estimate.get("start_epoch") or 0),
         )
     expected = estimate.get("expected_training_seconds")
     if expected and seconds > 0:

@@ -202,7 +202,13 @@ def create(
         tenant_id=tenant_id,
         name=request.name,
         job_metadata=dict(request.metadata),
-        estimate=estimates_service.estimate(session, spec=spec, tenant_id=tenant_id, settings=settings),
+        estimate=estimates_service.estimate(
+            session,
+            spec=spec,
+            tenant_id=tenant_id,
+            settings=settings,
+            start_epoch=parent.epoch if parent else 0,
+        ),
         parent_job_id=parent.job_id if parent else None,
         parent_checkpoint=parent.name if parent else None,
     )

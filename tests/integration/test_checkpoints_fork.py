@@ -73,6 +73,12 @@ def test_checkpoints_are_listed_downloaded_and_forked(
     )
     assert theirs.status_code == 422 and "from_checkpoint.job_id" in theirs.json()["detail"]
 
+    # The estimate of a fork counts only the epochs it trains.
+    source = {"job_id": parent_id, "checkpoint": "last"}
+    whole = api.post("/distillation/jobs/estimate", json=fork).json()
+    forked = api.post("/distillation/jobs/estimate", json=fork | {"from_checkpoint": source}).json()
+    assert forked["start_epoch"] == 3 and forked["features"]["epochs"] == 2 < whole["features"]["epochs"] == 5
+
     # A fork from `last` with another learning rate: trains epochs 4 and 5 only.
     created = api.post(
         "/distillation/jobs",
@@ -81,6 +87,7 @@ def test_checkpoints_are_listed_downloaded_and_forked(
     assert created.status_code == 201, created.text
     child_id = created.json()["job_id"]
     assert created.json()["parent"] == {"job_id": parent_id, "checkpoint": "last"}
+    assert created.json()["estimate"]["start_epoch"] == 3
     child = wait_for_status(child_id, {"completed", "failed"}, timeout=120, stack=stack)
     assert child.status == "completed", child.error
     assert _metric_epochs(child_id) == [4, 5], "only the new epochs trained"

@@ -177,9 +177,21 @@ def estimate_job(
     spec = jobs_service.check_spec(
         session, spec=request.spec(), settings=settings, tenant_id=tenant.tenant_id
     )
-    return JobEstimate.model_validate(
-        estimates_service.estimate(session, spec=spec, tenant_id=tenant.tenant_id, settings=settings)
+    parent = (
+        checkpoints_service.resolve_parent(
+            session, source=request.from_checkpoint, spec=spec, tenant_id=tenant.tenant_id
+        )
+        if request.from_checkpoint is not None
+        else None
     )
+    estimate = estimates_service.estimate(
+        session,
+        spec=spec,
+        tenant_id=tenant.tenant_id,
+        settings=settings,
+        start_epoch=parent.epoch if parent else 0,
+    )
+    return JobEstimate.model_validate(estimate)
 
 
 @router.post(
