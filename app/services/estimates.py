@@ -64,12 +64,13 @@ def _dataset_rows(session: Session, spec: JobSpec, tenant_id: str | None) -> tup
         return (uploaded.num_rows, "uploaded dataset") if uploaded else (None, "unknown upload")
     if isinstance(dataset, FileDataset):
         path = Path(dataset.path)
-        if not path.is_file():
-            return None, "file not found"
-        if path.stat().st_size > _COUNT_LINES_MAX_BYTES:
-            return None, "file too large to count"
-        with path.open("rb") as handle:
-            lines = sum(1 for line in handle if line.strip())
+        try:
+            if path.stat().st_size > _COUNT_LINES_MAX_BYTES:
+                return None, "file too large to count"
+            with path.open("rb") as handle:
+                lines = sum(1 for line in handle if line.strip())
+        except OSError as exc:
+            return None, f"file not readable ({exc.strerror})"
         header = 1 if path.suffix.lower() == ".csv" else 0
         return max(0, lines - header), "file lines"
     return None, "hub dataset (size unknown before download)"

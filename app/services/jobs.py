@@ -110,7 +110,11 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
         except Unprocessable as exc:
             errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
         else:
-            if not resolved.is_file():
+            try:
+                is_file = resolved.is_file()
+            except OSError:  # e.g. a name longer than the filesystem allows
+                is_file = False
+            if not is_file:
                 errors.append(
                     _field_error(
                         ["dataset_config", "path"],

@@ -10,6 +10,7 @@ from fastapi import APIRouter, BackgroundTasks, Body, Header, Path, Query, Reque
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
 from app.core.config import Settings
@@ -43,6 +44,16 @@ from app.services import webhooks as webhooks_service
 from app.services.auth import Principal
 
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
+
+
+class _JobIdConvertor(StringConvertor):
+    """A job id in the path: anything but `estimate`, so /distillation/jobs/estimate (POST) is no job's
+    path and its 405 does not advertise the GET and DELETE of /distillation/jobs/{job_id}."""
+
+    regex = r"(?!estimate$)[^/]+"
+
+
+register_url_convertor("job_id", _JobIdConvertor())
 
 JobId = Annotated[
     str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="The job's id")
@@ -248,7 +259,7 @@ def start_job(
 
 
 @router.get(
-    "/{job_id}",
+    "/{job_id:job_id}",
     response_model=JobRead,
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 422, 503),
@@ -498,7 +509,7 @@ def list_webhook_deliveries(
 
 
 @router.delete(
-    "/{job_id}",
+    "/{job_id:job_id}",
     status_code=status.HTTP_204_NO_CONTENT,
     summary="Delete a finished or paused job with its events, artifacts and checkpoints",
     responses=problem_responses(401, 404, 422, 409, 503),
