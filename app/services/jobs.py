@@ -402,11 +402,12 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
     raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
 
 
-def pause(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
+def pause(session: Session, *, job_id: str, tenant_id: str | None, commit: bool = True) -> Job:
     """queued/dispatched -> paused at once; running -> pausing (the worker stops at its next check, keeps
     its checkpoint and frees the slot: -> paused). Pausing again is a no-op; other states answer 409.
 
     A dispatched job's message is dropped by the worker's claim (it claims only `dispatched` jobs).
+    `commit=False` flushes only, so the caller can commit it together with an idempotency record.
     """
     job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
     for _ in range(_STATE_CHANGE_RETRIES):
@@ -432,15 +433,22 @@ def pause(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
             record_state_change(
                 session, job_id=job.id, old=current, new=target, attempt=job.attempt, reason="pause requested"
             )
-            session.commit()
+            if commit:
+                session.commit()
+            else:
+                session.flush()
             session.refresh(job)
             return job
+        if not commit:  # a rollback would drop the caller's pending work: let the client retry
+            raise Conflict(f"Job {job_id} changed state meanwhile; retry the pause.", job_status=current)
         session.rollback()
         session.refresh(job)
     raise Conflict(f"Job {job_id} kept changing state; retry the pause.", job_status=job.status)
 
 
-def resume(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> Job:
+def resume(
+    session: Session, *, job_id: str, settings: Settings, tenant_id: str | None, commit: bool = True
+) -> Job:
     """paused -> queued (queued_at now: it waits behind the jobs queued while it rested); the run resumes
     from its checkpoint on whichever worker claims it. 409 while still pausing or in any other state, 429
     when the (tenant's) queue is full."""
@@ -454,7 +462,8 @@ def resume(session: Session, *, job_id: str, settings: Settings, tenant_id: str 
         raise Conflict(f"Job {job_id} is {job.status}; {hint}.", job_status=job.status)
     _check_queue_room(session, settings, job.tenant_id)
     if not _compare_and_set(session, job, JobStatus.paused, JobStatus.queued, queued_at=utcnow()):
-        session.rollback()
+        if commit:
+            session.rollback()
         session.refresh(job)
         raise Conflict(
             f"Job {job_id} is {job.status}; only a paused job can be resumed.", job_status=job.status
@@ -467,7 +476,10 @@ def resume(session: Session, *, job_id: str, settings: Settings, tenant_id: str 
         attempt=job.attempt,
         reason="resume requested",
     )
-    session.commit()
+    if commit:
+        session.commit()
+    else:
+        session.flush()
     session.refresh(job)
     return job
 

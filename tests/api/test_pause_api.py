@@ -103,3 +103,19 @@ def test_resume_is_refused_when_the_queue_is_full(make_client: Any, problem: Any
     _create(client, auto_start=True)
     problem(client.post(f"/distillation/jobs/{paused}/resume"), 429)
     assert client.get(f"/distillation/jobs/{paused}").json()["status"] == "paused"
+
+
+def test_pause_and_resume_replay_with_an_idempotency_key(client: TestClient) -> None:
+    job_id = _create(client, auto_start=True)
+    first = client.post(f"/distillation/jobs/{job_id}/pause", headers={"Idempotency-Key": "p-1"})
+    assert first.status_code == 200 and first.json()["status"] == "paused"
+    resumed = client.post(f"/distillation/jobs/{job_id}/resume", headers={"Idempotency-Key": "r-1"})
+    assert resumed.status_code == 202 and resumed.json()["status"] == "queued", resumed.text
+    again = client.post(f"/distillation/jobs/{job_id}/resume", headers={"Idempotency-Key": "r-1"})
+    assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == resumed.json(), "a retried resume replays its first answer instead of a 409"
+    assert (
+        client.post(f"/distillation/jobs/{job_id}/resume", headers={"Idempotency-Key": "r-2"}).status_code
+        == 409
+    )
+    assert _states(client, job_id).count(("paused", "queued")) == 1

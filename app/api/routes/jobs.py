@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, BackgroundTasks, Body, Header, Path, Query, Request, Response, status
@@ -16,7 +17,7 @@ from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedule
 from app.core.config import Settings
 from app.core.db import begin_autocommit_read
 from app.errors import Unprocessable
-from app.models import JobStatus
+from app.models import Job, JobStatus
 from app.schemas.checkpoints import CheckpointRead
 from app.schemas.estimates import JobEstimate
 from app.schemas.jobs import (
@@ -399,11 +400,57 @@ def cancel_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, res
         200: {"model": JobRead, "description": "Paused at once"},
     },
 )
-def pause_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, response: Response) -> JobRead:
-    job = jobs_service.pause(session, job_id=job_id, tenant_id=tenant.tenant_id)
-    if job.status == JobStatus.paused:
-        response.status_code = status.HTTP_200_OK
-    return jobs_service.to_read(job)
+def pause_job(
+    job_id: JobId,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenantDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    return _idempotent_state_change(
+        session,
+        settings,
+        tenant,
+        idempotency_key,
+        path=f"/distillation/jobs/{job_id}/pause",
+        change=lambda commit: jobs_service.pause(
+            session, job_id=job_id, tenant_id=tenant.tenant_id, commit=commit
+        ),
+        status_for=lambda job: (
+            status.HTTP_200_OK if job.status == JobStatus.paused else status.HTTP_202_ACCEPTED
+        ),
+    )
+
+
+def _idempotent_state_change(
+    session: Session,
+    settings: Settings,
+    tenant: Principal,
+    idempotency_key: str | None,
+    *,
+    path: str,
+    change: Callable[[bool], Job],
+    status_for: Callable[[Job], int],
+) -> JSONResponse:
+    """Run a bodiless state-change POST; with an Idempotency-Key, a repeat replays the first answer."""
+    record = None
+    if idempotency_key is not None:
+        found = idempotency.begin(
+            session,
+            tenant_id=tenant.tenant_id,
+            key=idempotency_key,
+            fingerprint=idempotency.request_hash("POST", path, None),
+            ttl_hours=settings.idempotency_ttl_hours,
+        )
+        if isinstance(found, idempotency.StoredResponse):
+            return _replay(found)
+        record = found
+    job = change(record is None)  # with a record: flushed, committed by `finish` together with it
+    body = jobs_service.to_read(job).model_dump(mode="json")
+    code = status_for(job)
+    if record is not None:
+        idempotency.finish(session, record, status_code=code, body=body, headers={})
+    return JSONResponse(body, status_code=code)
 
 
 @router.post(
@@ -423,11 +470,22 @@ def resume_job(
     tenant: CurrentTenantDep,
     wake: WakeSchedulerDep,
     background: BackgroundTasks,
-) -> JobRead:
-    job = jobs_service.resume(session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id)
+    idempotency_key: IdempotencyKey = None,
+) -> Any:
+    response = _idempotent_state_change(
+        session,
+        settings,
+        tenant,
+        idempotency_key,
+        path=f"/distillation/jobs/{job_id}/resume",
+        change=lambda commit: jobs_service.resume(
+            session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id, commit=commit
+        ),
+        status_for=lambda job: status.HTTP_202_ACCEPTED,
+    )
     if wake:
         background.add_task(jobs_service.wake_scheduler, settings)
-    return jobs_service.to_read(job)
+    return response
 
 
 @router.get(
