@@ -75,7 +75,9 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
         try:
             spec, teacher, file_root = _prepare(claim, settings)
             from workers.distill.config import EngineConfig
-            from workers.distill.runner import run_job
+            from workers.distill.runner import named_student, run_job
+
+            student = named_student(spec, registry=_registry_lookup)
 
             results = run_job(
                 spec,
@@ -87,6 +89,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 file_root=file_root,
                 trust_remote_code=settings.trust_remote_code,
                 config=EngineConfig.from_settings(settings),
+                student=student,
                 start_from=_parent_weights(paths),
             )
         except JobStopped:
@@ -149,6 +152,15 @@ def _estimate_comparison(estimate: dict[str, Any]) -> dict[str, Any]:
         "ratio": actual.get("ratio"),
         "basis": estimate.get("basis"),
     }
+
+
+def _registry_lookup(name: str) -> TeacherSource:
+    """A registered model by name (a 'registry' student); EngineError listing the valid names otherwise."""
+    with session_scope() as session:
+        try:
+            return get_teacher_source(session, name)
+        except NotFound as exc:
+            raise EngineError("student_not_found", exc.detail) from exc
 
 
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import delete, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
@@ -121,8 +122,12 @@ def resolve_parent(
             f"job {parent.id} has no checkpoint '{source.checkpoint}'; kept: {', '.join(names) or '(none)'}",
             "unknown_checkpoint",
         )
-    parent_spec = parent.spec or {}
-    for key in ("teacher_model_name", "target_compression", "task"):
+    parent_spec = dict(parent.spec or {})
+    try:  # the parent's spec as this version reads it (fields added since get their defaults)
+        parent_spec = JobSpec.model_validate(parent_spec).model_dump(mode="json")
+    except ValidationError:
+        pass
+    for key in ("teacher_model_name", "target_compression", "student", "task"):
         mine = spec.model_dump(mode="json")[key]
         if parent_spec.get(key) != mine:
             raise _error(

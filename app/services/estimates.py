@@ -105,10 +105,17 @@ def _known_teacher_params(history: list[dict[str, Any]], teacher: str) -> int | 
 
 
 def training_flops(
-    spec: JobSpec, *, teacher_params: int, train_rows: int, val_rows: int, start_epoch: int = 0
+    spec: JobSpec,
+    *,
+    teacher_params: int,
+    ratio: float,
+    train_rows: int,
+    val_rows: int,
+    start_epoch: int = 0,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """FLOPs of every training run of the job (baseline, stages) and their breakdown; a job started from
-    a checkpoint at `start_epoch` trains only the epochs after it."""
+    """FLOPs of every training run of the job (baseline, stages) and their breakdown, for a student of
+    `ratio` x the teacher's parameters; a job started from a checkpoint at `start_epoch` trains only the
+    epochs after it."""
     config = spec.training_config
     epochs = max(0, config.epochs - start_epoch)
     # Sequence tasks: per token; max_seq_length is an upper bound on tokens per example.
@@ -118,11 +125,11 @@ def training_flops(
     stages = config.num_stages if spec.distillation_method == DistillationMethod.progressive else 1
     runs: list[dict[str, Any]] = []
     if config.baseline:
-        student = teacher_params * spec.target_compression
+        student = teacher_params * ratio
         runs.append({"run": "baseline", "student_parameters": round(student), "teacher_parameters": 0})
     previous = float(teacher_params)
     for k in range(1, stages + 1):
-        student = teacher_params * spec.target_compression ** (k / stages)
+        student = teacher_params * ratio ** (k / stages)
         runs.append(
             {"run": f"stage {k}", "student_parameters": round(student), "teacher_parameters": round(previous)}
         )
@@ -217,7 +224,11 @@ def estimate(
         "device_type": device,
         "teacher_model_name": spec.teacher_model_name,
         "teacher_parameters": teacher_params,
-        "student_parameters": round(teacher_params * spec.target_compression) if teacher_params else None,
+        "student_parameters": (
+            round(teacher_params * spec.target_compression)
+            if teacher_params and spec.target_compression
+            else None
+        ),
         "dataset_rows": rows,
         "train_rows": None,
         "val_rows": None,
@@ -238,15 +249,18 @@ def estimate(
         missing.append(
             f"the parameter count of teacher '{spec.teacher_model_name}' (none registered or measured)"
         )
+    if spec.target_compression is None:
+        missing.append("the student's size (a named student: known once its first job built it)")
     if rows is None:
         missing.append(f"the dataset's size ({rows_source})")
     if missing:
         result["basis"] = "no estimate: unknown " + " and ".join(missing)
         return result
-    assert teacher_params is not None
+    assert teacher_params is not None and spec.target_compression is not None
     flops, runs = training_flops(
         spec,
         teacher_params=teacher_params,
+        ratio=spec.target_compression,
         train_rows=result["train_rows"],
         val_rows=result["val_rows"],
         start_epoch=start_epoch,
@@ -335,10 +349,12 @@ def measured(
         "teacher_parameters": teacher_params,
         "student_parameters": results.get("compressed_parameters"),
     }
-    if teacher_params and estimate.get("train_rows") is not None and seconds > 0:
+    student_params = results.get("compressed_parameters")
+    if teacher_params and student_params and estimate.get("train_rows") is not None and seconds > 0:
         flops, runs = training_flops(
             spec,
             teacher_params=int(teacher_params),
+            ratio=float(student_params) / float(teacher_params),
             train_rows=int(estimate["train_rows"]),
             val_rows=int(estimate.get("val_rows") or 0),
             start_epoch=int(estimate.get("start_epoch") or 0),
