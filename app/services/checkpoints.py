@@ -4,6 +4,7 @@ create so the fork does not depend on the parent's files staying."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,9 @@ def resolve_parent(
             "unknown_checkpoint",
         )
     parent_spec = dict(parent.spec or {})
-    try:  # the parent's spec as this version reads it (fields added since get their defaults)
+    # The parent's spec as this version reads it (fields added since then get their defaults).
+    with contextlib.suppress(ValidationError):
         parent_spec = JobSpec.model_validate(parent_spec).model_dump(mode="json")
-    except ValidationError:
-        pass
     for key in ("teacher_model_name", "target_compression", "student", "task"):
         mine = spec.model_dump(mode="json")[key]
         if parent_spec.get(key) != mine:
