@@ -7,9 +7,10 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import select, update
 
 from app.core.db import session_scope
-from app.models import Job, utcnow
+from app.models import Job, Teacher, utcnow
 
 DIGITS: dict[str, Any] = {
     "teacher_model_name": "digits-cnn",
@@ -62,11 +63,25 @@ def _estimate(client: TestClient, **fields: Any) -> dict[str, Any]:
 
 
 def test_without_a_teacher_size_it_says_why_there_is_no_figure(client: TestClient) -> None:
-    body = _estimate(client)
+    with session_scope() as session:
+        params = session.scalar(select(Teacher.params).where(Teacher.name == "digits-cnn"))
+        session.execute(update(Teacher).where(Teacher.name == "digits-cnn").values(params=None))
+    try:
+        body = _estimate(client)
+    finally:
+        with session_scope() as session:
+            session.execute(update(Teacher).where(Teacher.name == "digits-cnn").values(params=params))
     assert body["expected_training_seconds"] is None and body["flops"] is None
     assert body["basis"].startswith("no estimate: unknown the parameter count of teacher 'digits-cnn'")
     assert (body["dataset_rows"], body["train_rows"], body["val_rows"]) == (1797, 1294, 144)
     assert client.get("/distillation/jobs").json()["data"] == [], "an estimate stores nothing"
+
+
+def test_a_registered_teacher_size_with_no_history_gives_the_flop_count_only(make_client: Any) -> None:
+    body = _estimate(make_client(estimate_default_flops_per_second=1e9))
+    assert body["teacher_parameters"] and body["parameters_source"] == "registry"
+    assert body["basis"].startswith("no history: FLOP count only")
+    assert body["expected_training_seconds"] == body["flops"] / 1e9
 
 
 def test_measured_history_of_the_same_task_device_and_size_gives_the_figure(client: TestClient) -> None:
@@ -75,7 +90,8 @@ def test_measured_history_of_the_same_task_device_and_size_gives_the_figure(clie
     _finished(device="cpu", flops_per_second=2e11, teacher_parameters=100_000_000)  # not similar in size
     _finished(device="cuda", flops_per_second=9e12)
     body = _estimate(client)
-    assert body["teacher_parameters"] == 846826 and body["student_parameters"] == round(846826 * 0.25)
+    assert body["parameters_source"] == "registry"
+    assert body["student_parameters"] == round(body["teacher_parameters"] * 0.25)
     assert body["history_jobs"] == 2 and body["flops_per_second"] == 2e11
     assert "2 finished jobs (same task, device type and teacher size" in body["basis"]
     assert abs(body["expected_training_seconds"] - body["flops"] / 2e11) < 1e-9
