@@ -24,11 +24,12 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
-from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
+from app.schemas.job_spec import JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
 from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
 from app.services import estimates as estimates_service
+from app.services import file_roots
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -85,7 +86,8 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
 
     Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
 
-    A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
+    A `file` dataset's path is stored resolved (symlinks followed) and relative to the tenant's file root, so
+    the worker reads the file checked here and no response shows a server path.
     """
     errors: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
@@ -143,29 +145,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                     "missing_labels",
                 )
             )
-    elif isinstance(dataset, FileDataset):
-        root = settings.file_root
-        try:
-            resolved = teachers_service.resolve_under_root(dataset.path, root, what="Dataset path")
-        except Unprocessable as exc:
-            errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
-        else:
-            try:
-                is_file = resolved.is_file()
-            except OSError:  # e.g. a name longer than the filesystem allows
-                is_file = False
-            if not is_file:
-                errors.append(
-                    _field_error(
-                        ["dataset_config", "path"],
-                        f"No file at {resolved} (paths are relative to the allowed root {root})",
-                        "file_not_found",
-                    )
-                )
-            else:
-                spec = spec.model_copy(
-                    update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
-                )
+    spec, path_errors = file_roots.check_spec_sources(
+        session, spec=spec, settings=settings, tenant_id=tenant_id
+    )
+    errors += path_errors
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)
