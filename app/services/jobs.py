@@ -462,9 +462,11 @@ def pause(session: Session, *, job_id: str, tenant_id: str | None, commit: bool 
                 session.flush()
             session.refresh(job)
             return job
-        if not commit:  # a rollback would drop the caller's pending work: let the client retry
-            raise Conflict(f"Job {job_id} changed state meanwhile; retry the pause.", job_status=current)
-        session.rollback()
+        # Someone changed it first (e.g. the scheduler dispatched it): read it again and decide anew. With
+        # commit=False the caller's pending work (an idempotency record) stays: no rollback, a re-read
+        # (PostgreSQL: READ COMMITTED sees the other commit; SQLite: BEGIN IMMEDIATE allows no other writer).
+        if commit:
+            session.rollback()
         session.refresh(job)
     raise Conflict(f"Job {job_id} kept changing state; retry the pause.", job_status=job.status)
 
