@@ -143,6 +143,12 @@ def resolve_parent(
             "a job started from a checkpoint is one distillation stage: not progressive, no baseline",
             "fork_unsupported",
         )
+    if getattr(spec, "target_retention", None) is not None or getattr(config, "seeds", None):
+        raise _error(
+            ["from_checkpoint"],
+            "a job started from a checkpoint trains one student: no target_retention search, no seeds",
+            "fork_unsupported",
+        )
     if (
         row.run_kind != "distill"
         or row.stage != 1

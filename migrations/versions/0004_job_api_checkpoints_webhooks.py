@@ -1,7 +1,7 @@
 """jobs: name, metadata, pause count, estimate, lineage; job checkpoints; webhook endpoints and deliveries
 
 Revision ID: 0004
-Revises: 0003
+Revises: 0005
 Create Date: 2026-12-01 10:00:00
 """
 
@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0004"
-down_revision: str | None = "0003"
+down_revision: str | None = "0005"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
