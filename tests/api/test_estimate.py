@@ -130,9 +130,22 @@ def test_estimate_checks_the_spec_like_create(client: TestClient, problem: Any) 
 
 def test_create_stores_the_estimate_on_the_job(client: TestClient) -> None:
     _finished(device="cpu", flops_per_second=2e11)
+    expected = _estimate(client)["expected_training_seconds"]
+    # A pending create (the one-statement path on PostgreSQL) stores it right after its answer ...
     job = client.post("/distillation/jobs", json=DIGITS).json()
-    assert job["estimate"]["history_jobs"] == 1
-    assert job["estimate"]["expected_training_seconds"] == _estimate(client)["expected_training_seconds"]
+    stored = client.get(f"/distillation/jobs/{job['job_id']}").json()["estimate"]
+    assert stored["history_jobs"] == 1 and stored["expected_training_seconds"] == expected
+    # ... and a queued create (the full path) in its own transaction.
+    queued = client.post("/distillation/jobs", json=DIGITS | {"auto_start": True}).json()
+    assert queued["estimate"]["expected_training_seconds"] == expected
+
+
+def test_start_makes_a_missing_estimate(client: TestClient) -> None:
+    job = client.post("/distillation/jobs", json=DIGITS).json()
+    with session_scope() as session:
+        session.execute(update(Job).where(Job.id == job["job_id"]).values(estimate=None))
+    started = client.post(f"/distillation/jobs/{job['job_id']}/start").json()
+    assert started["estimate"] is not None and started["estimate"]["train_rows"] == 1294
 
 
 def test_three_or_more_jobs_fit_seconds_on_flops_steps_and_epochs(client: TestClient) -> None:
