@@ -1,0 +1,144 @@
+"""Named students for the transformer tasks: a local save_pretrained model of another shape, config overrides,
+registry names, and the compatibility checks (vocabulary, layer mapping) that refuse before training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertTokenizer
+
+from app.schemas.job_spec import JobSpec
+from app.schemas.teachers import TeacherSource, TeacherSourceKind
+from tests.engine.tiny_models import (
+    BERT_SPECIALS,
+    classification_rows,
+    save_tiny_bert,
+    vocabulary,
+    write_jsonl,
+)
+from workers.distill.contract import EngineError, JobPaths
+from workers.distill.runner import run_job
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("named")
+    write_jsonl(root / "cls.jsonl", classification_rows(600, seed=1))
+    save_tiny_bert(root / "bert-base", head="none", layers=4, hidden=32, heads=4)
+    # The named student: another shape (half the layers, half the width), its own random weights.
+    save_tiny_bert(root / "small-bert", head="none", layers=2, hidden=16, heads=2, seed=7)
+    # A student whose tokenizer has other words: refused (it would read the teacher's ids as other tokens).
+    other = save_tiny_bert(root / "other-vocab", head="none", layers=2, hidden=16, heads=2)
+    vocab = {t: i for i, t in enumerate([*BERT_SPECIALS, *vocabulary()[:-3], "zebra", "quartz", "vivid"])}
+    BertTokenizer(vocab=vocab).save_pretrained(root / "other-vocab")
+    del other
+    return root
+
+
+def _teacher() -> TeacherSource:
+    return TeacherSource(
+        name="bert-base", kind=TeacherSourceKind.local, location="bert-base", type="transformer"
+    )
+
+
+def _spec(student: dict[str, Any], method: str = "feature_distillation", **training: Any) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "teacher_model_name": "bert-base",
+            "task": "sequence-classification",
+            "student": student,
+            "distillation_method": method,
+            "dataset_config": {"kind": "file", "path": "cls.jsonl"},
+            "training_config": {
+                "epochs": 3,
+                "batch_size": 16,
+                "learning_rate": 1e-3,
+                "temperature": 2.0,
+                "max_seq_length": 32,
+                "teacher_finetune_epochs": 4,
+                **training,
+            },
+        }
+    )
+
+
+def _run(workspace: Path, spec: JobSpec, name: str) -> Any:
+    return run_job(
+        spec,
+        teacher=_teacher(),
+        paths=JobPaths(workspace / name),
+        data_dir=workspace / "data",
+        file_root=workspace,
+    )
+
+
+def _reloaded_matches_program(artifacts: Path) -> AutoModelForSequenceClassification:
+    student = AutoModelForSequenceClassification.from_pretrained(artifacts).eval()
+    program = torch.export.load(str(artifacts / "student.pt2")).module()
+    ids = torch.randint(5, 40, (3, 9))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.allclose(
+            program(ids, mask), student(input_ids=ids, attention_mask=mask).logits, atol=1e-5
+        )
+    return student
+
+
+def test_local_student_of_another_shape_is_distilled_and_reloads(workspace: Path) -> None:
+    results = _run(workspace, _spec({"kind": "local", "path": "small-bert"}), "job-local")
+    note = results.student
+    assert note["kind"] == "local" and note["initialised_from"] == "pretrained"
+    assert note["layers"] == 2 and note["hidden_size"] == 16 and note["teacher_layers"] == 4
+    assert note["new_head"] is True  # a headless student got a classifier for the data's 3 labels
+    assert note["projected"] is True and note["layer_mapping"] == [1, 2, 4]
+    assert results.target_compression is None
+    assert results.compression_ratio == pytest.approx(note["compression_ratio"])
+    assert 0.05 < results.compression_ratio < 0.5
+    assert results.training_history[0].losses["feature_kd"] > 0  # type: ignore[attr-defined]
+    assert results.student_accuracy > results.initial_student_accuracy
+    student = _reloaded_matches_program(workspace / "job-local" / "artifacts")
+    assert student.config.num_hidden_layers == 2 and student.config.hidden_size == 16
+    print(f"local student retention {results.accuracy_retention:.3f} ratio {results.compression_ratio:.3f}")
+
+
+def test_config_overrides_build_the_teachers_architecture_initialised_from_it(workspace: Path) -> None:
+    overrides = {"num_hidden_layers": 2, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 64}
+    spec = _spec({"kind": "config", "overrides": overrides}, "response_distillation")
+    results = _run(workspace, spec, "job-config")
+    note = results.student
+    assert note["kind"] == "config" and note["initialised_from"] == "teacher"
+    assert note["overrides"] == overrides and note["init_tensors"]["sliced"] > 0
+    student = _reloaded_matches_program(workspace / "job-config" / "artifacts")
+    assert student.config.num_hidden_layers == 2 and student.config.intermediate_size == 64
+    assert results.student_accuracy >= results.initial_student_accuracy
+    print(f"config student retention {results.accuracy_retention:.3f} ratio {results.compression_ratio:.3f}")
+
+
+@pytest.mark.parametrize(
+    ("student", "training", "message"),
+    [
+        ({"kind": "local", "path": "other-vocab"}, {}, "only in the student's: ['quartz', 'vivid', 'zebra']"),
+        ({"kind": "config", "overrides": {"vocab_size": 99}}, {}, "may not change ['vocab_size']"),
+        ({"kind": "config", "overrides": {"num_hiden_layers": 2}}, {}, "['num_hiden_layers'] are not fields"),
+        ({"kind": "config", "overrides": {"hidden_size": 30}}, {}, "not a multiple of num_attention_heads 4"),
+        ({"kind": "local", "path": "small-bert"}, {"layer_mapping": [0, 4]}, "needs 3 entries"),
+        ({"kind": "local", "path": "missing"}, {}, "has no config.json"),
+    ],
+)
+def test_incompatible_students_are_refused_before_training(
+    workspace: Path, student: dict[str, Any], training: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(EngineError) as caught:
+        _run(workspace, _spec(student, **training), "job-refused")
+    assert message in caught.value.message
+    assert caught.value.code in ("student_incompatible", "student_not_found")
+    assert not (workspace / "job-refused" / "checkpoints").exists()  # refused before any training
+
+
+def test_a_set_layer_mapping_is_used(workspace: Path) -> None:
+    spec = _spec({"kind": "local", "path": "small-bert"}, epochs=1, layer_mapping=[0, 1, 3])
+    results = _run(workspace, spec, "job-mapping")
+    assert results.student["layer_mapping"] == [0, 1, 3]
