@@ -441,6 +441,7 @@ def _run_phases(
     measured = measure(ctx, prepared.model, student, data)
     extra = compress(ctx, student, data)
     extra |= export(ctx, student, data)
+    extra["splits"] = data.info.get("splits")
     return write_results(
         ctx,
         teacher=teacher,

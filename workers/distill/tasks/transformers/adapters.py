@@ -107,7 +107,11 @@ class HFTaskAdapter(TaskAdapter):
         del data_dir
         self.splits = read_text_splits(spec, file_root=file_root)
         empty = TensorDictDataset({"input_ids": torch.zeros(0, 1, dtype=torch.long)})
-        info: dict[str, Any] = {"fingerprint": self.splits.fingerprint, "tokenised": False}
+        info: dict[str, Any] = {
+            "fingerprint": self.splits.fingerprint,
+            "tokenised": False,
+            "splits": self.splits.report,
+        }
         if self.splits.label_names:
             info["label_names"] = self.splits.label_names
         return TaskData(
