@@ -23,7 +23,7 @@ from app.core.celery_client import TASK_RUN_JOB, wake_scheduler
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.errors import NotFound
-from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
+from app.schemas.job_spec import FileDataset, FileSource, JobSpec, UploadedDataset, UploadedSource
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from app.services import lifecycle
 from app.services.datasets import get_dataset_path
@@ -144,7 +144,8 @@ def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, 
                 path = get_dataset_path(session, spec.dataset_config.dataset_id).resolve()
             except NotFound as exc:
                 raise EngineError("unknown_dataset", exc.detail) from exc
-            spec = spec.model_copy(update={"dataset_config": FileDataset(path=str(path))})
+            held_out = {"validation": spec.dataset_config.validation, "test": spec.dataset_config.test}
+            spec = spec.model_copy(update={"dataset_config": FileDataset(path=str(path), **held_out)})
             # Uploads are written by the service itself; if they live outside the allowed root (custom
             # ALLOWED_FILE_ROOT), the root check is only needed for a local teacher path.
             if (
@@ -153,6 +154,20 @@ def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, 
                 and teacher.kind != TeacherSourceKind.local
             ):
                 file_root = None
+        # Uploaded validation/test sets are resolved to their files the same way.
+        updates: dict[str, FileSource] = {}
+        for role in ("validation", "test"):
+            source = getattr(spec.dataset_config, role)
+            if isinstance(source, UploadedSource):
+                try:
+                    held = get_dataset_path(session, source.dataset_id).resolve()
+                except NotFound as exc:
+                    raise EngineError("unknown_dataset", exc.detail) from exc
+                updates[role] = FileSource(path=str(held))
+                if file_root is not None and not held.is_relative_to(file_root):
+                    file_root = None if teacher.kind != TeacherSourceKind.local else file_root
+        if updates:
+            spec = spec.model_copy(update={"dataset_config": spec.dataset_config.model_copy(update=updates)})
     return spec, teacher, file_root
 
 

@@ -27,6 +27,7 @@ from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
+from app.services import job_checks
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -108,11 +109,12 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
         except Unprocessable as exc:
             errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
         else:
-            if not resolved.is_file():
+            if not job_checks.is_dataset_path(resolved):
                 errors.append(
                     _field_error(
                         ["dataset_config", "path"],
-                        f"No file at {resolved} (paths are relative to the allowed root {root})",
+                        f"No file at {resolved}, nor a save_to_disk directory (paths are relative to "
+                        f"the allowed root {root})",
                         "file_not_found",
                     )
                 )
@@ -120,6 +122,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                 spec = spec.model_copy(
                     update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
                 )
+    if not errors:  # what the client brings (student, held-out sets, tables, programs): issue 9
+        spec = job_checks.check_brought(
+            session, spec=spec, settings=settings, tenant_id=tenant_id, errors=errors
+        )
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)

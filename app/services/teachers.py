@@ -15,6 +15,7 @@ from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Teacher
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
+from app.services import model_files
 
 logger = logging.getLogger("distillery.teachers")
 
@@ -120,6 +121,25 @@ def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
     return resolved
 
 
+def _check_program(path: Path) -> None:
+    """A .pt2 must be a torch.export archive whose one input is a floating tensor (read without torch)."""
+    info = model_files.program_info(path)
+    if info is None:
+        raise Unprocessable(
+            f"{path.name} is not a torch.export archive (write it with torch.export.save(program, path))."
+        )
+    if len(info.inputs) != 1 or not info.inputs[0][1].startswith(("float", "bfloat")):
+        described = [(["batch", *sizes[1:]], dtype) for sizes, dtype in info.inputs]
+        raise Unprocessable(
+            f"{path.name} takes inputs {described}; a teacher program takes one floating point tensor "
+            "(batch, ...) and returns logits."
+        )
+    if len(info.outputs) != 1 or len(info.outputs[0]) != 2:
+        raise Unprocessable(
+            f"{path.name} returns {info.outputs}; a teacher program returns logits (batch, C)."
+        )
+
+
 def register(
     session: Session, *, request: TeacherCreate, settings: Settings, tenant_id: str | None
 ) -> Teacher:
@@ -130,11 +150,16 @@ def register(
     """
     if request.kind == "local":
         directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
-        if not directory.is_dir():
-            raise Unprocessable(f"Teacher directory {directory} does not exist or is not a directory.")
-        if not (directory / "config.json").is_file():
+        if directory.is_file() and directory.suffix == ".pt2":
+            _check_program(directory)
+        elif not directory.is_dir():
             raise Unprocessable(
-                f"Teacher directory {directory} has no config.json; save the model with save_pretrained()."
+                f"Teacher directory {directory} does not exist or is not a directory (or a .pt2 program)."
+            )
+        elif not any((directory / n).is_file() for n in ("config.json", "student_config.json")):
+            raise Unprocessable(
+                f"Teacher directory {directory} has no config.json; save the model with save_pretrained() "
+                "(or give a finished job's artifacts: safetensors + student_config.json)."
             )
         location = str(directory)
     else:
@@ -168,7 +193,7 @@ def register(
 def to_read(teacher: Teacher) -> TeacherRead:
     """The API view; `available_offline` is true for built-in teachers and existing local directories."""
     available = teacher.source_kind == TeacherSourceKind.builtin or (
-        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).is_dir()
+        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).exists()
     )
     return TeacherRead(
         name=teacher.name,
