@@ -138,7 +138,58 @@ def test_incompatible_students_are_refused_before_training(
     assert not (workspace / "job-refused" / "checkpoints").exists()  # refused before any training
 
 
-def test_a_set_layer_mapping_is_used(workspace: Path) -> None:
-    spec = _spec({"kind": "local", "path": "small-bert"}, epochs=1, layer_mapping=[0, 1, 3])
-    results = _run(workspace, spec, "job-mapping")
+def test_registry_student_and_a_language_model_student_from_overrides(workspace: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from tests.engine.tiny_models import lm_rows, save_tiny_gpt2
+    from workers.distill.runner import named_student
+
+    # 'registry': the worker looks the name up in the database; here the lookup is the registry's function.
+    registry = {
+        "small-bert": TeacherSource(
+            name="small-bert", kind=TeacherSourceKind.local, location="small-bert", type="transformer"
+        )
+    }
+    # With a layer mapping set for feature KD (embeddings <- embeddings, layer 1 <- 1, layer 2 <- 3).
+    spec = _spec({"kind": "registry", "name": "small-bert"}, epochs=1, layer_mapping=[0, 1, 3])
+    resolved = named_student(spec, registry=registry.__getitem__)
+    assert resolved is not None and resolved.source == registry["small-bert"]
+    results = run_job(
+        spec,
+        teacher=_teacher(),
+        paths=JobPaths(workspace / "job-registry"),
+        data_dir=workspace / "data",
+        file_root=workspace,
+        student=resolved,
+    )
+    assert results.student["kind"] == "registry" and results.student["layers"] == 2
     assert results.student["layer_mapping"] == [0, 1, 3]
+
+    # causal-lm: GPT-2 config overrides (the aliases num_hidden_layers/hidden_size map to n_layer/n_embd).
+    write_jsonl(workspace / "lm.jsonl", lm_rows(120, seed=2))
+    save_tiny_gpt2(workspace / "gpt2", layers=4, hidden=32, heads=4)
+    lm_spec = JobSpec.model_validate(
+        {
+            "teacher_model_name": "gpt2",
+            "task": "causal-lm",
+            "student": {
+                "kind": "config",
+                "overrides": {"num_hidden_layers": 2, "hidden_size": 16, "n_head": 2},
+            },
+            "dataset_config": {"kind": "file", "path": "lm.jsonl"},
+            "training_config": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "max_seq_length": 32},
+        }
+    )
+    gpt2 = TeacherSource(name="gpt2", kind=TeacherSourceKind.local, location="gpt2", type="causal_lm")
+    lm = run_job(
+        lm_spec,
+        teacher=gpt2,
+        paths=JobPaths(workspace / "job-lm"),
+        data_dir=workspace / "data",
+        file_root=workspace,
+    )
+    assert lm.metric == "perplexity" and lm.student["layers"] == 2 and lm.student["hidden_size"] == 16
+    assert lm.student_accuracy < lm.initial_student_accuracy  # perplexity fell
+    reloaded = AutoModelForCausalLM.from_pretrained(workspace / "job-lm" / "artifacts")
+    assert reloaded.config.n_layer == 2 and reloaded.config.n_embd == 16
+    print(f"causal-lm config student retention {lm.accuracy_retention:.3f} ratio {lm.compression_ratio:.3f}")

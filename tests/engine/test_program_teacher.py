@@ -149,3 +149,16 @@ def test_mismatches_are_refused_before_training(
     with pytest.raises(EngineError) as caught:
         _run(workspace, _spec(**extra), "job-refused")
     assert caught.value.code == code and message in caught.value.message
+
+
+def test_progressive_stages_step_down_to_the_named_student(workspace: Path) -> None:
+    spec = _spec(
+        student={"kind": "config", "overrides": {"hidden_size": 8, "num_hidden_layers": 1}},
+        distillation_method="progressive_distillation",
+        training_config={"epochs": 4, "batch_size": 32, "learning_rate": 1e-2, "num_stages": 2},
+    )
+    results = _run(workspace, spec, "job-progressive")
+    first, last = results.stages
+    assert first.parameters > last.parameters == results.compressed_parameters
+    assert results.student["hidden"] == [8]  # the last stage trains the named student
+    assert results.student_accuracy > 0.7
