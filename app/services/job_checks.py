@@ -44,10 +44,12 @@ def _error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
 
 def is_dataset_path(path: Path) -> bool:
     """A file, or a directory written by datasets' save_to_disk (Dataset or DatasetDict)."""
-    if path.is_file():
+    if model_files.probe(path.is_file):
         return True
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    return path.is_dir() and any((path / name).is_file() for name in markers)
+    return model_files.probe(path.is_dir) and any(
+        model_files.probe((path / name).is_file) for name in markers
+    )
 
 
 def _resolve(
@@ -106,7 +108,7 @@ def _check_held_out(
 def _table_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]] | None:
     """Header and rows of a CSV/TSV/JSONL file (None: not such a file, or unreadable: the worker says)."""
     suffix = path.suffix.lower()
-    if not path.is_file() or suffix not in _TABLE_SUFFIXES:
+    if suffix not in _TABLE_SUFFIXES or not model_files.probe(path.is_file):
         return None
     try:
         with path.open(encoding="utf-8", newline="") as handle:
@@ -230,7 +232,7 @@ def _student_directory(
         resolved = _resolve(student.path, settings, ["student", "path"], errors)
         if resolved is None:
             return spec, None
-        if not resolved.exists():
+        if not model_files.probe(resolved.exists):
             errors.append(
                 _error(
                     ["student", "path"],
@@ -275,7 +277,7 @@ def _check_text_student(
             )
         renamed = {(k if k in teacher_config else _ATTRIBUTE_MAP.get(k, k)): v for k, v in overrides.items()}
         student_config = {**teacher_config, **renamed}
-    elif student_dir is not None and student_dir.is_dir():
+    elif student_dir is not None and model_files.probe(student_dir.is_dir):
         student_config = model_files.hf_config(student_dir)
         if student_config is None:
             errors.append(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,14 @@ _SCALAR_TYPES = {
     13: "bfloat16",
 }
 MAX_JSON_BYTES = 64 * 2**20
+
+
+def probe(check: Callable[[], bool]) -> bool:
+    """A filesystem predicate that is False, not an error, for names the OS refuses (too long, ...)."""
+    try:
+        return bool(check())
+    except OSError:
+        return False
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -61,12 +70,13 @@ def vocabulary(directory: Path) -> dict[str, int] | None:
         for added in tokenizer.get("added_tokens") or []:
             merged[str(added["content"])] = int(added["id"])
         return merged
-    text = directory / "vocab.txt"
-    if text.is_file():
-        try:
-            lines = text.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError):
-            return None
+    try:  # WordPiece: one token per line, the id is the line number
+        lines: list[str] | None = (directory / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = None
+    except (OSError, UnicodeDecodeError):
+        return None
+    if lines is not None:
         return {token: i for i, token in enumerate(lines)}
     mapping = read_json(directory / "vocab.json")
     if mapping is not None:

@@ -153,9 +153,9 @@ def register(
     """
     if request.kind == "local":
         directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
-        if directory.is_file() and directory.suffix == ".pt2":
+        if directory.suffix == ".pt2" and model_files.probe(directory.is_file):
             _check_program(directory)
-        elif not directory.is_dir():
+        elif not model_files.probe(directory.is_dir):
             raise Unprocessable(
                 f"Teacher directory {directory} does not exist or is not a directory (or a .pt2 program)."
             )
@@ -196,7 +196,7 @@ def register(
 def to_read(teacher: Teacher) -> TeacherRead:
     """The API view; `available_offline` is true for built-in teachers and existing local directories."""
     available = teacher.source_kind == TeacherSourceKind.builtin or (
-        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).exists()
+        teacher.source_kind == TeacherSourceKind.local and model_files.probe(Path(teacher.location).exists)
     )
     return TeacherRead(
         name=teacher.name,
