@@ -164,6 +164,9 @@ def test_registry_student_and_a_language_model_student_from_overrides(workspace:
     )
     assert results.student["kind"] == "registry" and results.student["layers"] == 2
     assert results.student["layer_mapping"] == [0, 1, 3]
+    print(
+        f"registry student retention {results.accuracy_retention:.3f} ratio {results.compression_ratio:.3f}"
+    )
 
     # causal-lm: GPT-2 config overrides (the aliases num_hidden_layers/hidden_size map to n_layer/n_embd).
     write_jsonl(workspace / "lm.jsonl", lm_rows(120, seed=2))
@@ -193,3 +196,36 @@ def test_registry_student_and_a_language_model_student_from_overrides(workspace:
     reloaded = AutoModelForCausalLM.from_pretrained(workspace / "job-lm" / "artifacts")
     assert reloaded.config.n_layer == 2 and reloaded.config.n_embd == 16
     print(f"causal-lm config student retention {lm.accuracy_retention:.3f} ratio {lm.compression_ratio:.3f}")
+
+
+def test_masked_lm_local_student(workspace: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    from tests.engine.tiny_models import lm_rows
+
+    write_jsonl(workspace / "mlm.jsonl", lm_rows(120, seed=4))
+    save_tiny_bert(workspace / "bert-mlm", head="masked-lm", layers=4, hidden=32, heads=4)
+    spec = JobSpec.model_validate(
+        {
+            "teacher_model_name": "bert-mlm",
+            "task": "masked-lm",
+            "student": {"kind": "local", "path": "small-bert"},  # headless: a new MLM head, said in results
+            "dataset_config": {"kind": "file", "path": "mlm.jsonl"},
+            "training_config": {"epochs": 2, "batch_size": 16, "learning_rate": 3e-3, "max_seq_length": 32},
+        }
+    )
+    mlm = TeacherSource(name="bert-mlm", kind=TeacherSourceKind.local, location="bert-mlm", type="masked_lm")
+    results = run_job(
+        spec,
+        teacher=mlm,
+        paths=JobPaths(workspace / "job-mlm"),
+        data_dir=workspace / "data",
+        file_root=workspace,
+    )
+    assert results.student["new_head"] is True and results.student["projected"] is True
+    assert results.training_history[0].losses["feature_kd"] > 0  # type: ignore[attr-defined]
+    assert AutoModelForMaskedLM.from_pretrained(workspace / "job-mlm" / "artifacts").config.hidden_size == 16
+    print(
+        f"masked-lm local student retention {results.accuracy_retention:.3f} "
+        f"ratio {results.compression_ratio:.3f}"
+    )
