@@ -16,6 +16,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker
 from app.core.logging import configure_logging
 from app.errors import install_exception_handlers
+from app.services.datasets import remove_stale_parts
 from app.services.metrics import HttpMetricsMiddleware, build_registry
 from app.services.teachers import seed_default_teachers
 
@@ -58,6 +59,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(fmt=app_settings.log_format, level=app_settings.log_level)
         app_settings.ensure_dirs()
+        remove_stale_parts(app_settings)
         _seed_teachers_if_migrated()
         yield
 

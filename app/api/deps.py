@@ -84,13 +84,19 @@ async def get_current_tenant(
     lookup runs in the thread pool.
     """
     if credentials is None:
-        raise Unauthorized("Send an API key as `Authorization: Bearer <key>` (issued by POST /admin/keys).")
+        raise Unauthorized(
+            "Send an API key as `Authorization: Bearer <key>`: the local stack (`distillery up`) prints one "
+            "and stores it in DATA_DIR/api_key; an operator issues others with POST /admin/keys."
+        )
     ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
     principal = auth_service.cached_principal(credentials.credentials) if ttl_seconds > 0 else None
     if principal is None:
         principal = await run_in_threadpool(_authenticate, session, credentials.credentials, ttl_seconds)
     if principal is None:
-        raise Unauthorized("The API key is unknown or has been revoked.")
+        raise Unauthorized(
+            "The API key sent is unknown or has been revoked; check which key your client sends "
+            "(`distillery config` shows it) or ask an operator for a new one."
+        )
     bind_log_fields(tenant=principal.tenant_name)
     return principal
 

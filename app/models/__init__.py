@@ -230,3 +230,17 @@ class IdempotencyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     __table_args__ = (Index("uq_idempotency_tenant_key", "tenant_id", "key", unique=True),)
+
+
+class DashboardSession(Base):
+    """A signed-in browser: the sha256 of its random session id (the cookie holds the id), its key, expiry.
+
+    Added by migration 0003. Ends at `expires_at`, at sign-out (row deleted) and when its key is revoked.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -9,7 +9,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.core.paths import check_path_text
+from app.schemas.hub_ids import HubRepoId
+
+
+def _plain_path(text: str) -> str:
+    check_path_text(text)  # PathRefused is a ValueError: a 422 naming the field
+    return text
 
 
 class DistillationMethod(StrEnum):
@@ -122,11 +130,11 @@ class BuiltinSource(_Strict):
 
 class FileSource(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(
+    path: Annotated[str, AfterValidator(_plain_path)] = Field(
         min_length=1,
         max_length=4096,
-        description="Under the allowed root: a CSV, TSV or JSONL file, a Parquet file, or a directory "
-        "written by datasets' save_to_disk.",
+        description="Relative to the file root (ALLOWED_FILE_ROOT; refused when none is set): a CSV, TSV or "
+        "JSONL file, a Parquet file, or a directory written by datasets' save_to_disk.",
     )
     text_column: str = Field(default="text", min_length=1, max_length=256)
     label_column: str = Field(default="label", min_length=1, max_length=256)
@@ -146,7 +154,9 @@ class UploadedSource(_Strict):
 
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
-    name: str = Field(min_length=1, max_length=256, description="datasets.load_dataset path, e.g. 'imdb'.")
+    name: HubRepoId = Field(
+        min_length=1, max_length=256, description="A hub dataset id, 'name' or 'org/name', e.g. 'imdb'."
+    )
     subset: str | None = Field(default=None, max_length=256, description="The configuration name.")
     split: str = Field(default="train", min_length=1, max_length=64)
     revision: str | None = Field(default=None, min_length=1, max_length=128)
@@ -222,14 +232,14 @@ class HubStudent(_Strict):
     """A Hugging Face hub id, loaded with from_pretrained (e.g. 'distilbert-base-uncased')."""
 
     kind: Literal["hub"]
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    name: HubRepoId = Field(min_length=1, max_length=256)
 
 
 class LocalStudent(_Strict):
     """A directory under the allowed root: save_pretrained output, or safetensors + student_config.json."""
 
     kind: Literal["local"]
-    path: str = Field(min_length=1, max_length=4096)
+    path: Annotated[str, AfterValidator(_plain_path)] = Field(min_length=1, max_length=4096)
 
 
 class ConfigStudent(_Strict):

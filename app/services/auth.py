@@ -13,13 +13,14 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
-from app.models import ApiKey, Tenant, utcnow
+from app.models import ApiKey, DashboardSession, Tenant, utcnow
 from app.services import tenants as tenants_service
 
 KEY_PREFIX = "dk_"
@@ -179,9 +180,62 @@ def revoke_key(session: Session, *, key_id: str) -> tuple[ApiKey, Tenant]:
     api_key, tenant = row
     if api_key.revoked_at is None:
         api_key.revoked_at = utcnow()
-        session.commit()
+    # The key's dashboard sessions end with it (lookups also check revoked_at, so none outlives a race).
+    session.execute(delete(DashboardSession).where(DashboardSession.api_key_id == api_key.id))
+    session.commit()
     principal_cache.forget_key(api_key.id)
     return api_key, tenant
+
+
+# ---------------------------------------------------------------------------------- dashboard sessions
+#
+# The dashboard cookie holds an opaque random session id, never the API key: the database keeps only its
+# sha256 (256 random bits: nothing to brute-force), the key it was signed in with and when it expires.
+
+SESSION_PREFIX = "ds_"
+
+
+def start_session(session: Session, *, principal: Principal, ttl: timedelta) -> str:
+    """A new dashboard session for the principal's key, committed; returns the id for the cookie (only here).
+
+    Expired sessions are swept at the same time, so the table holds only live ones plus a day at most.
+    """
+    now = utcnow()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at <= now))
+    session_id = SESSION_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            id_hash=hash_key(session_id), api_key_id=principal.key_id, created_at=now, expires_at=now + ttl
+        )
+    )
+    session.commit()
+    return session_id
+
+
+def session_principal(session: Session, *, session_id: str) -> Principal | None:
+    """Who a dashboard session acts for; None when unknown, expired, signed out or its key was revoked."""
+    if not session_id.startswith(SESSION_PREFIX) or len(session_id) > MAX_KEY_LENGTH:
+        return None
+    row = session.execute(
+        select(DashboardSession, ApiKey, Tenant)
+        .join(ApiKey, ApiKey.id == DashboardSession.api_key_id)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(DashboardSession.id_hash == hash_key(session_id))
+    ).first()
+    if row is None:
+        return None
+    dashboard_session, api_key, tenant = row
+    if api_key.revoked_at is not None or dashboard_session.expires_at <= utcnow():
+        return None
+    return Principal(
+        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
+    )
+
+
+def end_session(session: Session, *, session_id: str) -> None:
+    """Sign-out: the session row is deleted (the id is then worthless), committed."""
+    session.execute(delete(DashboardSession).where(DashboardSession.id_hash == hash_key(session_id)))
+    session.commit()
 
 
 LOCAL_TENANT = "local"

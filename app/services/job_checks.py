@@ -3,7 +3,8 @@
 Called by `jobs.check_spec`; every finding is a field error (422). Only what can be read without torch is
 checked here (JSON configs, vocabularies, CSV/JSONL cells, the JSON inside a `.pt2`); the worker checks the
 rest with the real libraries before training (Parquet and save_to_disk contents, hub models and data).
-Paths are stored resolved (symlinks followed), so the worker reads exactly what was checked.
+Paths were already checked under the tenant's file root by `file_roots.check_spec_sources` (stored
+relative to it); here they are only located there to read the files.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Unprocessable
 from app.models import Teacher
 from app.schemas.job_spec import (
     ConfigStudent,
@@ -25,10 +25,8 @@ from app.schemas.job_spec import (
     LocalStudent,
     RegistryStudent,
     Task,
-    UploadedSource,
 )
-from app.services import datasets as datasets_service
-from app.services import model_files
+from app.services import file_roots, model_info
 from app.services import teachers as teachers_service
 
 _TEXT_TASKS = (Task.sequence_classification, Task.causal_lm, Task.masked_lm)
@@ -42,73 +40,10 @@ def _error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "field": ".".join(str(p) for p in loc), "msg": msg, "type": kind}
 
 
-def is_dataset_path(path: Path) -> bool:
-    """A file, or a directory written by datasets' save_to_disk (Dataset or DatasetDict)."""
-    if model_files.probe(path.is_file):
-        return True
-    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-    return model_files.probe(path.is_dir) and any(
-        model_files.probe((path / name).is_file) for name in markers
-    )
-
-
-def _resolve(
-    location: str, settings: Settings, loc: list[str | int], errors: list[dict[str, Any]]
-) -> Path | None:
-    try:
-        return teachers_service.resolve_under_root(location, settings.file_root, what="Path")
-    except Unprocessable as exc:
-        errors.append(_error(loc, exc.detail, "path_outside_root"))
-        return None
-
-
-def _check_held_out(
-    session: Session,
-    spec: JobSpec,
-    settings: Settings,
-    tenant_id: str | None,
-    errors: list[dict[str, Any]],
-) -> JobSpec:
-    """validation/test sources: files under the root (stored resolved), or the tenant's uploads."""
-    updates: dict[str, Any] = {}
-    for role in ("validation", "test"):
-        source = getattr(spec.dataset_config, role)
-        loc: list[str | int] = ["dataset_config", role]
-        if isinstance(source, FileSource):
-            resolved = _resolve(source.path, settings, [*loc, "path"], errors)
-            if resolved is None:
-                continue
-            if not is_dataset_path(resolved):
-                errors.append(
-                    _error(
-                        [*loc, "path"],
-                        f"No dataset at {resolved}: give a CSV/JSONL/Parquet file or a save_to_disk "
-                        f"directory (paths are relative to the allowed root {settings.file_root})",
-                        "file_not_found",
-                    )
-                )
-                continue
-            updates[role] = source.model_copy(update={"path": str(resolved)})
-        elif (
-            isinstance(source, UploadedSource)
-            and datasets_service.get(session, dataset_id=source.dataset_id, tenant_id=tenant_id) is None
-        ):
-            errors.append(
-                _error(
-                    [*loc, "dataset_id"],
-                    f"Unknown dataset '{source.dataset_id}'; GET /distillation/datasets lists them",
-                    "unknown_dataset",
-                )
-            )
-    if updates:
-        spec = spec.model_copy(update={"dataset_config": spec.dataset_config.model_copy(update=updates)})
-    return spec
-
-
 def _table_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]] | None:
     """Header and rows of a CSV/TSV/JSONL file (None: not such a file, or unreadable: the worker says)."""
     suffix = path.suffix.lower()
-    if suffix not in _TABLE_SUFFIXES or not model_files.probe(path.is_file):
+    if suffix not in _TABLE_SUFFIXES or not model_info.probe(path.is_file):
         return None
     try:
         with path.open(encoding="utf-8", newline="") as handle:
@@ -140,10 +75,12 @@ def _is_number(value: Any) -> bool:
 
 
 def _check_numeric_table(
-    source: FileSource, loc: list[str | int], errors: list[dict[str, Any]]
+    source: FileSource, path: Path | None, loc: list[str | int], errors: list[dict[str, Any]]
 ) -> int | None:
     """Classification tables: feature columns present and numeric, labels integers; returns the width."""
-    table = _table_rows(Path(source.path))
+    if path is None:
+        return None
+    table = _table_rows(path)
     if table is None:
         return None
     header, rows = table
@@ -153,7 +90,7 @@ def _check_numeric_table(
         errors.append(
             _error(
                 [*loc, "feature_columns" if source.feature_columns else "label_column"],
-                f"{Path(source.path).name} has no column(s) {absent}; its columns are {header}",
+                f"{path.name} has no column(s) {absent}; its columns are {header}",
                 "missing_columns",
             )
         )
@@ -164,7 +101,7 @@ def _check_numeric_table(
                 errors.append(
                     _error(
                         [*loc, "feature_columns"],
-                        f"{Path(source.path).name} row {number}: column '{column}' is {row.get(column)!r}, "
+                        f"{path.name} row {number}: column '{column}' is {row.get(column)!r}, "
                         "not a number (feature columns must be numeric; name them with feature_columns)",
                         "not_numeric",
                     )
@@ -176,7 +113,7 @@ def _check_numeric_table(
             errors.append(
                 _error(
                     [*loc, "label_column"],
-                    f"{Path(source.path).name} row {number}: label '{source.label_column}' is {label!r}; "
+                    f"{path.name} row {number}: label '{source.label_column}' is {label!r}; "
                     "labels must be integers 0..C-1",
                     "not_numeric",
                 )
@@ -185,12 +122,13 @@ def _check_numeric_table(
     return len(columns)
 
 
-def _check_program_teacher(teacher: Teacher, width: int | None, errors: list[dict[str, Any]]) -> None:
+def _check_program_teacher(
+    teacher: Teacher, path: Path, width: int | None, errors: list[dict[str, Any]]
+) -> None:
     """A `.pt2` teacher's input, read from its JSON, against the table's feature count."""
-    path = Path(teacher.location)
-    if teacher.source_kind != "local" or path.suffix != ".pt2" or width is None:
+    if path.suffix != ".pt2" or width is None:
         return
-    info = model_files.program_info(path)
+    info = model_info.program_info(path)
     if info is None or info.in_features is None:
         return  # not readable without torch: the worker checks it before training
     if info.in_features != width:
@@ -205,52 +143,35 @@ def _check_program_teacher(teacher: Teacher, width: int | None, errors: list[dic
         )
 
 
+def _located(session: Session, settings: Settings, tenant_id: str | None, stored: str) -> Path | None:
+    """Where a stored (root-relative) path lies for `tenant_id`; None when server paths are off."""
+    path = Path(stored)
+    if path.is_absolute():  # rows from before the root rule
+        return path
+    root = file_roots.root_for(session, settings=settings, tenant_id=tenant_id)
+    return root / path if root is not None else None
+
+
 def _student_directory(
-    session: Session,
-    spec: JobSpec,
-    settings: Settings,
-    tenant_id: str | None,
-    errors: list[dict[str, Any]],
-) -> tuple[JobSpec, Path | None]:
-    """Resolve a registry/local student; returns the (updated) spec and its local directory if any."""
+    session: Session, spec: JobSpec, settings: Settings, tenant_id: str | None
+) -> Path | None:
+    """The local directory of a registry/local student (checked by file_roots), if it has one."""
     student = spec.student
     if isinstance(student, RegistryStudent):
         row = teachers_service.get(session, name=student.name, tenant_id=tenant_id)
-        if row is None:
-            names = teachers_service.valid_names(session, tenant_id=tenant_id)
-            errors.append(
-                _error(
-                    ["student", "name"],
-                    f"Unknown model '{student.name}'; registered: {', '.join(names) or '(none)'} "
-                    "(register one with POST /distillation/teachers)",
-                    "unknown_student",
-                )
-            )
-            return spec, None
-        return spec, Path(row.location) if row.source_kind == "local" else None
+        if row is None or row.source_kind != "local":
+            return None
+        return _located(session, settings, row.tenant_id, row.location)
     if isinstance(student, LocalStudent):
-        resolved = _resolve(student.path, settings, ["student", "path"], errors)
-        if resolved is None:
-            return spec, None
-        if not model_files.probe(resolved.exists):
-            errors.append(
-                _error(
-                    ["student", "path"],
-                    f"No model at {resolved} (paths are relative to the allowed root {settings.file_root})",
-                    "file_not_found",
-                )
-            )
-            return spec, None
-        spec = spec.model_copy(update={"student": student.model_copy(update={"path": str(resolved)})})
-        return spec, resolved
-    return spec, None
+        return _located(session, settings, tenant_id, student.path)
+    return None
 
 
 def _check_text_student(
     spec: JobSpec, teacher_dir: Path, student_dir: Path | None, errors: list[dict[str, Any]]
 ) -> None:
     """Transformer students: same vocabulary as the teacher, known override fields, a fitting mapping."""
-    teacher_config = model_files.hf_config(teacher_dir)
+    teacher_config = model_info.hf_config(teacher_dir)
     if teacher_config is None:
         return
     student_config: dict[str, Any] | None = None
@@ -277,8 +198,8 @@ def _check_text_student(
             )
         renamed = {(k if k in teacher_config else _ATTRIBUTE_MAP.get(k, k)): v for k, v in overrides.items()}
         student_config = {**teacher_config, **renamed}
-    elif student_dir is not None and model_files.probe(student_dir.is_dir):
-        student_config = model_files.hf_config(student_dir)
+    elif student_dir is not None and model_info.probe(student_dir.is_dir):
+        student_config = model_info.hf_config(student_dir)
         if student_config is None:
             errors.append(
                 _error(
@@ -290,11 +211,11 @@ def _check_text_student(
             return
         difference = None
         teacher_vocab, student_vocab = (
-            model_files.vocabulary(teacher_dir),
-            model_files.vocabulary(student_dir),
+            model_info.vocabulary(teacher_dir),
+            model_info.vocabulary(student_dir),
         )
         if teacher_vocab is not None and student_vocab is not None:
-            difference = model_files.vocabulary_difference(teacher_vocab, student_vocab)
+            difference = model_info.vocabulary_difference(teacher_vocab, student_vocab)
         elif student_config.get("vocab_size") != teacher_config.get("vocab_size"):
             difference = (
                 f"teacher vocab_size {teacher_config.get('vocab_size')}, "
@@ -346,23 +267,30 @@ def check_brought(
     tenant_id: str | None,
     errors: list[dict[str, Any]],
 ) -> JobSpec:
-    """The create-time checks of issue 9; appends field errors, returns the spec with paths resolved."""
-    spec = _check_held_out(session, spec, settings, tenant_id, errors)
-    spec, student_dir = _student_directory(session, spec, settings, tenant_id, errors)
+    """The create-time checks of issue 9 on a spec whose paths passed `file_roots`; appends field errors."""
+    student_dir = _student_directory(session, spec, settings, tenant_id)
     teacher = teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id)
+    teacher_path = (
+        _located(session, settings, teacher.tenant_id, teacher.location)
+        if teacher is not None and teacher.source_kind == "local"
+        else None
+    )
     if spec.task == Task.classification:
         width: int | None = None
         dataset = spec.dataset_config
         if isinstance(dataset, FileSource):
-            width = _check_numeric_table(dataset, ["dataset_config"], errors)
+            width = _check_numeric_table(
+                dataset, _located(session, settings, tenant_id, dataset.path), ["dataset_config"], errors
+            )
         for role in ("validation", "test"):
             source = getattr(dataset, role)
             if isinstance(source, FileSource):
                 if source.feature_columns is None and isinstance(dataset, FileSource):
                     source = source.model_copy(update={"feature_columns": dataset.feature_columns})
-                _check_numeric_table(source, ["dataset_config", role], errors)
-        if teacher is not None:
-            _check_program_teacher(teacher, width, errors)
-    elif spec.task in _TEXT_TASKS and teacher is not None and teacher.source_kind == "local":
-        _check_text_student(spec, Path(teacher.location), student_dir, errors)
+                located = _located(session, settings, tenant_id, source.path)
+                _check_numeric_table(source, located, ["dataset_config", role], errors)
+        if teacher is not None and teacher_path is not None:
+            _check_program_teacher(teacher, teacher_path, width, errors)
+    elif spec.task in _TEXT_TASKS and teacher_path is not None:
+        _check_text_student(spec, teacher_path, student_dir, errors)
     return spec

@@ -24,10 +24,10 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
-from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
+from app.schemas.job_spec import JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
-from app.services import job_checks
+from app.services import file_roots, job_checks
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -84,7 +84,8 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
 
     Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
 
-    A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
+    A `file` dataset's path is stored resolved (symlinks followed) and relative to the tenant's file root, so
+    the worker reads the file checked here and no response shows a server path.
     """
     errors: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
@@ -142,26 +143,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                     "missing_labels",
                 )
             )
-    elif isinstance(dataset, FileDataset):
-        root = settings.file_root
-        try:
-            resolved = teachers_service.resolve_under_root(dataset.path, root, what="Dataset path")
-        except Unprocessable as exc:
-            errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
-        else:
-            if not job_checks.is_dataset_path(resolved):
-                errors.append(
-                    _field_error(
-                        ["dataset_config", "path"],
-                        f"No file at {resolved}, nor a save_to_disk directory (paths are relative to "
-                        f"the allowed root {root})",
-                        "file_not_found",
-                    )
-                )
-            else:
-                spec = spec.model_copy(
-                    update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
-                )
+    spec, path_errors = file_roots.check_spec_sources(
+        session, spec=spec, settings=settings, tenant_id=tenant_id
+    )
+    errors += path_errors
     if not errors:  # what the client brings (student, held-out sets, tables, programs): issue 9
         spec = job_checks.check_brought(
             session, spec=spec, settings=settings, tenant_id=tenant_id, errors=errors

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, or_, select, true
@@ -11,17 +10,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.model_files import UNSAFE_MODEL_FILE, describe_unsafe, unsafe_model_files
+from app.core.paths import PathKind, PathRefused, resolve_path, shown
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Teacher
+from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
-from app.services import model_files
+from app.services import file_roots
+from app.services.model_info import program_info
 
 logger = logging.getLogger("distillery.teachers")
-
-# A hub id: "name" or "org/name"; letters, digits, '-', '_', '.'; no '--' or '..', no leading/trailing '.-'.
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 
 
 def seed_default_teachers(session: Session) -> int:
@@ -109,68 +108,53 @@ def list_all(session: Session, *, tenant_id: str | None) -> list[Teacher]:
     return list(session.scalars(query).all())
 
 
-def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
-    """`location` (absolute, or relative to `root`) resolved with symlinks followed; must stay under root."""
-    candidate = Path(location).expanduser()
-    if not candidate.is_absolute():
-        candidate = root / candidate
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root):
-        raise Unprocessable(
-            f"{what} '{location}' resolves to {resolved}, outside the allowed root {root} "
-            "(set ALLOWED_FILE_ROOT to change it).",
-            allowed_root=str(root),
-        )
-    return resolved
-
-
-def _check_program(path: Path) -> None:
-    """A .pt2 must be a torch.export archive whose one input is a floating tensor (read without torch)."""
-    info = model_files.program_info(path)
-    if info is None:
-        raise Unprocessable(
-            f"{path.name} is not a torch.export archive (write it with torch.export.save(program, path))."
-        )
-    if len(info.inputs) != 1 or not info.inputs[0][1].startswith(("float", "bfloat")):
-        described = [(["batch", *sizes[1:]], dtype) for sizes, dtype in info.inputs]
-        raise Unprocessable(
-            f"{path.name} takes inputs {described}; a teacher program takes one floating point tensor "
-            "(batch, ...) and returns logits."
-        )
-    if len(info.outputs) != 1 or len(info.outputs[0]) != 2:
-        raise Unprocessable(
-            f"{path.name} returns {info.outputs}; a teacher program returns logits (batch, C)."
-        )
-
-
 def register(
     session: Session, *, request: TeacherCreate, settings: Settings, tenant_id: str | None
 ) -> Teacher:
-    """Register a local directory (checked now) or a hub id (format only: no network here) for a tenant.
+    """Register a local directory (checked now, under the tenant's file root) or a hub id (format only).
+
+    A local location is stored relative to the tenant's file root; the worker resolves it there again.
 
     Names are unique across tenants (workers resolve a job's teacher by name), so a name another tenant
     registered answers 409 like any taken name, without saying whose it is.
     """
     if request.kind == "local":
-        directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
-        if directory.suffix == ".pt2" and model_files.probe(directory.is_file):
-            _check_program(directory)
-        elif not model_files.probe(directory.is_dir):
-            raise Unprocessable(
-                f"Teacher directory {directory} does not exist or is not a directory (or a .pt2 program)."
+        try:
+            directory, root = file_roots.resolve_for_tenant(
+                session,
+                settings=settings,
+                tenant_id=tenant_id,
+                text=request.location,
+                # A torch.export program is one .pt2 file; every other model is a directory.
+                kind=PathKind.file if request.location.endswith(".pt2") else PathKind.directory,
+                what="Teacher program" if request.location.endswith(".pt2") else "Teacher directory",
             )
+        except PathRefused as exc:
+            raise _location_error(exc.message, exc.code) from exc
+        location = file_roots.stored_form(directory, root)
+        if directory.is_file():
+            if directory.suffix != ".pt2":
+                raise _location_error(
+                    f"'{location}' is a file; a model is a directory (save_pretrained, or safetensors + "
+                    "student_config.json) or a torch.export program (.pt2).",
+                    "teacher_invalid",
+                )
+            _check_program(directory, location)
         elif not any((directory / n).is_file() for n in ("config.json", "student_config.json")):
-            raise Unprocessable(
-                f"Teacher directory {directory} has no config.json; save the model with save_pretrained() "
-                "(or give a finished job's artifacts: safetensors + student_config.json)."
+            raise _location_error(
+                f"Teacher directory '{location}' has no config.json; save the model with save_pretrained() "
+                "(or give a finished job's artifacts: safetensors + student_config.json).",
+                "teacher_invalid",
             )
-        location = str(directory)
+        unsafe = unsafe_model_files(directory) if directory.is_dir() else {}  # opcodes read, never unpickled
+        if unsafe:
+            message = f"Teacher directory '{location}': {describe_unsafe(unsafe)}"
+            raise _location_error(message, UNSAFE_MODEL_FILE)
     else:
-        if not _HUB_ID.match(request.location) or ".." in request.location or "--" in request.location:
-            raise Unprocessable(
-                f"'{request.location}' is not a Hugging Face hub id; expected 'name' or 'org/name'."
-            )
-        location = request.location
+        try:
+            location = check_hub_repo_id(request.location)
+        except ValueError as exc:
+            raise _location_error(str(exc), "hub_id_invalid") from exc
     if get(session, name=request.name, tenant_id=None) is not None:
         raise Conflict(f"A teacher named '{request.name}' is already registered.")
     teacher = Teacher(
@@ -193,15 +177,59 @@ def register(
     return teacher
 
 
-def to_read(teacher: Teacher) -> TeacherRead:
-    """The API view; `available_offline` is true for built-in teachers and existing local directories."""
-    available = teacher.source_kind == TeacherSourceKind.builtin or (
-        teacher.source_kind == TeacherSourceKind.local and model_files.probe(Path(teacher.location).exists)
+def _check_program(path: Path, location: str) -> None:
+    """A .pt2 must be a torch.export archive with one floating tensor input and (batch, C) logits.
+
+    Read from the program's JSON inside the archive (no torch, nothing unpickled); the worker loads it with
+    torch.export.load and checks it again against the job's data.
+    """
+    info = program_info(path)
+    if info is None:
+        raise _location_error(
+            f"'{location}' is not a torch.export archive (write it with torch.export.save(program, path)).",
+            "teacher_invalid",
+        )
+    if len(info.inputs) != 1 or not info.inputs[0][1].startswith(("float", "bfloat")):
+        described = [(["batch", *sizes[1:]], dtype) for sizes, dtype in info.inputs]
+        raise _location_error(
+            f"'{location}' takes inputs {described}; a teacher program takes one floating point tensor "
+            "(batch, ...) and returns logits.",
+            "teacher_invalid",
+        )
+    if len(info.outputs) != 1 or len(info.outputs[0]) != 2:
+        raise _location_error(
+            f"'{location}' returns {info.outputs}; a teacher program returns logits (batch, C).",
+            "teacher_invalid",
+        )
+
+
+def _location_error(message: str, code: str) -> Unprocessable:
+    return Unprocessable(
+        f"location: {message}",
+        errors=[{"loc": ["body", "location"], "field": "location", "msg": message, "type": code}],
     )
+
+
+def to_read(teacher: Teacher, *, file_root: Path | None = None) -> TeacherRead:
+    """The API view; `available_offline`: built-in, or a local directory that exists under `file_root`.
+
+    Local locations are shown relative to the file root (rows from before the root rule: by name only).
+    """
+    location = teacher.location
+    available = teacher.source_kind == TeacherSourceKind.builtin
+    if teacher.source_kind == TeacherSourceKind.local:
+        if Path(location).is_absolute():
+            location = shown(Path(location), file_root)
+        if file_root is not None:
+            try:
+                resolve_path(teacher.location, root=file_root, kind=PathKind.any)
+                available = True
+            except PathRefused:
+                available = False
     return TeacherRead(
         name=teacher.name,
         kind=teacher.source_kind,
-        location=teacher.location,
+        location=location,
         type=teacher.type,
         params=teacher.params,
         task=teacher.task,

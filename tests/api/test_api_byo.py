@@ -15,6 +15,12 @@ from app.core.config import get_settings
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "the", "was"]
 
 
+def _root() -> Path:
+    root = get_settings().file_root
+    assert root is not None
+    return root.resolve()
+
+
 def _folder() -> Path:
     folder = get_settings().file_root / "byo" / uuid.uuid4().hex
     folder.mkdir(parents=True)
@@ -74,7 +80,8 @@ def test_a_student_with_another_vocabulary_is_refused_at_create(client: TestClie
     )
     assert response.status_code == 201, response.text
     spec = response.json()["spec"]
-    assert spec["student"] == {"kind": "local", "path": str(same.resolve())}
+    # Stored relative to the tenant's file root (the path helper's rule).
+    assert spec["student"] == {"kind": "local", "path": str(same.relative_to(_root()))}
     assert spec["target_compression"] is None
     # A registered student is checked the same way.
     registered = _register(client, other, "transformer")
@@ -111,7 +118,7 @@ def test_student_config_overrides_and_layer_mapping_are_checked(client: TestClie
             "needs 3 entries",
         ),
         ({"student": {"kind": "registry", "name": "nope"}}, "student.name", "Unknown model 'nope'"),
-        ({"student": {"kind": "local", "path": str(folder / "missing")}}, "student.path", "No model at"),
+        ({"student": {"kind": "local", "path": str(folder / "missing")}}, "student.path", "No directory at"),
         ({"student": {"kind": "config", "overrides": {"x": [1]}}}, None, "overrides"),
     ]
     for extra, field, message in cases:
@@ -170,8 +177,8 @@ def test_held_out_sets_and_numeric_tables_are_checked(client: TestClient, proble
     )
     assert created.status_code == 201, created.text
     dataset = created.json()["spec"]["dataset_config"]
-    assert dataset["validation"]["path"] == str((folder / "val.csv").resolve())
-    assert dataset["test"]["path"] == str(saved.resolve())
+    assert dataset["validation"]["path"] == str((folder / "val.csv").relative_to(_root()))
+    assert dataset["test"]["path"] == str(saved.relative_to(_root()))
 
 
 def test_pt2_teacher_is_registered_and_its_input_checked_against_the_data(

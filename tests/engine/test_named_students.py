@@ -125,7 +125,7 @@ def test_config_overrides_build_the_teachers_architecture_initialised_from_it(wo
         ({"kind": "config", "overrides": {"num_hiden_layers": 2}}, {}, "['num_hiden_layers'] are not fields"),
         ({"kind": "config", "overrides": {"hidden_size": 30}}, {}, "not a multiple of num_attention_heads 4"),
         ({"kind": "local", "path": "small-bert"}, {"layer_mapping": [0, 4]}, "needs 3 entries"),
-        ({"kind": "local", "path": "missing"}, {}, "has no config.json"),
+        ({"kind": "local", "path": "missing"}, {}, "No directory at"),
     ],
 )
 def test_incompatible_students_are_refused_before_training(

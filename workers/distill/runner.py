@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.core.paths import PathKind, PathRefused, resolve_path
 from app.schemas.job_spec import (
     DerivedStudent,
     Device,
@@ -244,16 +245,24 @@ def resolve_teacher(name_or_path: str) -> TeacherSource:
     for source in DEFAULT_TEACHERS:
         if source.name == name_or_path:
             return source
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() or (path.suffix == ".pt2" and path.is_file()):
-        return TeacherSource(
-            name=path.name, kind=TeacherSourceKind.local, location=str(path.resolve()), type="local"
-        )
     names = ", ".join(t.name for t in DEFAULT_TEACHERS)
-    raise EngineError(
-        "teacher_not_found",
-        f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 file",
-    )
+    try:
+        path = resolve_path(
+            name_or_path, root=None, kind=PathKind.any, what="teacher directory or .pt2 program"
+        )
+    except PathRefused as exc:
+        if exc.code != "path_not_found":
+            raise EngineError(exc.code, exc.message) from exc
+        raise EngineError(
+            "teacher_not_found",
+            f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 file",
+        ) from exc
+    if path.is_file() and path.suffix != ".pt2":
+        raise EngineError(
+            "teacher_not_found",
+            f"teacher '{name_or_path}' is a file; a file teacher is a torch.export program (.pt2)",
+        )
+    return TeacherSource(name=path.name, kind=TeacherSourceKind.local, location=str(path), type="local")
 
 
 def named_student(

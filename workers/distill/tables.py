@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import FileSource, HubSource, JobSpec, UploadedSource
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -150,17 +151,6 @@ def read_hub(source: HubSource, columns: Sequence[str] | None) -> Table:
     return _from_hf(table, columns, f"hub:{source.name}[{source.split}]")
 
 
-def resolve_path(path_text: str, file_root: Path | None) -> Path:
-    """A dataset path (absolute, or relative to the root) resolved; must lie under `file_root` when set."""
-    path = Path(path_text).expanduser()
-    if file_root is not None and not path.is_absolute():
-        path = file_root / path
-    resolved = path.resolve()
-    if file_root is not None and not resolved.is_relative_to(file_root.expanduser().resolve()):
-        raise EngineError("path_not_allowed", f"dataset path '{path_text}' is outside the allowed root")
-    return resolved
-
-
 def read_source(
     source: FileSource | HubSource | UploadedSource,
     columns: Sequence[str] | None,
@@ -172,7 +162,10 @@ def read_source(
     if isinstance(source, HubSource):
         return read_hub(source, columns)
     if isinstance(source, FileSource):
-        return read_path(resolve_path(source.path, file_root), columns, role=role)
+        path = resolve_local_path(
+            source.path, file_root, kind=PathKind.any, what="dataset path", missing_code="dataset_invalid"
+        )
+        return read_path(path, columns, role=role)
     raise EngineError(
         "dataset_unresolved", "an 'uploaded' dataset must be resolved to a file by the service first"
     )

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from workers.distill.adapter import BuiltStudent, TaskAdapter
@@ -20,9 +21,10 @@ from workers.distill.contract import (
     EngineCallbacks,
     EngineError,
     NamedStudent,
+    resolve_local_path,
 )
 from workers.distill.kernel import Batch, ModelOutputs, TaskData, count_parameters
-from workers.distill.tasks.classification.data import load_classification_data, resolve_under_root
+from workers.distill.tasks.classification.data import load_classification_data
 from workers.distill.tasks.classification.models import (
     MLP,
     DigitsCNN,
@@ -86,8 +88,13 @@ class ClassificationAdapter(TaskAdapter):
                 )
             teacher, self.teacher_built_now = get_digits_teacher(data_dir, data, callbacks)
         elif source.kind == TeacherSourceKind.local:
-            location = resolve_under_root(
-                source.location, file_root, what="teacher directory", code="teacher_not_found"
+            program = Path(source.location).suffix in PROGRAM_SUFFIXES
+            location = resolve_local_path(
+                source.location,
+                file_root,
+                kind=PathKind.file if program else PathKind.directory,
+                what="teacher program" if program else "teacher directory",
+                missing_code="teacher_not_found",
             )
             if location.is_file() and location.suffix in PROGRAM_SUFFIXES:
                 return self._program_teacher(location, spec, data, device)
@@ -182,8 +189,12 @@ class ClassificationAdapter(TaskAdapter):
                     "directory of safetensors + student_config.json (a finished job's artifacts), a "
                     "registered one, or config overrides",
                 )
-            location = resolve_under_root(
-                source.location, file_root, what="student directory", code="student_not_found"
+            location = resolve_local_path(
+                source.location,
+                file_root,
+                kind=PathKind.any,
+                what="student directory",
+                missing_code="student_not_found",
             )
             if location.is_file():
                 raise EngineError(

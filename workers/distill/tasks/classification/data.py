@@ -9,8 +9,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import BuiltinDataset, FileSource, HubSource, JobSpec, UploadedSource
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 from workers.distill.kernel import TaskData, TensorDictDataset
 from workers.distill.tables import Table, read_path, split_report
 
@@ -75,21 +76,6 @@ def load_digits_data() -> TaskData:
     digits = load_digits()
     features = (digits.data / 16.0).astype(np.float32)  # (1797, 64)
     return _splits(features, digits.target.astype(np.int64), source="digits")
-
-
-def resolve_under_root(path_text: str, file_root: Path | None, *, what: str, code: str) -> Path:
-    """`path_text` resolved (symlinks followed); must lie under `file_root` when one is set."""
-    path = Path(path_text).expanduser()
-    if file_root is not None and not path.is_absolute():
-        path = file_root / path
-    resolved = path.resolve()
-    if file_root is not None:
-        root = file_root.expanduser().resolve()
-        if not resolved.is_relative_to(root):
-            raise EngineError(code, f"{what} '{path_text}' is outside the allowed root {root}")
-    if not resolved.exists():
-        raise EngineError(code, f"{what} '{path_text}' does not exist")
-    return resolved
 
 
 def _numeric(value: object) -> float:
@@ -159,7 +145,9 @@ def _read_numeric(
             "dataset_unresolved" if source.kind == "uploaded" else "unsupported",
             f"dataset kind '{source.kind}' must be a file for task 'classification'",
         )
-    path = resolve_under_root(source.path, file_root, what="dataset file", code="dataset_invalid")
+    path = resolve_local_path(
+        source.path, file_root, kind=PathKind.any, what="dataset file", missing_code="dataset_invalid"
+    )
     table = read_path(path, None, role=role)
     features, labels, columns = table_arrays(
         table, source.label_column, source.feature_columns or feature_columns

@@ -14,16 +14,17 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from app.core.model_files import UNSAFE_MODEL_FILE, describe_unsafe, unsafe_model_files
+from app.core.paths import PathKind
 from app.schemas.job_spec import JobSpec, Task
 from app.schemas.teachers import TeacherSourceKind
 from workers.distill.adapter import BuiltStudent
-from workers.distill.contract import EngineError, NamedStudent
+from workers.distill.contract import EngineError, NamedStudent, resolve_local_path
 from workers.distill.kernel import TaskData, TensorDictDataset, count_parameters
 from workers.distill.losses import layer_mapping
 from workers.distill.tasks.transformers.models import (
     AUTO_CLASSES,
     initialise_from_teacher,
-    resolve_under_root,
 )
 
 # Config fields an override may not change: they define the token space or the model family.
@@ -52,12 +53,21 @@ def _student_location(named: NamedStudent, file_root: Path | None) -> str:
     source = named.source
     assert source is not None
     if source.kind == TeacherSourceKind.local:
-        directory = resolve_under_root(source.location, file_root)
+        directory = resolve_local_path(
+            source.location,
+            file_root,
+            kind=PathKind.directory,
+            what=f"student '{named.name}' directory",
+            missing_code="student_not_found",
+        )
         if not (directory / "config.json").is_file():
             raise EngineError(
                 "student_not_found",
-                f"student '{named.name}': {directory} has no config.json; give a save_pretrained directory",
+                f"student '{named.name}': its directory has no config.json; give a save_pretrained directory",
             )
+        unsafe = unsafe_model_files(directory)  # read as opcodes, never unpickled
+        if unsafe:
+            raise EngineError(UNSAFE_MODEL_FILE, f"student '{named.name}': {describe_unsafe(unsafe)}")
         return str(directory)
     if source.kind == TeacherSourceKind.hub:
         return source.location
