@@ -16,6 +16,8 @@ from rich.console import Console, ConsoleOptions, Group, RenderableType, RenderR
 from rich.table import Table
 from rich.text import Text
 
+from distillery_cli.search_view import search_tables
+
 # The widest the bar gets; the narrowest before the phase text gives way.
 BAR_MAX = 30
 BAR_MIN = 10
@@ -382,4 +384,4 @@ def results_table(results: Mapping[str, Any] | Any) -> RenderableType:
     training, total = _number(results.get("training_seconds")), _number(results.get("total_seconds"))
     if training is not None and total:
         lines.add_row("Time", f"{training:.1f} s training of {total:.1f} s in all")
-    return Group(table, lines)
+    return Group(table, lines, *search_tables(results))  # target verdict, trials, seed spread

@@ -128,8 +128,9 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # latest
     results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {code, message}
-    # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002.
-    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002;
+    # indexed by the composite list indexes below (migration 0005).
+    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
@@ -138,7 +139,15 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
 
-    __table_args__ = (Index("ix_jobs_status_queued_at", "status", "queued_at"),)
+    __table_args__ = (
+        # Admission reads the queue in line order a page at a time (migration 0005).
+        Index("ix_jobs_queue_order", "status", "queued_at", "id"),
+        Index("ix_jobs_queue_by_tenant", "status", "tenant_id", "queued_at", "id"),
+        # A tenant's newest jobs first, optionally by status or teacher: list pages without a sort.
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+        Index("ix_jobs_tenant_teacher_created", "tenant_id", "teacher_model_name", "created_at", "id"),
+    )
 
 
 class JobEvent(Base):

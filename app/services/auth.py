@@ -15,10 +15,12 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
+from app.core.db import AsyncDb, compile_for_psycopg
 from app.errors import NotFound
 from app.models import ApiKey, DashboardSession, Tenant, utcnow
 from app.services import tenants as tenants_service
@@ -70,23 +72,41 @@ def create_key(session: Session, *, tenant_name: str, name: str) -> IssuedKey:
     return IssuedKey(record=record, tenant=tenant, key=key)
 
 
+# The key's principal columns (and revocation) by its hash: one indexed lookup joined to the tenant.
+_PRINCIPAL_BY_HASH = (
+    select(ApiKey.id, ApiKey.prefix, ApiKey.revoked_at, Tenant.id.label("tenant_id"), Tenant.name)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+_PRINCIPAL_BY_HASH_SQL = compile_for_psycopg(_PRINCIPAL_BY_HASH)
+
+
+def _principal(row: Any | None) -> Principal | None:
+    """The principal of a `_PRINCIPAL_BY_HASH` row; None for no row or a revoked key."""
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(tenant_id=row.tenant_id, tenant_name=row.name, key_id=row.id, key_prefix=row.prefix)
+
+
 def authenticate(session: Session, *, key: str) -> Principal | None:
     """The principal for a presented key, or None when it is unknown or revoked."""
     if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    row = session.execute(
-        select(ApiKey, Tenant)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(key))
-    ).first()
-    if row is None:
+    return _principal(session.execute(_PRINCIPAL_BY_HASH, {"key_hash": hash_key(key)}).first())
+
+
+async def authenticate_async(db: AsyncDb, *, key: str, ttl_seconds: float) -> Principal | None:
+    """`authenticate_cached` through the API's async read pool: the lookup runs on the event loop."""
+    if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    api_key, tenant = row
-    if api_key.revoked_at is not None:
-        return None
-    return Principal(
-        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
-    )
+    principal = cached_principal(key) if ttl_seconds > 0 else None
+    if principal is not None:
+        return principal
+    key_hash = hash_key(key)
+    principal = _principal(await db.fetch_one(_PRINCIPAL_BY_HASH_SQL, {"key_hash": key_hash}))
+    if principal is not None and ttl_seconds > 0:
+        principal_cache.put(key_hash, principal, ttl_seconds)
+    return principal
 
 
 class PrincipalCache:

@@ -34,6 +34,8 @@ from app.services import jobs as jobs_service
 from app.services.auth import Principal
 from app.web import results_view
 from app.web.charts import history_charts
+from app.web.search_view import build as build_search_view
+from app.web.search_view import size_curve_chart
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "web" / "templates"))
@@ -230,7 +232,8 @@ def _curve_history(session: Session, job: Job) -> tuple[list[dict[str, Any]], li
     for event in events:
         data = event.data or {}
         phase = str(data.get("phase") or "")
-        if event.kind != "metric" or "epoch" not in data or phase.startswith("teacher"):
+        # Search trials and other seeds' runs have curves of their own, not the delivered run's.
+        if event.kind != "metric" or "epoch" not in data or phase.startswith(("teacher", "search", "seeds")):
             continue
         if phase.startswith("baseline"):
             baseline_by_epoch[int(data["epoch"])] = data
@@ -298,6 +301,9 @@ def _render_job(
         selected=_selected_epoch(results, history),
         selected_by=results_view.selected_by(results) if results else None,
     )
+    size_curve = size_curve_chart(results) if results else None
+    if size_curve is not None:
+        charts.append(size_curve)
     artifacts = artifacts_service.list_for_job(session, job_id=job.id)
     live = read.status not in TERMINAL_STATUSES
     return _page(
@@ -309,6 +315,7 @@ def _render_job(
             "results": results,
             "view": view,
             "charts": charts,
+            "search": build_search_view(results) if results else None,
             "artifacts": artifacts,
             "csrf_token": csrf_token(key),
             "cancellable": live and read.status != "cancelling",
