@@ -165,7 +165,9 @@ def train_run(
         if not s_probe.hidden_states or not t_probe.hidden_states:
             raise EngineError("unsupported", "feature_distillation needs hidden states from both models")
         projector = FeatureProjector(
-            [h.shape[-1] for h in s_probe.hidden_states], [h.shape[-1] for h in t_probe.hidden_states]
+            [h.shape[-1] for h in s_probe.hidden_states],
+            [h.shape[-1] for h in t_probe.hidden_states],
+            config.layer_mapping,
         ).to(device)
 
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -311,6 +313,7 @@ def train_run(
                     temperature=plan.temperature,
                     projector=projector,
                     attention_mask=batch.get("attention_mask"),
+                    layer_mapping=config.layer_mapping,
                 )
                 total, terms = combine_losses(plan.weights, inputs)
             optimizer.zero_grad(set_to_none=True)
