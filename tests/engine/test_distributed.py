@@ -29,8 +29,9 @@ DIGITS_CNN = resolve_teacher("digits-cnn")
 # (every rank draws the same masks: one RNG stream, which keeps the resume exact). Measured over these 20
 # epochs at seed 0: two ranks' loss 4.7% to 9.1% from one rank's (mostly above it; validation accuracy
 # 0.972 vs 0.965 at the end). 15% leaves that margin; a per-rank batch of 64 instead of 32 (global 128, half
-# the steps) falls far outside it (one rank at batch 128: +31% at epoch 1, +51% at epoch 2). What proves the gradients are averaged is that the engine checks
-# after each run that every rank holds bit-identical parameters (`check_replicas`).
+# the steps) falls far outside it (one rank at batch 128: +31% at epoch 1, +51% at epoch 2). What proves the
+# gradients are averaged is that the engine checks after each run that every rank holds bit-identical
+# parameters (`check_replicas`).
 LOSS_TOLERANCE = 0.15
 
 

@@ -257,6 +257,7 @@ class RankJob:
     trust_remote_code: bool
     engine: EngineConfig
     named: NamedStudent | None
+    start_from: Path | None = None  # a kept checkpoint of another job to start from (runner.run_job)
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,7 @@ def _rank_main(launch: RankLaunch, job: RankJob, events: Any, stop_flag: Any) ->
             engine=job.engine,
             named=job.named,
             ranks=group,
+            start_from=job.start_from,
         )
         if results is not None:
             events.put(("done", launch.rank, results.model_dump_json()))
