@@ -9,7 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.schemas.job_spec import Task
 
-TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn"]
+# image_classifier: a transformers image classifier directory/hub id, or a torch.export `.pt2` program.
+IMAGE_TEACHER_TYPE = "image_classifier"
+TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn", "image_classifier"]
 
 
 class TeacherCreate(BaseModel):

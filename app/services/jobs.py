@@ -25,6 +25,7 @@ from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
+from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
 from app.services import teachers as teachers_service
@@ -32,7 +33,7 @@ from app.services.events import record_event, record_state_change
 
 logger = logging.getLogger("distillery.jobs")
 
-_LABELLED_TASKS = (Task.classification, Task.sequence_classification)
+_LABELLED_TASKS = (Task.classification, Task.sequence_classification, Task.image_classification)
 _STATE_CHANGE_RETRIES = 5
 
 
@@ -60,6 +61,22 @@ def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | No
     """
     text_task = _TEXT_TEACHER_TASKS.get(teacher.type)
     default = Task(teacher.task) if teacher.task in set(Task) else None
+    image_teacher = teacher.type == IMAGE_TEACHER_TYPE
+    if (task == Task.image_classification) != image_teacher:
+        if image_teacher:
+            use: Task | None = Task.image_classification
+            advice = f"use task '{use}'"
+        else:
+            use = default or text_task or Task.classification
+            advice = f"use task '{use}', or register an image classifier with type '{IMAGE_TEACHER_TYPE}'"
+        return (
+            f"Teacher '{teacher.name}' is a {teacher.source_kind} {teacher.type} model; task '{task}' needs "
+            f"an image classifier (type '{IMAGE_TEACHER_TYPE}': a transformers image model or a .pt2 "
+            f"program): {advice}",
+            str(use),
+        )
+    if image_teacher:
+        return None
     if task == Task.classification and (text_task is not None or teacher.source_kind == "hub"):
         use = default if default not in (None, Task.classification) else text_task
         advice = f"use task '{use}'" if use else "register the model as a local directory instead"

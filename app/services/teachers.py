@@ -133,11 +133,19 @@ def register(
     """
     if request.kind == "local":
         directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
-        if not directory.is_dir():
-            raise Unprocessable(f"Teacher directory {directory} does not exist or is not a directory.")
-        if not (directory / "config.json").is_file():
+        # A torch.export program (an image classifier: `.pt2` file, or a directory with model.pt2).
+        program = (directory.is_file() and directory.suffix == ".pt2") or (directory / "model.pt2").is_file()
+        if program and request.type != "image_classifier":
             raise Unprocessable(
-                f"Teacher directory {directory} has no config.json; save the model with save_pretrained()."
+                f"{directory} is a torch.export program; register it with type 'image_classifier', "
+                f"not '{request.type}'."
+            )
+        if not program and not directory.is_dir():
+            raise Unprocessable(f"Teacher directory {directory} does not exist or is not a directory.")
+        if not program and not (directory / "config.json").is_file():
+            raise Unprocessable(
+                f"Teacher directory {directory} has no config.json; save the model with save_pretrained() "
+                "(or give a torch.export .pt2 program for an image classifier)."
             )
         location = str(directory)
     else:
@@ -171,7 +179,7 @@ def register(
 def to_read(teacher: Teacher) -> TeacherRead:
     """The API view; `available_offline` is true for built-in teachers and existing local directories."""
     available = teacher.source_kind == TeacherSourceKind.builtin or (
-        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).is_dir()
+        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).exists()
     )
     return TeacherRead(
         name=teacher.name,

@@ -240,18 +240,20 @@ def resolve_device(requested: Device) -> torch.device:
 
 
 def resolve_teacher(name_or_path: str) -> TeacherSource:
-    """A default-registry teacher by name, or a local directory (the CLI runner accepts paths)."""
+    """A default-registry teacher by name, a local directory or a `.pt2` program (the CLI runner accepts
+    paths)."""
     for source in DEFAULT_TEACHERS:
         if source.name == name_or_path:
             return source
     path = Path(name_or_path).expanduser()
-    if path.is_dir():
+    if path.is_dir() or (path.is_file() and path.suffix == ".pt2"):
         return TeacherSource(
             name=path.name, kind=TeacherSourceKind.local, location=str(path.resolve()), type="local"
         )
     names = ", ".join(t.name for t in DEFAULT_TEACHERS)
     raise EngineError(
-        "teacher_not_found", f"unknown teacher '{name_or_path}': not one of {names}, nor a directory"
+        "teacher_not_found",
+        f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 file",
     )
 
 

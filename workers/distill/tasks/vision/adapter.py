@@ -392,7 +392,7 @@ class ImageClassificationAdapter(TaskAdapter):
 
     def export_program(self, student: nn.Module, path: Path, data: TaskData) -> None:
         """torch.export of pixel_values (B, C, H, W) -> logits with a dynamic batch dimension."""
-        export_program(PixelLogits(copy.deepcopy(student).cpu().eval()), path, self.example_batch(data, 2))
+        export_program(PixelLogits(copy.deepcopy(student).cpu()).eval(), path, self.example_batch(data, 2))
 
     def export_extras(
         self, student: nn.Module, out_dir: Path, data: TaskData, callbacks: EngineCallbacks
@@ -411,7 +411,7 @@ class ImageClassificationAdapter(TaskAdapter):
         if self.derived_notes:
             extra["student_derivation"] = self.derived_notes
         try:
-            difference = export_onnx(PixelLogits(copy.deepcopy(student).cpu().eval()), out_dir / ONNX_FILE, self.example_batch(data, 2))
+            difference = export_onnx(PixelLogits(copy.deepcopy(student).cpu()).eval(), out_dir / ONNX_FILE, self.example_batch(data, 2))
         except EngineError as exc:
             callbacks.on_event("warning", f"ONNX export failed: {exc.message}", {"phase": "export"})
             return {**extra, "onnx_export": {"file": None, "error": exc.message}}
