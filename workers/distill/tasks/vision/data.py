@@ -220,14 +220,23 @@ def _subset(records: ImageRecords, indices: Sequence[int]) -> ImageRecords:
 
 
 def _carve(records: ImageRecords, fraction: float, labels: list[int]) -> tuple[ImageRecords, ImageRecords]:
-    """(rest, held-out `fraction`), stratified by label, deterministic."""
+    """(rest, held-out `fraction`), stratified by label (at least one image of each class held out when the
+    data allow, else unstratified), deterministic."""
     indices = np.arange(len(records.items))
+    classes = len(set(labels))
+    held_size = max(1, round(fraction * len(indices)))
+    stratify: list[int] | None = labels
+    if held_size < classes:
+        if len(indices) - classes >= classes and min(np.bincount(labels)) >= 2:
+            held_size = classes
+        else:
+            stratify = None
+    if held_size >= len(indices):
+        raise EngineError("dataset_invalid", f"{len(indices)} images are too few to split into train/val/test")
     try:
-        rest, held = train_test_split(indices, test_size=fraction, random_state=0, stratify=labels)
-    except ValueError as exc:
-        raise EngineError(
-            "dataset_invalid", f"cannot split {len(indices)} images into train/val/test by label: {exc}"
-        ) from exc
+        rest, held = train_test_split(indices, test_size=held_size, random_state=0, stratify=stratify)
+    except ValueError:  # a class with a single image cannot be stratified: split without
+        rest, held = train_test_split(indices, test_size=held_size, random_state=0)
     return _subset(records, rest), _subset(records, held)
 
 
