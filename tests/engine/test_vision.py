@@ -25,8 +25,9 @@ from tests.engine.vision_models import (
     tiny_config,
     write_digit_folders,
 )
-from workers.distill.contract import EngineError, JobPaths
-from workers.distill.runner import run_job
+from workers.distill.contract import EngineError, JobPaths, NullCallbacks
+from workers.distill.registry import get_adapter
+from workers.distill.runner import named_student, run_job
 from workers.distill.tasks.transformers.onnx_export import run_onnx
 
 torch.set_num_threads(2)
@@ -137,13 +138,26 @@ def test_progressive_stages_step_down_to_the_target(root: Path) -> None:
 
 
 def test_named_students_of_another_family(root: Path) -> None:
-    """A MobileNetV2 config and a saved ViT (9 labels: a fresh head) learn from the ResNet teacher."""
+    """A MobileNetV2 config and a saved ViT (9 labels: a fresh head) for the ResNet teacher."""
     mobilenet = {"kind": "config", "overrides": {"model_type": "mobilenet_v2", "depth_multiplier": 0.25}}
-    results, artifacts = _run(root, "named-mobilenet", _spec(student=mobilenet, training={"epochs": 2}), "resnet")
-    assert results.student["architecture"] == "MobileNetV2ForImageClassification"
-    assert results.student["new_head"] is True and results.student["kind"] == "config"
-    loaded = AutoModelForImageClassification.from_pretrained(artifacts)
-    assert loaded.config.model_type == "mobilenet_v2" and loaded.config.num_labels == 10
+    spec = _spec(student=mobilenet)
+    adapter = get_adapter(spec.task)
+    data = adapter.load_data(spec, data_dir=root / "data", file_root=root)
+    teacher = adapter.load_teacher(
+        _source("resnet"),
+        spec,
+        data,
+        data_dir=root / "data",
+        file_root=root,
+        device=torch.device("cpu"),
+        callbacks=NullCallbacks(),
+        trust_remote_code=False,
+    )
+    named = named_student(spec)
+    assert named is not None
+    built = adapter.build_named_student(named, teacher, spec, data, file_root=root, trust_remote_code=False)
+    assert built.notes["architecture"] == "MobileNetV2ForImageClassification" and built.notes["new_head"] is True
+    assert built.model.config.num_labels == 10 and built.model.config.id2label[0] == DIGIT_NAMES[0]
 
     vit = AutoModelForImageClassification.from_config(tiny_config("vit", num_labels=9, size=SIZE))
     vit.save_pretrained(root / "vit-student")

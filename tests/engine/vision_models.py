@@ -66,7 +66,7 @@ def tiny_config(family: str, *, num_labels: int = 10, size: int = 16, labels: li
     label_kwargs = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
     if family == "resnet":
         return ResNetConfig(
-            embedding_size=16, hidden_sizes=[16, 32, 64], depths=[2, 2, 2], layer_type="basic", **label_kwargs
+            embedding_size=16, hidden_sizes=[16, 32], depths=[2, 1], layer_type="basic", **label_kwargs
         )
     if family == "vit":
         return ViTConfig(
