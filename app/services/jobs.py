@@ -25,8 +25,8 @@ from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
-from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
+from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
 from app.services import datasets as datasets_service
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
@@ -165,11 +165,14 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
         except Unprocessable as exc:
             errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
         else:
-            if not resolved.is_file():
+            # Image jobs also read folders: class folders of images, or a save_to_disk directory.
+            folder_ok = spec.task == Task.image_classification and resolved.is_dir()
+            if not resolved.is_file() and not folder_ok:
+                what = "file or folder" if spec.task == Task.image_classification else "file"
                 errors.append(
                     _field_error(
                         ["dataset_config", "path"],
-                        f"No file at {resolved} (paths are relative to the allowed root {root})",
+                        f"No {what} at {resolved} (paths are relative to the allowed root {root})",
                         "file_not_found",
                     )
                 )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from app.schemas.teachers import DEFAULT_TEACHERS, digits_cnn_parameters
 from workers.distill.models import DigitsCNN
+
+from app.schemas.teachers import DEFAULT_TEACHERS, digits_cnn_parameters
 
 
 def test_the_registry_count_is_the_models_own() -> None:

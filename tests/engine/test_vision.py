@@ -48,11 +48,19 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _source(location: str) -> TeacherSource:
-    return TeacherSource(name=location, kind=TeacherSourceKind.local, location=location, type="image_classifier")
+    return TeacherSource(
+        name=location, kind=TeacherSourceKind.local, location=location, type="image_classifier"
+    )
 
 
 def _spec(method: str = "response_distillation", **extra: Any) -> JobSpec:
-    training = {"epochs": 3, "batch_size": 32, "learning_rate": 3e-3, "temperature": 2.0, "teacher_cache": "on"}
+    training = {
+        "epochs": 3,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "temperature": 2.0,
+        "teacher_cache": "on",
+    }
     training.update(extra.pop("training", {}))
     body: dict[str, Any] = {
         "teacher_model_name": "tiny",
@@ -99,16 +107,20 @@ def test_resnet_response_kd_end_to_end_with_artifacts(root: Path) -> None:
     # and matches it; the ONNX file matches too.
     reloaded = AutoModelForImageClassification.from_pretrained(artifacts).eval()
     assert reloaded.config.id2label[3] == DIGIT_NAMES[3]
-    x, y = images_and_labels(root / "digits", SIZE)
+    x, _y = images_and_labels(root / "digits", SIZE)
     program = torch.export.load(str(artifacts / "student.pt2")).module()
     with torch.no_grad():
         for batch in (1, 5, 64):
             expected = reloaded(pixel_values=x[:batch]).logits
             torch.testing.assert_close(program(x[:batch]), expected, atol=1e-4, rtol=1e-4)
-    assert extra["onnx_export"]["file"] == "student.onnx" and extra["onnx_export"]["max_abs_difference"] < 1e-3
+    assert (
+        extra["onnx_export"]["file"] == "student.onnx" and extra["onnx_export"]["max_abs_difference"] < 1e-3
+    )
     onnx_logits = run_onnx(artifacts / "student.onnx", {"pixel_values": x[:7]})
     np.testing.assert_allclose(onnx_logits, expected[:7].numpy(), atol=1e-4)
-    assert (artifacts / "preprocessor_config.json").is_file() and (artifacts / "student.safetensors").is_file()
+    assert (artifacts / "preprocessor_config.json").is_file() and (
+        artifacts / "student.safetensors"
+    ).is_file()
 
 
 @pytest.mark.parametrize(
@@ -121,7 +133,9 @@ def test_resnet_response_kd_end_to_end_with_artifacts(root: Path) -> None:
         ("vit", "feature_distillation", "feature_map_hint", None),
     ],
 )
-def test_each_method_lowers_its_loss(root: Path, teacher: str, method: str, term: str, student: str | None) -> None:
+def test_each_method_lowers_its_loss(
+    root: Path, teacher: str, method: str, term: str, student: str | None
+) -> None:
     named = {"student": {"kind": "local", "path": student}} if student else {}
     spec = _spec(method, training={"epochs": 4, "feature_weight": 1.0, "attention_weight": 1.0}, **named)
     results, _ = _run(root, f"{teacher}-{method}", spec, teacher)
@@ -156,12 +170,16 @@ def test_named_students_of_another_family(root: Path) -> None:
     named = named_student(spec)
     assert named is not None
     built = adapter.build_named_student(named, teacher, spec, data, file_root=root, trust_remote_code=False)
-    assert built.notes["architecture"] == "MobileNetV2ForImageClassification" and built.notes["new_head"] is True
+    assert (
+        built.notes["architecture"] == "MobileNetV2ForImageClassification" and built.notes["new_head"] is True
+    )
     assert built.model.config.num_labels == 10 and built.model.config.id2label[0] == DIGIT_NAMES[0]
 
     vit = AutoModelForImageClassification.from_config(tiny_config("vit", num_labels=9, size=SIZE))
     vit.save_pretrained(root / "vit-student")
-    spec = _spec("attention_distillation", student={"kind": "local", "path": "vit-student"}, training={"epochs": 2})
+    spec = _spec(
+        "attention_distillation", student={"kind": "local", "path": "vit-student"}, training={"epochs": 2}
+    )
     results, _ = _run(root, "named-vit", spec, "resnet")
     assert results.student["new_head"] is True and results.student["initialised_from"] == "pretrained"
     _term_falls(results, "attention_transfer")  # ResNet maps vs ViT patch-token grids
@@ -198,7 +216,9 @@ def test_pt2_teacher_with_preprocessing_in_the_job(root: Path) -> None:
 
 
 def test_augmentation_turns_the_teacher_cache_off_and_says_so(root: Path) -> None:
-    image_config = {"augmentation": {"random_resized_crop": True, "crop_scale": [0.5, 1.0], "horizontal_flip": True}}
+    image_config = {
+        "augmentation": {"random_resized_crop": True, "crop_scale": [0.5, 1.0], "horizontal_flip": True}
+    }
     spec = _spec(image_config=image_config, training={"epochs": 2, "teacher_cache": "auto"})
     assert spec.training_config.teacher_cache == "off"
     results, _ = _run(root, "augmented", spec, "resnet")

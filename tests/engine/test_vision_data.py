@@ -1,4 +1,4 @@
-"""Image data sources, preprocessing, augmentation, derivation sizes and the feature-map losses (no training)."""
+"""Image data sources, preprocessing, augmentation, derivation sizes and feature-map losses (no training)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,13 @@ from workers.distill.tasks.vision.preprocess import (
 )
 
 PREP = Preprocessing(
-    height=16, width=16, resize_shortest_edge=None, rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.5,) * 3, channels=3
+    height=16,
+    width=16,
+    resize_shortest_edge=None,
+    rescale_factor=1 / 255,
+    mean=(0.5,) * 3,
+    std=(0.5,) * 3,
+    channels=3,
 )
 
 
@@ -64,7 +70,9 @@ def test_image_folder_is_split_by_class(digits: Path) -> None:
 
 
 def test_csv_and_jsonl_of_paths_and_the_allowed_root(digits: Path, tmp_path: Path) -> None:
-    rows = [{"path": f"digits/{name}/{i:04d}.png", "label": name} for name in DIGIT_NAMES[:3] for i in range(10)]
+    rows = [
+        {"path": f"digits/{name}/{i:04d}.png", "label": name} for name in DIGIT_NAMES[:3] for i in range(10)
+    ]
     table = digits.parent / "images.csv"
     with table.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "label"])
@@ -93,7 +101,9 @@ def test_hf_dataset_saved_to_disk_keeps_class_names(digits: Path) -> None:
     files = sorted(digits.glob("*/*.png"))
     table = datasets.Dataset.from_dict(
         {"image": [str(p) for p in files], "label": [DIGIT_NAMES.index(p.parent.name) for p in files]},
-        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES)}),
+        features=datasets.Features(
+            {"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES)}
+        ),
     )
     table.save_to_disk(str(digits.parent / "hf"))
     splits = read_image_splits(_spec({"kind": "file", "path": "hf"}), file_root=digits.parent)
@@ -133,7 +143,7 @@ def test_bad_images_name_the_file(digits: Path, tmp_path: Path) -> None:
     write_digit_folders(folder, per_class=3, size=8, classes=2)
     (folder / "digit1" / "zz.png").write_bytes(b"garbage")
     splits = read_image_splits(_spec({"kind": "file", "path": "set"}), file_root=tmp_path)
-    with pytest.raises(EngineError, match="zz.png"):
+    with pytest.raises(EngineError, match=r"zz\.png"):
         for records in (splits.train, splits.val, splits.test):
             decode_split(records, splits.label_names, PREP)
 
@@ -143,7 +153,9 @@ def test_processor_configs_resolve_like_transformers() -> None:
         {"size": {"height": 224, "width": 224}, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}, channels=3
     )
     assert (vit.height, vit.width, vit.resize_shortest_edge) == (224, 224, None)
-    convnext = from_processor_config({"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3}, channels=3)
+    convnext = from_processor_config(
+        {"size": {"shortest_edge": 224}, "crop_pct": 0.875, "resample": 3}, channels=3
+    )
     assert (convnext.height, convnext.resize_shortest_edge, convnext.mode) == (224, 256, "bicubic")
     mobilenet = from_processor_config(
         {"size": {"shortest_edge": 256}, "crop_size": {"height": 224, "width": 224}, "do_center_crop": True},
@@ -153,7 +165,13 @@ def test_processor_configs_resolve_like_transformers() -> None:
 
     image = torch.arange(3 * 20 * 40, dtype=torch.float32).reshape(3, 20, 40).remainder(256).to(torch.uint8)
     prep = Preprocessing(
-        height=8, width=8, resize_shortest_edge=10, rescale_factor=1 / 255, mean=(0.5,) * 3, std=(0.25,) * 3, channels=3
+        height=8,
+        width=8,
+        resize_shortest_edge=10,
+        rescale_factor=1 / 255,
+        mean=(0.5,) * 3,
+        std=(0.25,) * 3,
+        channels=3,
     )
     cropped = resize_and_crop(image, prep)
     assert cropped.shape == (3, 8, 8) and cropped.dtype == torch.uint8

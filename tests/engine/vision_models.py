@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
-from transformers import AutoModelForImageClassification, MobileNetV2Config, PreTrainedModel, ResNetConfig, ViTConfig
+from transformers import (
+    AutoModelForImageClassification,
+    MobileNetV2Config,
+    PreTrainedModel,
+    ResNetConfig,
+    ViTConfig,
+)
 
 DIGIT_NAMES = [f"digit{i}" for i in range(10)]
 
@@ -34,7 +40,9 @@ def write_digit_folders(
         label = int(label)
         if label >= classes or (per_class is not None and counts[label] >= per_class):
             continue
-        grey = Image.fromarray((image * 255 / 16).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR)
+        grey = Image.fromarray((image * 255 / 16).astype(np.uint8)).resize(
+            (size, size), Image.Resampling.BILINEAR
+        )
         tint = rng.uniform(0.6, 1.0, size=3)
         rgb = (np.asarray(grey, dtype=np.float32)[:, :, None] * tint).clip(0, 255).astype(np.uint8)
         folder = root / DIGIT_NAMES[label]
@@ -95,7 +103,9 @@ def images_and_labels(root: Path, size: int) -> tuple[torch.Tensor, torch.Tensor
     return x, torch.tensor(labels)
 
 
-def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15, lr: float = 3e-3, seed: int = 0) -> float:
+def fit(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 15, lr: float = 3e-3, seed: int = 0
+) -> float:
     """Train a classifier on (x, y) with AdamW; returns its training accuracy."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

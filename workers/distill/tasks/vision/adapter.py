@@ -24,7 +24,13 @@ from transformers import PreTrainedModel
 from app.schemas.job_spec import DistillationMethod, ImageAugmentation, JobSpec, Task
 from app.schemas.teachers import TeacherSource
 from workers.distill.adapter import BuiltStudent, TaskAdapter
-from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError, NamedStudent
+from workers.distill.contract import (
+    ARTIFACT_CONFIG,
+    ARTIFACT_WEIGHTS,
+    EngineCallbacks,
+    EngineError,
+    NamedStudent,
+)
 from workers.distill.kernel import Batch, ModelOutputs, TaskData, TensorDictDataset
 from workers.distill.tasks.transformers.models import resolve_under_root
 from workers.distill.tasks.vision import losses as _vision_losses  # noqa: F401  (registers the terms)
@@ -83,9 +89,13 @@ class ImageClassificationAdapter(TaskAdapter):
         self.splits = read_image_splits(spec, file_root=file_root)
         empty = TensorDictDataset({"labels": torch.zeros(0, dtype=torch.long)})
         info: dict[str, Any] = {"decoded": False, **self.splits.description}
-        return TaskData(train=empty, val=empty, test=empty, collate=None, num_labels=self.splits.num_labels, info=info)
+        return TaskData(
+            train=empty, val=empty, test=empty, collate=None, num_labels=self.splits.num_labels, info=info
+        )
 
-    def _preprocessing(self, spec: JobSpec, teacher: nn.Module, processor: dict[str, Any] | None) -> Preprocessing:
+    def _preprocessing(
+        self, spec: JobSpec, teacher: nn.Module, processor: dict[str, Any] | None
+    ) -> Preprocessing:
         """The job's preprocessing, else the teacher's processor config, else its config's image_size."""
         given = spec.image_config.preprocessing if spec.image_config else None
         if given is not None:
@@ -93,8 +103,8 @@ class ImageClassificationAdapter(TaskAdapter):
         if is_program(teacher):
             raise EngineError(
                 "invalid_spec",
-                "a .pt2 teacher needs image_config.preprocessing (size, mean, std, ...): the program does not "
-                "say how its images were prepared",
+                "a .pt2 teacher needs image_config.preprocessing (size, mean, std, ...): the program "
+                "does not say how its images were prepared",
             )
         assert isinstance(teacher, PreTrainedModel)
         channels = int(getattr(teacher.config, "num_channels", 3))
@@ -139,7 +149,7 @@ class ImageClassificationAdapter(TaskAdapter):
         callbacks: EngineCallbacks,
         trust_remote_code: bool,
     ) -> nn.Module:
-        """Load the teacher, settle preprocessing and label order, decode the splits, check the label count."""
+        """Load the teacher, settle preprocessing and label order, decode the splits, check the labels."""
         del data_dir
         assert self.splits is not None, "load_data runs before load_teacher"
         self.attn = _attn(spec)
@@ -158,7 +168,9 @@ class ImageClassificationAdapter(TaskAdapter):
             {"phase": "teacher", "preprocessing": prep.to_json(), **data.info.get("images", {})},
         )
         augmentation = spec.image_config.augmentation if spec.image_config else ImageAugmentation()
-        data.train = decode_split(self.splits.train, self.label_names, prep, augmentation=augmentation, seed=self.seed)
+        data.train = decode_split(
+            self.splits.train, self.label_names, prep, augmentation=augmentation, seed=self.seed
+        )
         data.val = decode_split(self.splits.val, self.label_names, prep)
         data.test = decode_split(self.splits.test, self.label_names, prep)
         data.info.update(decoded=True, preprocessing=prep.to_json(), augmentation=augmentation.model_dump())
@@ -166,18 +178,20 @@ class ImageClassificationAdapter(TaskAdapter):
             data.info["label_names"] = self.label_names
         teacher.to(device).eval()
         with torch.inference_mode():
-            probe = data.test.get_batch(torch.arange(1))  # type: ignore[attr-defined]
+            probe = data.test.get_batch(torch.arange(1))
             logits = self.forward(teacher, {k: v.to(device) for k, v in probe.items()}).logits
         if logits.shape[-1] != self.splits.num_labels:
             raise EngineError(
                 "teacher_invalid",
                 f"teacher '{source.name}' predicts {logits.shape[-1]} classes; the dataset has "
-                f"{self.splits.num_labels}" + (f" ({', '.join(self.label_names[:10])})" if self.label_names else ""),
+                f"{self.splits.num_labels}"
+                + (f" ({', '.join(self.label_names[:10])})" if self.label_names else ""),
             )
         self.teacher_has_attention = has_attention_maps(teacher)
-        if spec.distillation_method in (DistillationMethod.feature, DistillationMethod.attention) and is_program(
-            teacher
-        ):
+        if spec.distillation_method in (
+            DistillationMethod.feature,
+            DistillationMethod.attention,
+        ) and is_program(teacher):
             raise EngineError(
                 "unsupported",
                 "a .pt2 teacher gives logits only: use response_distillation or progressive_distillation",
@@ -259,7 +273,8 @@ class ImageClassificationAdapter(TaskAdapter):
         if int(getattr(config, "num_channels", channels)) != channels:
             raise EngineError(
                 "student_incompatible",
-                f"student '{student.name}' takes {config.num_channels}-channel images; the teacher's input has {channels}",
+                f"student '{student.name}' takes {config.num_channels}-channel images; the teacher's input "
+                f"has {channels}",
             )
         size = getattr(config, "image_size", None)
         if has_attention_maps(model) and size is not None:
@@ -268,12 +283,13 @@ class ImageClassificationAdapter(TaskAdapter):
             if given != expected:
                 raise EngineError(
                     "student_incompatible",
-                    f"student '{student.name}' is a {config.model_type} for {given[0]}x{given[1]} images; the "
-                    f"teacher's input is {expected[0]}x{expected[1]} (set image_size in the student's config)",
+                    f"student '{student.name}' is a {config.model_type} for {given[0]}x{given[1]} images; "
+                    f"the teacher's input is {expected[0]}x{expected[1]} (set image_size in its config)",
                 )
+        assert isinstance(data.test, ImageDataset)
         try:
             with torch.inference_mode():
-                probe = data.test.get_batch(torch.arange(1))  # type: ignore[attr-defined]
+                probe = data.test.get_batch(torch.arange(1))
                 logits = self.forward(model.eval(), probe).logits
         except EngineError:
             raise
@@ -284,7 +300,8 @@ class ImageClassificationAdapter(TaskAdapter):
             ) from exc
         if logits.shape[-1] != num_labels:
             raise EngineError(
-                "student_incompatible", f"student '{student.name}' predicts {logits.shape[-1]} classes, not {num_labels}"
+                "student_incompatible",
+                f"student '{student.name}' predicts {logits.shape[-1]} classes, not {num_labels}",
             )
         self.named_has_attention = has_attention_maps(model)
         return BuiltStudent(model=self._finish_student(model), notes=built.notes)
@@ -294,7 +311,7 @@ class ImageClassificationAdapter(TaskAdapter):
     def forward(
         self, model: nn.Module, batch: Batch, *, hidden_states: bool = False, attentions: bool = False
     ) -> ModelOutputs:
-        """Logits (B, K); feature maps channel-last (B, h, w, C) per layer; attention maps (B, heads, T, T)."""
+        """Logits (B, K); channel-last feature maps (B, h, w, C) per layer; attentions (B, heads, T, T)."""
         pixels = batch["pixel_values"]  # (B, C, H, W)
         if not isinstance(model, PreTrainedModel):
             if hidden_states or attentions:
@@ -327,7 +344,9 @@ class ImageClassificationAdapter(TaskAdapter):
         if spec.distillation_method == DistillationMethod.feature:
             weights["feature_map_hint"] = config.feature_weight
         elif spec.distillation_method == DistillationMethod.attention:
-            student_maps = self.teacher_has_attention if self.named_has_attention is None else self.named_has_attention
+            student_maps = (
+                self.teacher_has_attention if self.named_has_attention is None else self.named_has_attention
+            )
             if self.teacher_has_attention and student_maps:
                 weights["attention_kd"] = config.attention_weight
             else:
@@ -358,7 +377,9 @@ class ImageClassificationAdapter(TaskAdapter):
             "resample": 2,
         }
         if prep.resize_shortest_edge is None:
-            processor.update(image_processor_type="ViTImageProcessor", size={"height": prep.height, "width": prep.width})
+            processor.update(
+                image_processor_type="ViTImageProcessor", size={"height": prep.height, "width": prep.width}
+            )
         else:
             processor.update(
                 image_processor_type="MobileNetV2ImageProcessor",
@@ -411,7 +432,11 @@ class ImageClassificationAdapter(TaskAdapter):
         if self.derived_notes:
             extra["student_derivation"] = self.derived_notes
         try:
-            difference = export_onnx(PixelLogits(copy.deepcopy(student).cpu()).eval(), out_dir / ONNX_FILE, self.example_batch(data, 2))
+            difference = export_onnx(
+                PixelLogits(copy.deepcopy(student).cpu()).eval(),
+                out_dir / ONNX_FILE,
+                self.example_batch(data, 2),
+            )
         except EngineError as exc:
             callbacks.on_event("warning", f"ONNX export failed: {exc.message}", {"phase": "export"})
             return {**extra, "onnx_export": {"file": None, "error": exc.message}}

@@ -116,7 +116,9 @@ def _read_table(path: Path, image_column: str, label_column: str, file_root: Pat
             raise EngineError("dataset_invalid", f"{path.name} row {number} is not an object")
         absent = [c for c in (image_column, label_column) if row.get(c) in (None, "")]
         if absent:
-            raise EngineError("dataset_invalid", f"{path.name} row {number} lacks column(s) {', '.join(absent)}")
+            raise EngineError(
+                "dataset_invalid", f"{path.name} row {number} lacks column(s) {', '.join(absent)}"
+            )
         location = Path(str(row[image_column]))
         if not location.is_absolute():
             location = path.parent / location
@@ -161,13 +163,19 @@ def _read_source(
 ) -> ImageRecords | dict[str, ImageRecords]:
     """One source's records, or {'train'|'val'|'test': records} for a folder of split folders."""
     if isinstance(source, UploadedSource):
-        raise EngineError("dataset_unresolved", "an 'uploaded' dataset is resolved to its file by the service")
+        raise EngineError(
+            "dataset_unresolved", "an 'uploaded' dataset is resolved to its file by the service"
+        )
     if isinstance(source, HubSource):
         datasets = _datasets_module()
         try:
-            table = datasets.load_dataset(source.name, source.subset, split=source.split, revision=source.revision)
+            table = datasets.load_dataset(
+                source.name, source.subset, split=source.split, revision=source.revision
+            )
         except Exception as exc:  # the hub raises many types (network, missing split, auth); all reported
-            raise EngineError("dataset_invalid", f"hub dataset '{source.name}' could not be loaded: {exc}") from exc
+            raise EngineError(
+                "dataset_invalid", f"hub dataset '{source.name}' could not be loaded: {exc}"
+            ) from exc
         return _from_hf_table(
             table, f"hub dataset '{source.name}'", _image_column(spec, "image"), source.label_column
         )
@@ -181,7 +189,9 @@ def _read_source(
         try:
             table = datasets.load_from_disk(str(path))
         except Exception as exc:  # corrupt or foreign directories raise many types; all reported
-            raise EngineError("dataset_invalid", f"{path} could not be read by datasets.load_from_disk: {exc}") from exc
+            raise EngineError(
+                "dataset_invalid", f"{path} could not be read by datasets.load_from_disk: {exc}"
+            ) from exc
         if isinstance(table, datasets.DatasetDict):
             splits = {}
             for key, aliases in _SPLIT_DIRS.items():
@@ -195,7 +205,8 @@ def _read_source(
             return splits
         return _from_hf_table(table, path.name, _image_column(spec, "image"), source.label_column)
     split_dirs = {
-        key: next((path / a for a in aliases if (path / a).is_dir()), None) for key, aliases in _SPLIT_DIRS.items()
+        key: next((path / a for a in aliases if (path / a).is_dir()), None)
+        for key, aliases in _SPLIT_DIRS.items()
     }
     if split_dirs["train"] is not None:
         return {key: _read_image_folder(folder) for key, folder in split_dirs.items() if folder is not None}
@@ -232,7 +243,9 @@ def _carve(records: ImageRecords, fraction: float, labels: list[int]) -> tuple[I
         else:
             stratify = None
     if held_size >= len(indices):
-        raise EngineError("dataset_invalid", f"{len(indices)} images are too few to split into train/val/test")
+        raise EngineError(
+            "dataset_invalid", f"{len(indices)} images are too few to split into train/val/test"
+        )
     try:
         rest, held = train_test_split(indices, test_size=held_size, random_state=0, stratify=stratify)
     except ValueError:  # a class with a single image cannot be stratified: split without
@@ -246,7 +259,9 @@ def label_ids(raw: list[Any], names: list[str] | None) -> list[int]:
         index = {name: i for i, name in enumerate(names)}
         unknown = sorted({str(v) for v in raw} - set(index))
         if unknown:
-            raise EngineError("dataset_invalid", f"labels {unknown[:5]} are not among the classes {names[:10]}")
+            raise EngineError(
+                "dataset_invalid", f"labels {unknown[:5]} are not among the classes {names[:10]}"
+            )
         return [index[str(v)] for v in raw]
     return [int(v) for v in raw]
 
@@ -299,7 +314,11 @@ def read_image_splits(spec: JobSpec, *, file_root: Path | None) -> ImageSplits:
         label_names=names,
         num_labels=num_labels,
         description={
-            "images": {"train": len(train.items), "val": len(given["val"].items), "test": len(given["test"].items)},
+            "images": {
+                "train": len(train.items),
+                "val": len(given["val"].items),
+                "test": len(given["test"].items),
+            },
             "carved_splits": carved,
         },
     )
@@ -326,7 +345,8 @@ def decode_image(item: Any, name: str, channels: int) -> torch.Tensor:
     if image.mode not in _CONVERTIBLE_MODES:
         raise EngineError(
             "dataset_invalid",
-            f"{name}: image mode '{image.mode}' cannot be used (give 8-bit RGB, RGBA, greyscale or palette images)",
+            f"{name}: image mode '{image.mode}' cannot be used "
+            "(give 8-bit RGB, RGBA, greyscale or palette images)",
         )
     array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
     if array.ndim == 2:

@@ -75,7 +75,9 @@ def attention_transfer(inputs: LossInputs) -> torch.Tensor:
     mapping = inputs.projector.mapping if inputs.projector is not None else None
     mapping = mapping or layer_mapping(len(student_maps), len(teacher_maps))
     losses = [
-        attention_transfer_loss(_channel_first(student_maps[i].float()), _channel_first(teacher_maps[j].float()))
+        attention_transfer_loss(
+            _channel_first(student_maps[i].float()), _channel_first(teacher_maps[j].float())
+        )
         for i, j in enumerate(mapping)
     ]
     return torch.stack(losses).mean()

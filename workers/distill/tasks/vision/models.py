@@ -43,6 +43,7 @@ _LAYER_INDEX = re.compile(r"\.layer\.(\d+)\.")
 _WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.09375, 0.0625)
 _DEPTHS = (1.0, 0.75, 0.5, 0.34, 0.25, 0.0)  # 0.0: one block per stage / layer
 
+
 class ProgramModule(nn.Module):
     """A loaded `torch.export` program as a frozen teacher: pixel_values (B, C, H, W) -> logits (B, K).
 
@@ -70,6 +71,7 @@ class ProgramModule(nn.Module):
             )
         return output
 
+
 @dataclass
 class VisionTeacher:
     """A loaded teacher: the module, its family, and its image processor dict (None for programs)."""
@@ -79,6 +81,7 @@ class VisionTeacher:
     processor: dict[str, Any] | None
     location: str
 
+
 def _attn_kwargs(attn_implementation: str | None) -> dict[str, Any]:
     """Only 'eager' is asked for (attention maps); otherwise each family keeps its default attention."""
     return {} if attn_implementation is None else {"attn_implementation": attn_implementation}
@@ -86,6 +89,7 @@ def _attn_kwargs(attn_implementation: str | None) -> dict[str, Any]:
 
 def is_program(model: nn.Module) -> bool:
     return isinstance(model, ProgramModule)
+
 
 def _program_path(source: TeacherSource, file_root: Path | None) -> Path | None:
     """The `.pt2` file a local source names (itself or `<dir>/model.pt2`), else None."""
@@ -97,6 +101,7 @@ def _program_path(source: TeacherSource, file_root: Path | None) -> Path | None:
     if path.is_dir() and (path / PROGRAM_FILE).is_file() and not (path / "config.json").is_file():
         return path / PROGRAM_FILE
     return None
+
 
 def _processor_dict(location: str) -> dict[str, Any] | None:
     """preprocessor_config.json of a directory or hub id (read as JSON: no image-processor class needed)."""
@@ -112,6 +117,7 @@ def _processor_dict(location: str) -> dict[str, Any] | None:
         return None
     return dict(processor)
 
+
 def load_vision_teacher(
     source: TeacherSource, *, file_root: Path | None, trust_remote_code: bool, attn_implementation: str | None
 ) -> VisionTeacher:
@@ -122,7 +128,8 @@ def load_vision_teacher(
             loaded = torch.export.load(str(program))
         except Exception as exc:  # torch.export.load raises several types for foreign/corrupt files
             raise EngineError(
-                "teacher_not_found", f"teacher '{source.name}': {program.name} is not a torch.export program: {exc}"
+                "teacher_not_found",
+                f"teacher '{source.name}': {program.name} is not a torch.export program: {exc}",
             ) from exc
         return VisionTeacher(
             model=ProgramModule(loaded.module()), family="program", processor=None, location=str(program)
@@ -139,7 +146,9 @@ def load_vision_teacher(
     elif source.kind == TeacherSourceKind.hub:
         location = source.location
     else:
-        raise EngineError("unsupported", f"teacher '{source.name}' ({source.kind}) is not an image classifier")
+        raise EngineError(
+            "unsupported", f"teacher '{source.name}' ({source.kind}) is not an image classifier"
+        )
     try:
         model = AutoModelForImageClassification.from_pretrained(
             location,
@@ -152,13 +161,19 @@ def load_vision_teacher(
             "teacher_not_found", f"teacher '{source.name}' could not be loaded from '{location}': {exc}"
         ) from exc
     return VisionTeacher(
-        model=model.eval(), family=str(model.config.model_type), processor=_processor_dict(location), location=location
+        model=model.eval(),
+        family=str(model.config.model_type),
+        processor=_processor_dict(location),
+        location=location,
     )
+
 
 # ---- derived students ------------------------------------------------------------------------------
 
+
 def _round8(value: float) -> int:
-    return max(8, int(round(value / 8)) * 8)
+    return max(8, round(value / 8) * 8)
+
 
 def _candidate_configs(config: PretrainedConfig) -> Iterable[tuple[PretrainedConfig, dict[str, Any]]]:
     """Smaller configs of the teacher's family, each with the fields it changes."""
@@ -168,7 +183,10 @@ def _candidate_configs(config: PretrainedConfig) -> Iterable[tuple[PretrainedCon
         for d in _DEPTHS:
             new_depths = [max(1, round(x * d)) for x in depths]
             for w in _WIDTHS:
-                changes: dict[str, Any] = {"depths": new_depths, "hidden_sizes": [_round8(x * w) for x in widths]}
+                changes: dict[str, Any] = {
+                    "depths": new_depths,
+                    "hidden_sizes": [_round8(x * w) for x in widths],
+                }
                 if isinstance(embedding, int):
                     changes["embedding_size"] = _round8(embedding * w)
                 yield _with(config, changes), changes
@@ -202,17 +220,20 @@ def _candidate_configs(config: PretrainedConfig) -> Iterable[tuple[PretrainedCon
             "'hub', 'local' or 'config' with a model_type)",
         )
 
+
 def _with(config: PretrainedConfig, changes: dict[str, Any]) -> PretrainedConfig:
     updated = copy.deepcopy(config)
     for key, value in changes.items():
         setattr(updated, key, value)
     return updated
 
+
 def meta_parameters(config: PretrainedConfig) -> int:
     """Parameters of the image classifier `config` describes, counted without allocating weights."""
     with torch.device("meta"):
         model = AutoModelForImageClassification.from_config(config)
     return count_parameters(model)
+
 
 def closest_config(
     candidates: Iterable[tuple[PretrainedConfig, dict[str, Any]]], target: float
@@ -226,6 +247,7 @@ def closest_config(
             best = (distance, config, changes, params)
     assert best is not None
     return best[1], best[2], best[3]
+
 
 def program_student_config(num_labels: int, channels: int, target_params: float) -> PretrainedConfig:
     """A basic-block ResNet near `target_params` for a `.pt2` teacher (which has no config to shrink)."""
@@ -241,11 +263,13 @@ def program_student_config(num_labels: int, channels: int, target_params: float)
     config, _, _ = closest_config(_candidate_configs(base), target_params)
     return config
 
+
 def _teacher_key(key: str, mapping: list[int] | None) -> str:
     """The teacher tensor a student tensor starts from: same name, ViT layer i -> teacher layer mapping[i]."""
     if mapping is None:
         return key
     return _LAYER_INDEX.sub(lambda m: f".layer.{mapping[int(m.group(1))]}.", key, count=1)
+
 
 def copy_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int] | None = None) -> int:
     """Copy each teacher tensor's leading slice into the student tensor of the same name; returns how many."""
@@ -264,10 +288,12 @@ def copy_from_teacher(student: nn.Module, teacher: nn.Module, mapping: list[int]
     student.load_state_dict(student_state)
     return copied
 
+
 def _layer_mapping_for(student: PretrainedConfig, teacher: PretrainedConfig) -> list[int] | None:
     if hasattr(student, "num_hidden_layers") and hasattr(teacher, "num_hidden_layers"):
         return layer_mapping(int(student.num_hidden_layers), int(teacher.num_hidden_layers))
     return None
+
 
 def student_from_config(
     config: PretrainedConfig, teacher: nn.Module | None, *, seed: int, attn_implementation: str | None
@@ -279,11 +305,20 @@ def student_from_config(
     if isinstance(teacher, PreTrainedModel) and teacher.config.model_type == config.model_type:
         copied = copy_from_teacher(model, teacher, _layer_mapping_for(config, teacher.config))
         total = len(model.state_dict())
-        notes.update(initialised_from="teacher" if copied else "random", tensors_from_teacher=f"{copied}/{total}")
+        notes.update(
+            initialised_from="teacher" if copied else "random", tensors_from_teacher=f"{copied}/{total}"
+        )
     return model.eval(), notes
 
+
 def derive_student(
-    teacher: nn.Module, ratio: float, *, num_labels: int, channels: int, seed: int, attn_implementation: str | None
+    teacher: nn.Module,
+    ratio: float,
+    *,
+    num_labels: int,
+    channels: int,
+    seed: int,
+    attn_implementation: str | None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """A same-family student at about `ratio` of the teacher's parameters (see the module docstring)."""
     target = max(1.0, ratio * count_parameters(teacher))
@@ -296,10 +331,12 @@ def derive_student(
     model, notes = student_from_config(config, teacher, seed=seed, attn_implementation=attn_implementation)
     return model, {**notes, "config_changes": changes}
 
+
 @dataclass
 class NamedVisionStudent:
     model: PreTrainedModel
     notes: dict[str, Any] = field(default_factory=dict)
+
 
 def load_pretrained_student(
     location: str, *, num_labels: int, trust_remote_code: bool, attn_implementation: str | None, name: str
@@ -316,7 +353,9 @@ def load_pretrained_student(
             **_attn_kwargs(attn_implementation),
         )
     except (OSError, ValueError, KeyError) as exc:
-        raise EngineError("student_not_found", f"student '{name}' could not be loaded from '{location}': {exc}") from exc
+        raise EngineError(
+            "student_not_found", f"student '{name}' could not be loaded from '{location}': {exc}"
+        ) from exc
     fresh = [str(k) for k in info.get("missing_keys", [])]
     fresh += [str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
     return NamedVisionStudent(
@@ -328,6 +367,7 @@ def load_pretrained_student(
             "freshly_initialised": sorted(fresh)[:8],
         },
     )
+
 
 def config_student(
     overrides: dict[str, Any],
@@ -354,7 +394,9 @@ def config_student(
         try:
             probe = AutoConfig.for_model(str(model_type))
         except ValueError as exc:
-            raise EngineError("student_incompatible", f"unknown student model_type '{model_type}': {exc}") from exc
+            raise EngineError(
+                "student_incompatible", f"unknown student model_type '{model_type}': {exc}"
+            ) from exc
         if hasattr(probe, "image_size"):
             base["image_size"] = image_size[0] if image_size[0] == image_size[1] else list(image_size)
         try:
@@ -372,12 +414,17 @@ def config_student(
         )
     try:
         config = _with(teacher_config, overrides)
-        model, notes = student_from_config(config, teacher, seed=seed, attn_implementation=attn_implementation)
+        model, notes = student_from_config(
+            config, teacher, seed=seed, attn_implementation=attn_implementation
+        )
     except (TypeError, ValueError, RuntimeError) as exc:
         raise EngineError("student_incompatible", f"student config {overrides}: {exc}") from exc
     return NamedVisionStudent(model=model, notes={**notes, "new_head": False, "config_changes": overrides})
 
-def feature_grids(hidden_states: Iterable[torch.Tensor], pixel_shape: torch.Size, config: Any) -> list[torch.Tensor]:
+
+def feature_grids(
+    hidden_states: Iterable[torch.Tensor], pixel_shape: torch.Size, config: Any
+) -> list[torch.Tensor]:
     """Hidden states as channel-last spatial grids (B, h, w, C): CNN maps permuted, ViT patch tokens
     reshaped (class/distillation tokens dropped), so a 1x1-conv regressor is a Linear on the last dim."""
     grids = []
@@ -391,14 +438,21 @@ def feature_grids(hidden_states: Iterable[torch.Tensor], pixel_shape: torch.Size
             gh, gw = pixel_shape[-2] // patch, pixel_shape[-1] // patch
             extra = state.shape[1] - gh * gw
             if extra < 0:
-                raise EngineError("unsupported", f"{config.model_type}: {state.shape[1]} tokens for a {gh}x{gw} grid")
+                raise EngineError(
+                    "unsupported", f"{config.model_type}: {state.shape[1]} tokens for a {gh}x{gw} grid"
+                )
             grids.append(state[:, extra:].reshape(state.shape[0], gh, gw, state.shape[2]))
         else:
-            raise EngineError("unsupported", f"hidden state of shape {tuple(state.shape)} is not a feature map")
+            raise EngineError(
+                "unsupported", f"hidden state of shape {tuple(state.shape)} is not a feature map"
+            )
     return grids
+
 
 def has_attention_maps(model: nn.Module) -> bool:
     """Transformer encoders that can return (B, heads, T, T) attention maps (ViT, DeiT, ...)."""
-    return isinstance(model, PreTrainedModel) and hasattr(model.config, "num_attention_heads") and not hasattr(
-        model.config, "depths"
+    return (
+        isinstance(model, PreTrainedModel)
+        and hasattr(model.config, "num_attention_heads")
+        and not hasattr(model.config, "depths")
     )

@@ -165,7 +165,9 @@ def augment(pixels: torch.Tensor, options: ImageAugmentation, generator: torch.G
     if options.random_resized_crop:
         low, high = options.crop_scale
         area = low + (high - low) * torch.rand(batch, generator=generator)
-        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(batch, generator=generator)
+        log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * torch.rand(
+            batch, generator=generator
+        )
         ratio = log_ratio.exp()
         scale_x = (area * ratio).sqrt().clamp(max=1.0)  # crop width / image width
         scale_y = (area / ratio).sqrt().clamp(max=1.0)

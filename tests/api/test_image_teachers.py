@@ -1,0 +1,106 @@
+"""Image classifiers in the registry and in jobs: a `.pt2` program registers as type image_classifier, task
+image-classification takes it (and a folder of class folders as its dataset), other pairings are refused."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from app.core.config import get_settings
+
+
+def _name() -> str:
+    return f"img-{uuid.uuid4().hex[:8]}"
+
+
+def _program_and_images() -> tuple[Path, Path]:
+    base = get_settings().file_root / "vision" / uuid.uuid4().hex
+    (base / "images" / "cat").mkdir(parents=True)
+    (base / "images" / "cat" / "a.png").write_bytes(b"not decoded by the API")
+    program = base / "cnn.pt2"
+    program.write_bytes(b"PK")  # the API checks the path, the engine loads the program
+    return program, base / "images"
+
+
+def _job(teacher: str, task: str, dataset: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {
+        "teacher_model_name": teacher,
+        "task": task,
+        "target_compression": 0.25,
+        "dataset_config": dataset,
+        **extra,
+    }
+
+
+def test_a_pt2_image_classifier_registers_and_runs_with_image_folders(
+    client: TestClient, problem: Any
+) -> None:
+    program, images = _program_and_images()
+    root = get_settings().file_root
+    name = _name()
+    refused = client.post(
+        "/distillation/teachers",
+        json={"name": name, "kind": "local", "location": str(program.relative_to(root)), "type": "cnn"},
+    )
+    assert "image_classifier" in problem(refused, 422)["detail"]
+    response = client.post(
+        "/distillation/teachers",
+        json={
+            "name": name,
+            "kind": "local",
+            "location": str(program.relative_to(root)),
+            "type": "image_classifier",
+            "task": "image-classification",
+        },
+    )
+    assert response.status_code == 201, response.text
+    assert response.json()["available_offline"] is True
+
+    folder = {"kind": "file", "path": str(images.relative_to(root))}
+    preprocessing = {"preprocessing": {"size": [32, 32], "mean": [0.5], "std": [0.5]}}
+    job = client.post(
+        "/distillation/jobs", json=_job(name, "image-classification", folder, image_config=preprocessing)
+    )
+    assert job.status_code == 201, job.text
+    stored = job.json()["spec"]
+    assert stored["task"] == "image-classification" and stored["dataset_config"]["path"] == str(images.resolve())
+
+    wrong = problem(client.post("/distillation/jobs", json=_job(name, "classification", folder)), 422)
+    assert wrong["suggested_task"] == "image-classification"
+    error = next(e for e in wrong["errors"] if e["type"] == "teacher_task_mismatch")
+    assert error["field"] == "task" and "use task 'image-classification'" in error["msg"]
+
+
+def test_image_classification_refuses_other_teachers_and_misplaced_options(
+    client: TestClient, problem: Any
+) -> None:
+    _, images = _program_and_images()
+    folder = {"kind": "file", "path": str(images.relative_to(get_settings().file_root))}
+    body = problem(
+        client.post("/distillation/jobs", json=_job("digits-cnn", "image-classification", folder)), 422
+    )
+    assert body["suggested_task"] == "classification" and "image_classifier" in body["detail"]
+    text = problem(
+        client.post("/distillation/jobs", json=_job("bert-large", "image-classification", folder)), 422
+    )
+    assert text["suggested_task"] == "sequence-classification"
+
+    misplaced = _job("digits-cnn", "classification", {"kind": "builtin", "name": "digits"}, image_config={})
+    assert (
+        "image_config is for task 'image-classification'"
+        in problem(client.post("/distillation/jobs", json=misplaced), 422)["detail"]
+    )
+    augmented = _job(
+        "digits-cnn",
+        "image-classification",
+        folder,
+        image_config={"augmentation": {"horizontal_flip": True}},
+        training_config={"teacher_cache": "on"},
+    )
+    assert (
+        "teacher_cache 'on' cannot be used"
+        in problem(client.post("/distillation/jobs", json=augmented), 422)["detail"]
+    )
