@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -66,7 +67,9 @@ def test_a_pt2_image_classifier_registers_and_runs_with_image_folders(
     )
     assert job.status_code == 201, job.text
     stored = job.json()["spec"]
-    assert stored["task"] == "image-classification" and stored["dataset_config"]["path"] == str(images.resolve())
+    assert stored["task"] == "image-classification" and stored["dataset_config"]["path"] == str(
+        images.resolve()
+    )
 
     wrong = problem(client.post("/distillation/jobs", json=_job(name, "classification", folder)), 422)
     assert wrong["suggested_task"] == "image-classification"
@@ -104,3 +107,24 @@ def test_image_classification_refuses_other_teachers_and_misplaced_options(
         "teacher_cache 'on' cannot be used"
         in problem(client.post("/distillation/jobs", json=augmented), 422)["detail"]
     )
+
+
+def test_the_job_page_names_the_image_task(
+    client: TestClient, make_client: Callable[..., TestClient], auth_headers: dict[str, str]
+) -> None:
+    program, images = _program_and_images()
+    root = get_settings().file_root
+    name = _name()
+    teacher = {"name": name, "kind": "local", "location": str(program), "type": "image_classifier"}
+    assert client.post("/distillation/teachers", json=teacher).status_code == 201
+    folder = {"kind": "file", "path": str(images.relative_to(root))}
+    prep = {"preprocessing": {"size": [32, 32]}}
+    job = client.post(
+        "/distillation/jobs", json=_job(name, "image-classification", folder, image_config=prep)
+    )
+    assert job.status_code == 201, job.text
+    browser = make_client(headers={})
+    key = auth_headers["Authorization"].removeprefix("Bearer ")
+    assert browser.post("/signin", data={"api_key": key}, follow_redirects=False).status_code == 303
+    page = browser.get(f"/jobs/{job.json()['job_id']}").text
+    assert '<dd id="job-task">image-classification</dd>' in page
