@@ -159,7 +159,8 @@ def main() -> None:
             ).model_dump()
             rows.append(results)
             print(
-                f"seed {seed}: KD {results['student_accuracy']:.4f}  labels-only {results['baseline_accuracy']:.4f}  "
+                f"seed {seed}: KD {results['student_accuracy']:.4f}  "
+                f"labels-only {results['baseline_accuracy']:.4f}  "
                 f"gain {results['kd_gain']:+.2f} points  retention {results['accuracy_retention']:.4f}  "
                 f"({time.monotonic() - started:.0f} s)"
             )
@@ -184,7 +185,8 @@ def main() -> None:
     print(f"retention                     {mean_sd('accuracy_retention')}")
     for role in ("teacher", "student"):
         print(
-            f"latency {role}: batch 1 {latency[role]['batch_1']:.2f} ms, batch 64 {latency[role]['batch_64']:.2f} ms"
+            f"latency {role}: batch 1 {latency[role]['batch_1']:.2f} ms, "
+            f"batch 64 {latency[role]['batch_64']:.2f} ms"
         )
     print(f"speedup at batch 64: {first['inference_speedup']:.2f}x")
 

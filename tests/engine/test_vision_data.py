@@ -58,6 +58,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_digit_folders(tmp_path_factory.mktemp("img") / "digits", per_class=10, size=12)
 
 
+def test_the_images_example_is_a_valid_image_job() -> None:
+    body = json.loads((Path(__file__).parents[2] / "examples" / "images.json").read_text())
+    spec = JobSpec.model_validate(body)
+    assert spec.task == "image-classification" and spec.training_config.baseline
+
+
 def test_image_folder_is_split_by_class(digits: Path) -> None:
     splits = read_image_splits(_spec({"kind": "file", "path": "digits"}), file_root=digits.parent)
     assert splits.label_names == DIGIT_NAMES and splits.num_labels == 10
