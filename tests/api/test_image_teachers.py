@@ -4,8 +4,8 @@ image-classification takes it (and a folder of class folders as its dataset), ot
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
