@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from workers.distill.models import DigitsCNN
-
 from app.schemas.teachers import DEFAULT_TEACHERS, digits_cnn_parameters
+from workers.distill.tasks.classification.models import DigitsCNN
 
 
 def test_the_registry_count_is_the_models_own() -> None:

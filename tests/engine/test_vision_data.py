@@ -100,7 +100,7 @@ def test_csv_and_jsonl_of_paths_and_the_allowed_root(digits: Path, tmp_path: Pat
     (digits.parent / "escape.csv").write_text(f"path,label\n{outside},a\n../x.png,b\n")
     with pytest.raises(EngineError) as info:
         read_image_splits(_spec({"kind": "file", "path": "escape.csv"}), file_root=digits.parent)
-    assert info.value.code == "path_not_allowed" and "row 1" in info.value.message
+    assert info.value.code == "path_outside_root" and "row 1" in info.value.message
 
 
 def test_hf_dataset_saved_to_disk_keeps_class_names(digits: Path) -> None:

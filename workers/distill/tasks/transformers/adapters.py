@@ -47,21 +47,10 @@ from workers.distill.tasks.transformers.models import (
     load_hf_teacher,
     teacher_location,
 )
-from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, export_onnx
+from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, LogitsOnly, export_onnx
 
 ONNX_FILE = "student.onnx"
 INT8_FILE = "student_int8.safetensors"
-
-
-class LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits: the plain-tensor interface export and ONNX need."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _attn_implementation(spec: JobSpec) -> str:

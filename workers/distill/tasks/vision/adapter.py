@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import DistillationMethod, ImageAugmentation, JobSpec, Task
 from app.schemas.teachers import TeacherSource
 from workers.distill.adapter import BuiltStudent, TaskAdapter
@@ -30,9 +31,9 @@ from workers.distill.contract import (
     EngineCallbacks,
     EngineError,
     NamedStudent,
+    resolve_local_path,
 )
 from workers.distill.kernel import Batch, ModelOutputs, TaskData, TensorDictDataset
-from workers.distill.tasks.transformers.models import resolve_under_root
 from workers.distill.tasks.vision import losses as _vision_losses  # noqa: F401  (registers the terms)
 from workers.distill.tasks.vision.data import ImageDataset, ImageSplits, decode_split, read_image_splits
 from workers.distill.tasks.vision.export import ONNX_FILE, PixelLogits, export_onnx, export_program
@@ -253,7 +254,13 @@ class ImageClassificationAdapter(TaskAdapter):
             assert source is not None
             location = source.location
             if source.kind == "local":
-                directory = resolve_under_root(location, file_root)
+                directory = resolve_local_path(
+                    location,
+                    file_root,
+                    kind=PathKind.directory,
+                    what="student directory",
+                    missing_code="student_not_found",
+                )
                 if not (directory / "config.json").is_file():
                     raise EngineError(
                         "student_not_found",

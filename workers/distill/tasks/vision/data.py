@@ -28,6 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import train_test_split
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import (
     FileSource,
     HubSource,
@@ -35,9 +36,8 @@ from app.schemas.job_spec import (
     JobSpec,
     UploadedSource,
 )
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 from workers.distill.kernel import Batch, TensorDictDataset
-from workers.distill.tasks.transformers.models import resolve_under_root
 from workers.distill.tasks.vision.preprocess import Preprocessing, augment, normalise, resize_and_crop
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -123,11 +123,11 @@ def _read_table(path: Path, image_column: str, label_column: str, file_root: Pat
         if not location.is_absolute():
             location = path.parent / location
         try:
-            resolved = resolve_under_root(str(location), file_root)
+            resolved = resolve_local_path(
+                str(location), file_root, kind=PathKind.file, what="image", missing_code="dataset_invalid"
+            )
         except EngineError as exc:
-            raise EngineError("path_not_allowed", f"{path.name} row {number}: {exc.message}") from exc
-        if not resolved.is_file():
-            raise EngineError("dataset_invalid", f"{path.name} row {number}: image {resolved} does not exist")
+            raise EngineError(exc.code, f"{path.name} row {number}: {exc.message}") from exc
         items.append(resolved)
         labels.append(row[label_column])
     if not items:
@@ -179,9 +179,9 @@ def _read_source(
         return _from_hf_table(
             table, f"hub dataset '{source.name}'", _image_column(spec, "image"), source.label_column
         )
-    path = resolve_under_root(source.path, file_root)
-    if not path.exists():
-        raise EngineError("dataset_invalid", f"dataset {path} does not exist")
+    path = resolve_local_path(
+        source.path, file_root, kind=PathKind.any, what="dataset", missing_code="dataset_invalid"
+    )
     if path.is_file():
         return _read_table(path, _image_column(spec, "path"), source.label_column, file_root)
     if any((path / marker).is_file() for marker in _SAVE_TO_DISK_MARKERS):

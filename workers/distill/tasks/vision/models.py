@@ -30,11 +30,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
 
+from app.core.paths import PathKind
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 from workers.distill.kernel import count_parameters
 from workers.distill.losses import layer_mapping
-from workers.distill.tasks.transformers.models import resolve_under_root
 
 PROGRAM_SUFFIX = ".pt2"
 PROGRAM_FILE = "model.pt2"
@@ -91,11 +91,17 @@ def is_program(model: nn.Module) -> bool:
     return isinstance(model, ProgramModule)
 
 
+def _local(source: TeacherSource, file_root: Path | None) -> Path:
+    return resolve_local_path(
+        source.location, file_root, kind=PathKind.any, what="teacher", missing_code="teacher_not_found"
+    )
+
+
 def _program_path(source: TeacherSource, file_root: Path | None) -> Path | None:
     """The `.pt2` file a local source names (itself or `<dir>/model.pt2`), else None."""
     if source.kind != TeacherSourceKind.local:
         return None
-    path = resolve_under_root(source.location, file_root)
+    path = _local(source, file_root)
     if path.is_file() and path.suffix == PROGRAM_SUFFIX:
         return path
     if path.is_dir() and (path / PROGRAM_FILE).is_file() and not (path / "config.json").is_file():
@@ -135,7 +141,7 @@ def load_vision_teacher(
             model=ProgramModule(loaded.module()), family="program", processor=None, location=str(program)
         )
     if source.kind == TeacherSourceKind.local:
-        directory = resolve_under_root(source.location, file_root)
+        directory = _local(source, file_root)
         if not (directory / "config.json").is_file():
             raise EngineError(
                 "teacher_not_found",
