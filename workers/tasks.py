@@ -190,9 +190,9 @@ def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> T
     """A registry entry with its local directory resolved under the tenant's root (others unchanged)."""
     if source.kind != TeacherSourceKind.local:
         return source
-    directory = _server_path(
-        source.location, root, PathKind.directory, what=f"'{source.name}' directory", code=code
-    )
+    # A `.pt2` file is a torch.export program (an image classifier); other local models are directories.
+    kind = PathKind.file if source.location.endswith(".pt2") else PathKind.directory
+    directory = _server_path(source.location, root, kind, what=f"'{source.name}' directory", code=code)
     return source.model_copy(update={"location": str(directory)})
 
 

@@ -124,8 +124,9 @@ def register(
                 settings=settings,
                 tenant_id=tenant_id,
                 text=request.location,
-                kind=PathKind.any,
-                what="Teacher directory",
+                # A `.pt2` file is a torch.export program (an image classifier); anything else a directory.
+                kind=PathKind.file if request.location.endswith(".pt2") else PathKind.directory,
+                what="Teacher program" if request.location.endswith(".pt2") else "Teacher directory",
             )
         except PathRefused as exc:
             raise _location_error(exc.message, exc.code) from exc
@@ -139,12 +140,6 @@ def register(
                 f"'{location}' is a torch.export program; register it with type 'image_classifier', "
                 f"not '{request.type}'.",
                 "teacher_invalid",
-            )
-        if not program and not directory.is_dir():
-            raise _location_error(
-                f"Teacher directory: No directory at '{location}' (a file is a teacher only as a .pt2 "
-                "program)",
-                "path_not_found",
             )
         if not program and not (directory / "config.json").is_file():
             raise _location_error(
