@@ -178,7 +178,10 @@ def load_vision_teacher(
 
 
 def _round8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
+    """A channel count: a multiple of 8, or of 4 below 16 (tiny models), at least 4."""
+    if value < 14:
+        return max(4, round(value / 4) * 4)
+    return round(value / 8) * 8
 
 
 def _candidate_configs(config: PretrainedConfig) -> Iterable[tuple[PretrainedConfig, dict[str, Any]]]:
@@ -266,7 +269,11 @@ def program_student_config(num_labels: int, channels: int, target_params: float)
         layer_type="basic",
         num_labels=num_labels,
     )
-    config, _, _ = closest_config(_candidate_configs(base), target_params)
+    candidates = []
+    for stages in (4, 3, 2):  # fewer stages too: a small program may be far below a ResNet-18's size
+        shallow = _with(base, {"hidden_sizes": base.hidden_sizes[:stages], "depths": base.depths[:stages]})
+        candidates += list(_candidate_configs(shallow))
+    config, _, _ = closest_config(candidates, target_params)
     return config
 
 
@@ -327,15 +334,25 @@ def derive_student(
     attn_implementation: str | None,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
     """A same-family student at about `ratio` of the teacher's parameters (see the module docstring)."""
-    target = max(1.0, ratio * count_parameters(teacher))
+    teacher_params = count_parameters(teacher)
+    target = max(1.0, ratio * teacher_params)
     if is_program(teacher):
         config = program_student_config(num_labels, channels, target)
         model, notes = student_from_config(config, None, seed=seed, attn_implementation=attn_implementation)
-        return model, {**notes, "derived_for": ".pt2 teacher (basic-block ResNet)"}
-    assert isinstance(teacher, PreTrainedModel)
-    config, changes, _ = closest_config(_candidate_configs(teacher.config), target)
-    model, notes = student_from_config(config, teacher, seed=seed, attn_implementation=attn_implementation)
-    return model, {**notes, "config_changes": changes}
+        notes = {**notes, "derived_for": ".pt2 teacher (basic-block ResNet)"}
+    else:
+        assert isinstance(teacher, PreTrainedModel)
+        config, changes, _ = closest_config(_candidate_configs(teacher.config), target)
+        model, notes = student_from_config(config, teacher, seed=seed, attn_implementation=attn_implementation)
+        notes = {**notes, "config_changes": changes}
+    params = count_parameters(model)
+    if params >= teacher_params:
+        raise EngineError(
+            "student_incompatible",
+            f"the smallest derivable student has {params:,} parameters, not fewer than the teacher's "
+            f"{teacher_params:,}; name a smaller student (student kind 'config', 'local' or 'hub')",
+        )
+    return model, notes
 
 
 @dataclass
