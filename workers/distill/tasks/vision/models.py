@@ -343,7 +343,9 @@ def derive_student(
     else:
         assert isinstance(teacher, PreTrainedModel)
         config, changes, _ = closest_config(_candidate_configs(teacher.config), target)
-        model, notes = student_from_config(config, teacher, seed=seed, attn_implementation=attn_implementation)
+        model, notes = student_from_config(
+            config, teacher, seed=seed, attn_implementation=attn_implementation
+        )
         notes = {**notes, "config_changes": changes}
     params = count_parameters(model)
     if params >= teacher_params:
