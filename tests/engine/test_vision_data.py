@@ -242,3 +242,18 @@ def test_feature_map_hint_is_a_1x1_regression_with_aligned_sizes() -> None:
     pooled = torch.nn.functional.adaptive_avg_pool2d(regressed, (2, 2))
     expected = (pooled - teacher_maps[0].permute(0, 3, 1, 2)).pow(2).mean()
     assert math.isclose(float(value), float(expected), rel_tol=1e-5)
+
+
+def test_class_folders_follow_the_teachers_label_order() -> None:
+    """A teacher whose id2label lists the classes in another order keeps its order (its logits mean those
+    classes); names that do not match the teacher's fall back to sorted folder names."""
+    from workers.distill.tasks.vision.adapter import ImageClassificationAdapter
+
+    names = ["cat", "dog", "emu"]
+    teacher = AutoModelForImageClassification.from_config(
+        tiny_config("resnet", num_labels=3, labels=["emu", "cat", "dog"])
+    )
+    adapter = ImageClassificationAdapter()
+    assert adapter._label_order(teacher, names) == ["emu", "cat", "dog"]
+    other = AutoModelForImageClassification.from_config(tiny_config("resnet", num_labels=3))
+    assert adapter._label_order(other, names) == names

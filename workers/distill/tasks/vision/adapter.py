@@ -310,7 +310,12 @@ class ImageClassificationAdapter(TaskAdapter):
                 "student_incompatible",
                 f"student '{student.name}' predicts {logits.shape[-1]} classes, not {num_labels}",
             )
-        self.named_has_attention = has_attention_maps(model)
+        # Attention maps are compared token for token: a ViT student with another patch grid learns by
+        # attention transfer on its feature maps instead.
+        same_grid = getattr(config, "patch_size", None) == getattr(
+            getattr(teacher, "config", None), "patch_size", None
+        )
+        self.named_has_attention = has_attention_maps(model) and same_grid
         return BuiltStudent(model=self._finish_student(model), notes=built.notes)
 
     # ---- forward, targets, losses ------------------------------------------------------------------
