@@ -29,10 +29,12 @@ from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_c
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
-from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
+from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
 from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
+from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
-from app.services import file_roots
+from app.services import estimates as estimates_service
+from app.services import file_roots, job_checks
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -67,7 +69,11 @@ def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | No
     text_task = _TEXT_TEACHER_TASKS.get(teacher.type)
     default = Task(teacher.task) if teacher.task in set(Task) else None
     image_teacher = teacher.type == IMAGE_TEACHER_TYPE
-    if (task == Task.image_classification) != image_teacher:
+    # A .pt2 program may be an image classifier too (the job's preprocessing says how to feed it).
+    image_capable = image_teacher or teacher.type == "program"
+    if (task == Task.image_classification and not image_capable) or (
+        image_teacher and task != Task.image_classification
+    ):
         if image_teacher:
             use: Task | None = Task.image_classification
             advice = f"use task '{use}'"
@@ -80,7 +86,7 @@ def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | No
             f"program): {advice}",
             str(use),
         )
-    if image_teacher:
+    if image_teacher or task == Task.image_classification:
         return None
     if task == Task.classification and (text_task is not None or teacher.source_kind == "hub"):
         use = default if default not in (None, Task.classification) else text_task
@@ -174,6 +180,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
         session, spec=spec, settings=settings, tenant_id=tenant_id
     )
     errors += path_errors
+    if not errors:  # what the client brings (student, held-out sets, tables, programs): issue 9
+        spec = job_checks.check_brought(
+            session, spec=spec, settings=settings, tenant_id=tenant_id, errors=errors
+        )
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)
@@ -233,6 +243,13 @@ def create(
     `commit=False` flushes only, so the caller can commit it together with an idempotency record.
     """
     spec = check_spec(session, spec=request.spec(), settings=settings, tenant_id=tenant_id)
+    parent = (
+        checkpoints_service.resolve_parent(
+            session, source=request.from_checkpoint, spec=spec, tenant_id=tenant_id
+        )
+        if request.from_checkpoint is not None
+        else None
+    )
     if request.auto_start:
         _check_queue_room(session, settings, tenant_id)
     now = utcnow()
@@ -245,9 +262,22 @@ def create(
         created_at=now,
         updated_at=now,
         tenant_id=tenant_id,
+        name=request.name,
+        job_metadata=dict(request.metadata),
+        estimate=estimates_service.estimate(
+            session,
+            spec=spec,
+            tenant_id=tenant_id,
+            settings=settings,
+            start_epoch=parent.epoch if parent else 0,
+        ),
+        parent_job_id=parent.job_id if parent else None,
+        parent_checkpoint=parent.name if parent else None,
     )
     session.add(job)
     session.flush()
+    if parent is not None:
+        checkpoints_service.copy_parent_weights(parent, job_id=job.id, settings=settings)
     record_event(
         session, job_id=job.id, kind="state", message="created", data={"from": None, "to": "pending"}
     )
@@ -268,15 +298,16 @@ def create(
 _CREATE_PENDING_SQL = """
 WITH job AS (
     INSERT INTO jobs (id, spec, teacher_model_name, status, attempt, progress, created_at, updated_at,
-                      tenant_id)
+                      tenant_id, name, job_metadata, pause_count)
     SELECT %(id)s::varchar, %(spec)s::json, %(teacher)s::varchar, %(status)s::varchar, 0, 0.0,
-           %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar
+           %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar, %(name)s::varchar,
+           %(job_metadata)s::json, 0
     WHERE EXISTS (
         SELECT 1 FROM teachers
         WHERE teachers.name = %(teacher)s::varchar
           AND (teachers.tenant_id IS NULL OR teachers.tenant_id = %(tenant_id)s::varchar)
           -- `_teacher_task_mismatch` in SQL: any mismatch falls back to `create`, which explains it.
-          AND CASE WHEN %(image)s::boolean THEN teachers.type = %(image_type)s::varchar
+          AND CASE WHEN %(image)s::boolean THEN teachers.type = ANY(%(image_types)s::varchar[])
                    WHEN %(classification)s::boolean
                    THEN NOT (teachers.type = ANY(%(text_types)s::varchar[])) AND teachers.source_kind <> 'hub'
                         AND teachers.type <> %(image_type)s::varchar
@@ -303,6 +334,7 @@ def creates_in_one_statement(request: JobCreate, settings: Settings) -> bool:
     sources = [dataset, dataset.validation, dataset.test]
     return (
         not request.auto_start
+        and request.from_checkpoint is None  # the parent's checks and the copy of its weights
         and all(source is None or isinstance(source, BuiltinSource | HubSource) for source in sources)
         and isinstance(request.student, DerivedStudent)
         and not _cap_errors(request, settings)
@@ -313,7 +345,9 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
     """Store a pending job (the common create) in one statement on the event loop; its API view.
 
     For requests `creates_in_one_statement` accepts. None when the teacher is not visible to the tenant:
-    the caller then runs `create`, whose full check answers the 422 with the valid names.
+    the caller then runs `create`, whose full check answers the 422 with the valid names. The estimate is
+    not made here (it reads history): the caller stores it right after (`store_estimate`), and `start`
+    makes it if it is still missing, so every job has it before it is launched.
     """
     spec = request.spec()
     params = {
@@ -323,14 +357,34 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
         "status": JobStatus.pending.value,
         "now": utcnow(),
         "tenant_id": tenant_id,
+        "name": request.name,
+        "job_metadata": Json(dict(request.metadata)),
         "event": Json({"from": None, "to": JobStatus.pending.value}),
         "classification": spec.task == Task.classification,
         "text_types": sorted(_TEXT_TEACHER_TASKS),
         "image": spec.task == Task.image_classification,
         "image_type": IMAGE_TEACHER_TYPE,
+        "image_types": [IMAGE_TEACHER_TYPE, "program"],
     }
     row = await db.fetch_one(_CREATE_PENDING_SQL, params, retry=False)
     return None if row is None else to_read(row)
+
+
+def store_estimate(settings: Settings, *, job_id: str, tenant_id: str | None) -> None:
+    """Make and store the estimate of a job created without one (the one-statement create), if missing."""
+    from app.core.db import session_scope
+
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.estimate is not None:
+                return
+            spec = JobSpec.model_validate(job.spec)
+            job.estimate = estimates_service.estimate(
+                session, spec=spec, tenant_id=tenant_id, settings=settings
+            )
+    except Exception:  # the job stands without it; `start` makes it again
+        logger.exception("could not store the estimate of job %s", job_id)
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -414,6 +468,8 @@ _SUMMARY_COLUMNS = (
     Job.started_at,
     Job.finished_at,
     Job.error,
+    Job.name,
+    Job.job_metadata,
 )
 
 
@@ -425,6 +481,8 @@ class _ListShape:
     statuses: bool
     teacher: bool
     cursor: bool
+    name: bool = False
+    metadata_keys: tuple[str, ...] = ()  # each filtered key (its value is bound as `meta_<i>`)
 
 
 @lru_cache(maxsize=64)
@@ -441,6 +499,10 @@ def _list_statement(shape: _ListShape, *, status_any: bool) -> Select[Any]:
             query = query.where(Job.status.in_(bindparam("statuses", expanding=True)))
     if shape.teacher:
         query = query.where(Job.teacher_model_name == bindparam("teacher"))
+    if shape.name:
+        query = query.where(Job.name == bindparam("name"))
+    for index, key in enumerate(shape.metadata_keys):
+        query = query.where(Job.job_metadata[key].as_string() == bindparam(f"meta_{index}"))
     if shape.cursor:
         after_at = bindparam("after_at", type_=Job.__table__.c.created_at.type)
         query = query.where(
@@ -456,15 +518,31 @@ def _list_sql(shape: _ListShape) -> tuple[str, dict[str, Any]]:
 
 
 def _list_query(
-    *, limit: int, cursor: str | None, statuses: Iterable[str], teacher: str | None, tenant_id: str | None
+    *,
+    limit: int,
+    cursor: str | None,
+    statuses: Iterable[str],
+    teacher: str | None,
+    tenant_id: str | None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[_ListShape, dict[str, Any]]:
     status_list = list(statuses)
     params: dict[str, Any] = {"limit": limit + 1, "tenant_id": tenant_id, "statuses": status_list}
     params["teacher"] = teacher
+    params["name"] = name
+    keys = tuple(sorted(metadata or {}))
+    for index, key in enumerate(keys):
+        params[f"meta_{index}"] = (metadata or {})[key]
     if cursor:
         params["after_at"], params["after_id"] = _decode_cursor(cursor)
     shape = _ListShape(
-        tenant=tenant_id is not None, statuses=bool(status_list), teacher=bool(teacher), cursor=bool(cursor)
+        tenant=tenant_id is not None,
+        statuses=bool(status_list),
+        teacher=bool(teacher),
+        cursor=bool(cursor),
+        name=name is not None,
+        metadata_keys=keys,
     )
     return shape, params
 
@@ -482,6 +560,8 @@ def list_page(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
     tenant_id: str | None,
 ) -> tuple[list[Row[Any]], bool, str | None]:
     """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (rows, has_more, cursor).
@@ -489,9 +569,16 @@ def list_page(
     Rows carry the summary columns (`to_summary` turns one into a JobSummary). With the tenant's
     (tenant_id, created_at, id) indexes (and their status and teacher variants, migration 0005) a page
     reads its rows in index order from the cursor on: its cost does not grow with the tenant's job count.
+    `name` and every `metadata` pair must match exactly (JSON ->> on PostgreSQL, json_extract on SQLite).
     """
     shape, params = _list_query(
-        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+        limit=limit,
+        cursor=cursor,
+        statuses=statuses,
+        teacher=teacher,
+        name=name,
+        metadata=metadata,
+        tenant_id=tenant_id,
     )
     rows = list(session.execute(_list_statement(shape, status_any=False), params).all())
     return _page_of(rows, limit)
@@ -504,11 +591,19 @@ async def list_page_async(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
     tenant_id: str,
 ) -> tuple[list[Any], bool, str | None]:
     """`list_page` on the event loop through the async pool: the same statement, compiled once per shape."""
     shape, params = _list_query(
-        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+        limit=limit,
+        cursor=cursor,
+        statuses=statuses,
+        teacher=teacher,
+        name=name,
+        metadata=metadata,
+        tenant_id=tenant_id,
     )
     sql, constants = _list_sql(shape)
     rows = await db.fetch_all(sql, constants | params)
@@ -542,7 +637,12 @@ def start(
             f"Job {job_id} is {job.status}; only a pending job can be started.", job_status=job.status
         )
     _check_queue_room(session, settings, job.tenant_id)
-    if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, queued_at=utcnow()):
+    values: dict[str, Any] = {"queued_at": utcnow()}
+    if job.estimate is None:  # created by the one-statement path and not estimated yet
+        values["estimate"] = estimates_service.estimate(
+            session, spec=JobSpec.model_validate(job.spec), tenant_id=job.tenant_id, settings=settings
+        )
+    if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, **values):
         session.rollback()
         session.refresh(job)
         raise Conflict(
@@ -560,7 +660,8 @@ def start(
 
 
 def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
-    """pending/queued -> cancelled at once; dispatched/running -> cancelling (the worker stops it).
+    """pending/queued/paused -> cancelled at once; dispatched/running/pausing -> cancelling (the worker
+    stops it).
 
     Cancelling again is a no-op; a finished job answers 409.
     """
@@ -572,7 +673,7 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
         if current in TERMINAL_STATUSES:
             raise Conflict(f"Job {job_id} already ended ({current}); nothing to cancel.", job_status=current)
         values: dict[str, Any] = {}
-        if current in (JobStatus.pending, JobStatus.queued):
+        if current in (JobStatus.pending, JobStatus.queued, JobStatus.paused):
             target = JobStatus.cancelled
             values["finished_at"] = utcnow()
         else:
@@ -594,18 +695,106 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
     raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
 
 
-def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
-    """Remove a finished job: its row (events and artifacts cascade) and its directory under jobs_dir."""
+def pause(session: Session, *, job_id: str, tenant_id: str | None, commit: bool = True) -> Job:
+    """queued/dispatched -> paused at once; running -> pausing (the worker stops at its next check, keeps
+    its checkpoint and frees the slot: -> paused). Pausing again is a no-op; other states answer 409.
+
+    A dispatched job's message is dropped by the worker's claim (it claims only `dispatched` jobs).
+    `commit=False` flushes only, so the caller can commit it together with an idempotency record.
+    """
     job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
-    if job.status not in TERMINAL_STATUSES:
+    for _ in range(_STATE_CHANGE_RETRIES):
+        current = job.status
+        if current in (JobStatus.pausing, JobStatus.paused):
+            return job
+        values: dict[str, Any] = {}
+        if current in (JobStatus.queued, JobStatus.dispatched):
+            target = JobStatus.paused
+            values["dispatched_at"] = None
+        elif current == JobStatus.running:
+            target = JobStatus.pausing
+        else:
+            hint = {
+                JobStatus.pending: "it is not queued yet (start it, or leave it pending)",
+                JobStatus.cancelling: "it is being cancelled",
+            }.get(JobStatus(current), "it already ended")
+            raise Conflict(
+                f"Job {job_id} is {current}; only a queued or running job can be paused: {hint}.",
+                job_status=current,
+            )
+        if _compare_and_set(session, job, current, target, **values):
+            record_state_change(
+                session, job_id=job.id, old=current, new=target, attempt=job.attempt, reason="pause requested"
+            )
+            if commit:
+                session.commit()
+            else:
+                session.flush()
+            session.refresh(job)
+            return job
+        # Someone changed it first (e.g. the scheduler dispatched it): read it again and decide anew. With
+        # commit=False the caller's pending work (an idempotency record) stays: no rollback, a re-read
+        # (PostgreSQL: READ COMMITTED sees the other commit; SQLite: BEGIN IMMEDIATE allows no other writer).
+        if commit:
+            session.rollback()
+        session.refresh(job)
+    raise Conflict(f"Job {job_id} kept changing state; retry the pause.", job_status=job.status)
+
+
+def resume(
+    session: Session, *, job_id: str, settings: Settings, tenant_id: str | None, commit: bool = True
+) -> Job:
+    """paused -> queued (queued_at now: it waits behind the jobs queued while it rested); the run resumes
+    from its checkpoint on whichever worker claims it. 409 while still pausing or in any other state, 429
+    when the (tenant's) queue is full."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status != JobStatus.paused:
+        hint = (
+            "its worker is still stopping; retry once it is paused"
+            if job.status == JobStatus.pausing
+            else "only a paused job can be resumed"
+        )
+        raise Conflict(f"Job {job_id} is {job.status}; {hint}.", job_status=job.status)
+    _check_queue_room(session, settings, job.tenant_id)
+    if not _compare_and_set(session, job, JobStatus.paused, JobStatus.queued, queued_at=utcnow()):
+        if commit:
+            session.rollback()
+        session.refresh(job)
         raise Conflict(
-            f"Job {job_id} is {job.status}; only a completed, failed or cancelled job can be deleted "
-            "(cancel it first).",
+            f"Job {job_id} is {job.status}; only a paused job can be resumed.", job_status=job.status
+        )
+    record_state_change(
+        session,
+        job_id=job.id,
+        old=JobStatus.paused,
+        new=JobStatus.queued,
+        attempt=job.attempt,
+        reason="resume requested",
+    )
+    if commit:
+        session.commit()
+    else:
+        session.flush()
+    session.refresh(job)
+    return job
+
+
+_DELETABLE_STATUSES = (*TERMINAL_STATUSES, JobStatus.paused)
+
+
+def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
+    """Remove a finished or paused job: its row (events, artifacts and checkpoints cascade) and its
+    directory under jobs_dir."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status not in _DELETABLE_STATUSES:
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a completed, failed, cancelled or paused job can be "
+            "deleted (cancel or pause it first).",
             job_status=job.status,
         )
     result = session.execute(
         delete(Job)
-        .where(Job.id == job_id, Job.status.in_(list(TERMINAL_STATUSES)))
+        .where(Job.id == job_id, Job.status.in_(list(_DELETABLE_STATUSES)))
         .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:
@@ -667,6 +856,14 @@ def to_read(job: Job | Row[Any]) -> JobRead:
         metrics=job.metrics,
         results=job.results,
         error=_error(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
+        estimate=job.estimate,
+        parent=(
+            JobLineage(job_id=job.parent_job_id, checkpoint=job.parent_checkpoint or "")
+            if job.parent_job_id
+            else None
+        ),
     )
 
 
@@ -698,4 +895,6 @@ def to_summary(job: Any) -> JobSummary:
         started_at=job.started_at,
         finished_at=job.finished_at,
         error=_error(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
     )

@@ -42,6 +42,7 @@ class TickReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)
     send_errors: int = 0
 
 
@@ -58,7 +59,7 @@ class SlotUsage:
 
 
 def slots_held(session: Session) -> SlotUsage:
-    """Jobs holding a slot (`ACTIVE_STATUSES`: dispatched, running, cancelling), counted in one query.
+    """Jobs holding a slot (`ACTIVE_STATUSES`: dispatched, running, cancelling, pausing), in one query.
 
     The one place that decides which jobs hold a slot: the global and the per-tenant limit both read it.
     """
@@ -70,7 +71,7 @@ def slots_held(session: Session) -> SlotUsage:
 
 
 def count_active(session: Session) -> int:
-    """Jobs holding a slot: dispatched, running or cancelling."""
+    """Jobs holding a slot: dispatched, running, cancelling or pausing."""
     return slots_held(session).total
 
 
@@ -290,7 +291,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
     `attempt >= MAX_ATTEMPTS`. Returns (requeued ids, failed ids)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
-    stmt = select(Job.id, Job.attempt, Job.worker, Job.heartbeat_at).where(
+    stmt = select(Job.id, Job.attempt, Job.pause_count, Job.worker, Job.heartbeat_at).where(
         Job.status == JobStatus.running, Job.heartbeat_at < cutoff
     )
     if _is_postgres(session):
@@ -302,7 +303,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
             Job.id == row.id, Job.status == JobStatus.running, Job.heartbeat_at == row.heartbeat_at
         )
         silent = (now - row.heartbeat_at).total_seconds()
-        if row.attempt >= settings.max_attempts:
+        if row.attempt - row.pause_count >= settings.max_attempts:  # a pause's claim is no failed attempt
             error = {
                 "code": "max_attempts",
                 "message": (
@@ -399,6 +400,48 @@ def finish_abandoned_cancels(session: Session, settings: Settings) -> list[str]:
     return cancelled
 
 
+def finish_abandoned_pauses(session: Session, settings: Settings) -> list[str]:
+    """`pausing` jobs whose worker stopped beating → paused: the slot is freed, the last checkpoint kept."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
+    rows = session.execute(
+        select(Job.id, Job.attempt, Job.lease_token).where(
+            Job.status == JobStatus.pausing, (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
+        )
+    ).all()
+    paused: list[str] = []
+    for row in rows:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == row.id, Job.status == JobStatus.pausing)
+            .where(
+                Job.lease_token.is_(None) if row.lease_token is None else Job.lease_token == row.lease_token
+            )
+            .values(
+                status=JobStatus.paused,
+                lease_token=None,
+                worker=None,
+                dispatched_at=None,
+                heartbeat_at=None,
+                eta_seconds=None,
+                pause_count=Job.pause_count + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            paused.append(row.id)
+            record_state_change(
+                session,
+                job_id=row.id,
+                old=JobStatus.pausing,
+                new=JobStatus.paused,
+                attempt=row.attempt,
+                reason="worker stopped responding",
+            )
+    return paused
+
+
 def run_tick(settings: Settings | None = None, *, scheduler_id: str | None = None) -> TickReport:
     """One scheduler pass: recover stale and abandoned jobs, re-send unclaimed ones, admit, beat."""
     settings = settings or get_settings()
@@ -406,6 +449,7 @@ def run_tick(settings: Settings | None = None, *, scheduler_id: str | None = Non
     with session_scope() as session:
         report.requeued, report.failed = requeue_stale(session, settings)
         report.cancelled = finish_abandoned_cancels(session, settings)
+        report.paused = finish_abandoned_pauses(session, settings)
     with session_scope() as session:
         report.redispatched = redispatch_unclaimed(session, settings)
     report.send_errors += _send(report.redispatched)

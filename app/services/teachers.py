@@ -18,6 +18,7 @@ from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
 from app.services import file_roots
+from app.services.model_info import program_info
 
 logger = logging.getLogger("distillery.teachers")
 
@@ -124,32 +125,28 @@ def register(
                 settings=settings,
                 tenant_id=tenant_id,
                 text=request.location,
-                # A `.pt2` file is a torch.export program (an image classifier); anything else a directory.
+                # A torch.export program is one .pt2 file; every other model is a directory.
                 kind=PathKind.file if request.location.endswith(".pt2") else PathKind.directory,
                 what="Teacher program" if request.location.endswith(".pt2") else "Teacher directory",
             )
         except PathRefused as exc:
             raise _location_error(exc.message, exc.code) from exc
         location = file_roots.stored_form(directory, root)
-        # A torch.export program (an image classifier): a `.pt2` file, or a directory with model.pt2.
-        program = (directory.is_file() and directory.suffix == ".pt2") or (
-            directory.is_dir() and (directory / "model.pt2").is_file()
-        )
-        if program and request.type != "image_classifier":
-            raise _location_error(
-                f"'{location}' is a torch.export program; register it with type 'image_classifier', "
-                f"not '{request.type}'.",
-                "teacher_invalid",
-            )
-        if not program and not (directory / "config.json").is_file():
+        if directory.is_file():
+            if directory.suffix != ".pt2":
+                raise _location_error(
+                    f"'{location}' is a file; a model is a directory (save_pretrained, or safetensors + "
+                    "student_config.json) or a torch.export program (.pt2).",
+                    "teacher_invalid",
+                )
+            _check_program(directory, location)
+        elif not any((directory / n).is_file() for n in ("config.json", "student_config.json")):
             raise _location_error(
                 f"Teacher directory '{location}' has no config.json; save the model with save_pretrained() "
-                "(or give an image classifier as a torch.export .pt2 program).",
+                "(or give a finished job's artifacts: safetensors + student_config.json).",
                 "teacher_invalid",
             )
-        unsafe = (
-            unsafe_model_files(directory) if directory.is_dir() else {}
-        )  # opcodes read, nothing unpickled; workers check again
+        unsafe = unsafe_model_files(directory) if directory.is_dir() else {}  # opcodes read, never unpickled
         if unsafe:
             message = f"Teacher directory '{location}': {describe_unsafe(unsafe)}"
             raise _location_error(message, UNSAFE_MODEL_FILE)
@@ -178,6 +175,32 @@ def register(
         session.rollback()
         raise Conflict(f"A teacher named '{request.name}' is already registered.") from exc
     return teacher
+
+
+def _check_program(path: Path, location: str) -> None:
+    """A .pt2 must be a torch.export archive with one floating tensor input and (batch, C) logits.
+
+    Read from the program's JSON inside the archive (no torch, nothing unpickled); the worker loads it with
+    torch.export.load and checks it again against the job's data.
+    """
+    info = program_info(path)
+    if info is None:
+        raise _location_error(
+            f"'{location}' is not a torch.export archive (write it with torch.export.save(program, path)).",
+            "teacher_invalid",
+        )
+    if len(info.inputs) != 1 or not info.inputs[0][1].startswith(("float", "bfloat")):
+        described = [(["batch", *sizes[1:]], dtype) for sizes, dtype in info.inputs]
+        raise _location_error(
+            f"'{location}' takes inputs {described}; a teacher program takes one floating point tensor "
+            "(batch, ...) and returns logits.",
+            "teacher_invalid",
+        )
+    if len(info.outputs) != 1 or len(info.outputs[0]) != 2:
+        raise _location_error(
+            f"'{location}' returns {info.outputs}; a teacher program returns logits (batch, C).",
+            "teacher_invalid",
+        )
 
 
 def _location_error(message: str, code: str) -> Unprocessable:

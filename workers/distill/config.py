@@ -17,8 +17,12 @@ class EngineConfig:
     teacher_cache_max_bytes: int = 2 * 2**30
     # Minimum seconds between epoch checkpoints (0: every epoch; the last epoch and a stop always write).
     checkpoint_min_interval_s: float = 0.0
+    # Kept checkpoints per job (student weights): `last`, `best`, and the most recent epochs up to this many.
+    checkpoint_keep: int = 3
 
     def __post_init__(self) -> None:
+        if self.checkpoint_keep < 2:
+            raise ValueError("checkpoint_keep must be >= 2 (last and best)")
         if self.teacher_cache_max_bytes < 0:
             raise ValueError("teacher_cache_max_bytes must be >= 0")
         if self.checkpoint_min_interval_s < 0:
@@ -26,8 +30,10 @@ class EngineConfig:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
-        """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S)."""
+        """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S,
+        CHECKPOINT_KEEP)."""
         return cls(
             teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
+            checkpoint_keep=settings.checkpoint_keep,
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from workers.distill.adapter import TaskAdapter
 from workers.distill.checkpoint import flushes_checkpoints, restore_rng_state, rng_state
 from workers.distill.config import EngineConfig
 from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress, StopChecker
+from workers.distill.kept import StartFrom
 from workers.distill.kernel import (
     Batch,
     ModelOutputs,
@@ -135,11 +137,14 @@ def train_run(
     resume_from: dict[str, Any] | None,
     stopper: StopChecker,
     engine: EngineConfig | None = None,
+    start_from: StartFrom | None = None,
 ) -> tuple[RunState, dict[str, Any]]:
     """Train `student` for `plan.epochs`; returns its state (best student kept) and cache info.
 
     `checkpoint(payload)` is called at the start and after every epoch with everything needed to resume;
-    `resume_from` is such a payload for this run.
+    `resume_from` is such a payload for this run. `start_from` (a fork, when not resuming) starts from a
+    kept checkpoint's weights at its epoch with a fresh optimizer, the learning-rate schedule advanced to
+    that epoch, and trains only the epochs after it.
     """
     config = spec.training_config
     engine = engine or EngineConfig()
@@ -160,7 +165,9 @@ def train_run(
         if not s_probe.hidden_states or not t_probe.hidden_states:
             raise EngineError("unsupported", "feature_distillation needs hidden states from both models")
         projector = FeatureProjector(
-            [h.shape[-1] for h in s_probe.hidden_states], [h.shape[-1] for h in t_probe.hidden_states]
+            [h.shape[-1] for h in s_probe.hidden_states],
+            [h.shape[-1] for h in t_probe.hidden_states],
+            config.layer_mapping,
         ).to(device)
 
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -191,6 +198,33 @@ def train_run(
             best_metric=resume_from["best_metric"],
             best_epoch=resume_from["best_epoch"],
             best_state=resume_from["best_state"],
+        )
+    elif start_from is not None:
+        if start_from.epoch >= plan.epochs:
+            raise EngineError(
+                "nothing_to_train",
+                f"the checkpoint is at epoch {start_from.epoch}; training_config.epochs must be larger",
+            )
+        try:
+            student.load_state_dict(start_from.state)
+        except RuntimeError as exc:
+            raise EngineError(
+                "parent_checkpoint_incompatible",
+                f"the checkpoint's student does not fit this job's student (teacher, target_compression "
+                f"and dataset must match the parent's): {str(exc)[:300]}",
+            ) from exc
+        with warnings.catch_warnings():  # stepping the schedule alone is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_from.epoch * steps_per_epoch):
+                scheduler.step()
+        for _ in range(start_from.epoch):  # the data order an uninterrupted run would see next
+            torch.randperm(len(data.train), generator=generator)  # type: ignore[arg-type]
+        state = RunState(
+            epoch=start_from.epoch,
+            history=list(start_from.history),
+            best_metric=start_from.metric,
+            best_epoch=start_from.epoch,
+            best_state=_state_copy(student),
         )
 
     last_saved = {"epoch": -1, "at": 0.0}
@@ -279,6 +313,7 @@ def train_run(
                     temperature=plan.temperature,
                     projector=projector,
                     attention_mask=batch.get("attention_mask"),
+                    layer_mapping=config.layer_mapping,
                 )
                 total, terms = combine_losses(plan.weights, inputs)
             optimizer.zero_grad(set_to_none=True)

@@ -64,6 +64,7 @@ from workers.distill.contract import (
     Progress,
     StopChecker,
 )
+from workers.distill.kept import KeptCheckpoints, StartFrom
 from workers.distill.kernel import TaskData, count_parameters, model_size_mb
 from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
@@ -304,21 +305,27 @@ def resolve_device(requested: Device) -> torch.device:
 
 
 def resolve_teacher(name_or_path: str) -> TeacherSource:
-    """A default-registry teacher by name, a local directory or a `.pt2` program (the CLI runner accepts
-    paths)."""
+    """A default-registry teacher by name, or a local directory or `.pt2` program (the CLI takes paths)."""
     for source in DEFAULT_TEACHERS:
         if source.name == name_or_path:
             return source
     names = ", ".join(t.name for t in DEFAULT_TEACHERS)
-    missing = f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 program"
     try:
-        path = resolve_path(name_or_path, root=None, kind=PathKind.any, what="teacher directory")
+        path = resolve_path(
+            name_or_path, root=None, kind=PathKind.any, what="teacher directory or .pt2 program"
+        )
     except PathRefused as exc:
         if exc.code != "path_not_found":
             raise EngineError(exc.code, exc.message) from exc
-        raise EngineError("teacher_not_found", missing) from exc
-    if not path.is_dir() and path.suffix != ".pt2":
-        raise EngineError("teacher_not_found", missing)
+        raise EngineError(
+            "teacher_not_found",
+            f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 file",
+        ) from exc
+    if path.is_file() and path.suffix != ".pt2":
+        raise EngineError(
+            "teacher_not_found",
+            f"teacher '{name_or_path}' is a file; a file teacher is a torch.export program (.pt2)",
+        )
     return TeacherSource(name=path.name, kind=TeacherSourceKind.local, location=str(path), type="local")
 
 
@@ -420,11 +427,14 @@ def run_job(
     trust_remote_code: bool = False,
     config: EngineConfig | None = None,
     student: NamedStudent | None = None,
+    start_from: Path | None = None,
 ) -> DistillationResults:
     """Run one distillation job end to end; writes artifacts and returns (and stores) its results.
 
     `student` is the spec's named student already resolved (the worker resolves registry names); None
-    resolves it here with `named_student(spec)`.
+    resolves it here with `named_student(spec)`. `start_from`: a kept checkpoint (`kept.KEPT_SUFFIX`
+    file) of another job to start from, when there is no checkpoint of this job's own to resume: only the
+    epochs after it are trained.
     Raises EngineError(code, message) on failures a person can act on, JobStopped when `should_stop()`
     answered True (the last checkpoint is kept).
     """
@@ -445,6 +455,7 @@ def run_job(
             trust_remote_code=trust_remote_code,
             engine=config or EngineConfig(),
             named=student if student is not None else named_student(spec),
+            start_from=start_from,
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -478,6 +489,7 @@ def _run_phases(
     trust_remote_code: bool,
     engine: EngineConfig,
     named: NamedStudent | None,
+    start_from: Path | None = None,
 ) -> DistillationResults:
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
@@ -509,7 +521,14 @@ def _run_phases(
         train_ctx = dataclasses.replace(ctx, spec=searched.final_spec)
         torch.manual_seed(spec.training_config.seed)  # the final run as a job of that size would run
     initial_metric, completed, training_seconds = train_stages(
-        train_ctx, prepared, students, data, resume=resume, span=spans[f"seed-{spec.training_config.seed}"]
+        train_ctx,
+        prepared,
+        students,
+        data,
+        resume=resume,
+        span=spans[f"seed-{spec.training_config.seed}"],
+        start_from=start_from,
+        keep_checkpoints=True,
     )
     seed_runs = [
         SeedRun(spec.training_config.seed, completed, training_seconds),
@@ -522,6 +541,7 @@ def _run_phases(
     measured = measure(ctx, prepared.model, student, data)
     extra = compress(ctx, student, data)
     extra |= export(ctx, student, data)
+    extra["splits"] = data.info.get("splits")
     if searched is not None:
         extra |= searched.result_fields(ctx.adapter, prepared, delivered)
     if spec.training_config.seeds is not None:
@@ -632,10 +652,15 @@ def train_stages(
     *,
     resume: bool,
     span: tuple[float, float] | None = None,
+    start_from: Path | None = None,
+    keep_checkpoints: bool = False,
 ) -> tuple[float, list[StageRecord], float]:
-    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
+    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches
+    (else started from `start_from`, a kept checkpoint of another job, for a single-stage job).
 
     `span` is the slice of the job's progress these runs cover (default: the whole training slice).
+    `keep_checkpoints`: announce kept checkpoints (`kept.KeptCheckpoints`): the job's own run only, not
+    search trials or extra seeds, whose folders are their own.
     Returns the fresh student's test metric, the finished runs and the seconds spent training.
     """
     spec, adapter, callbacks = ctx.spec, ctx.adapter, ctx.callbacks
@@ -663,6 +688,31 @@ def train_stages(
         completed = []
         start_index = 0
 
+    parent: StartFrom | None = None
+    if saved is None and start_from is not None:
+        if [p.kind for p in plans] != ["distill"]:
+            raise EngineError(
+                "fork_unsupported",
+                "a job started from a checkpoint is one distillation stage: no baseline, not progressive",
+            )
+        parent = StartFrom.load(start_from)
+        callbacks.on_event(
+            "checkpoint",
+            "starting from a parent checkpoint",
+            {"epoch": parent.epoch, "stage": parent.stage, "metric": parent.metric},
+        )
+    kept = (
+        None
+        if not keep_checkpoints
+        else KeptCheckpoints(
+            ctx.paths.checkpoints,
+            keep=ctx.engine.checkpoint_keep,
+            metric=adapter.metric,
+            stages=sum(1 for p in plans if p.kind == "distill"),
+            callbacks=callbacks,
+        )
+    )
+
     steps_per_epoch = -(-len(data.train) // config.batch_size)  # type: ignore[arg-type]
     start, end = span or PROGRESS_TABLE["training"]
     progressor = Progressor(
@@ -674,6 +724,9 @@ def train_stages(
     )
 
     def write_checkpoint(run_index: int, run_payload: dict[str, Any] | None) -> None:
+        if run_payload is not None and kept is not None:
+            plan = plans[run_index]
+            kept.after_epoch(run_kind=plan.kind, stage=plan.stage, payload=run_payload)
         save_checkpoint(
             checkpoint_path,
             {
@@ -719,6 +772,7 @@ def train_stages(
             resume_from=resume_payload,
             stopper=ctx.stopper,
             engine=ctx.engine,
+            start_from=parent if index == start_index and resume_payload is None else None,
         )
         final_metric = ctx.evaluate(student, data)
         final_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
