@@ -257,3 +257,31 @@ def test_class_folders_follow_the_teachers_label_order() -> None:
     assert adapter._label_order(teacher, names) == ["emu", "cat", "dog"]
     other = AutoModelForImageClassification.from_config(tiny_config("resnet", num_labels=3))
     assert adapter._label_order(other, names) == names
+
+
+def test_hub_image_dataset_goes_through_load_dataset(digits: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kind 'hub': datasets.load_dataset(name, subset, split=, revision=) (the network call replaced by a
+    local table of the same shape: an Image column and a ClassLabel)."""
+    files = sorted(digits.glob("*/*.png"))
+    table = datasets.Dataset.from_dict(
+        {"img": [str(p) for p in files], "label": [DIGIT_NAMES.index(p.parent.name) for p in files]},
+        features=datasets.Features(
+            {"img": datasets.Image(), "label": datasets.ClassLabel(names=DIGIT_NAMES)}
+        ),
+    )
+    calls: list[tuple[Any, ...]] = []
+
+    def load_dataset(name: str, subset: str | None, *, split: str, revision: str | None) -> datasets.Dataset:
+        calls.append((name, subset, split, revision))
+        return table
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    spec = _spec(
+        {"kind": "hub", "name": "org/digits", "split": "train", "revision": "v1"},
+        image_config={"image_column": "img"},
+    )
+    splits = read_image_splits(spec, file_root=None)
+    assert calls == [("org/digits", None, "train", "v1")]
+    assert splits.label_names == DIGIT_NAMES and len(splits.test.items) == 10
+    decoded = decode_split(splits.val, splits.label_names, PREP)
+    assert decoded.tensors["pixels"].shape[1:] == (3, 16, 16)
