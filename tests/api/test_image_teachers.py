@@ -63,7 +63,7 @@ def test_a_pt2_image_classifier_registers_and_runs_with_image_folders(
     assert response.json()["available_offline"] is True
 
     folder = {"kind": "file", "path": str(images.relative_to(root))}
-    preprocessing = {"preprocessing": {"size": [32, 32], "mean": [0.5], "std": [0.5]}}
+    preprocessing = {"preprocessing": {"size": [16, 16], "mean": [0.5], "std": [0.5]}}
     job = client.post(
         "/distillation/jobs", json=_job(name, "image-classification", folder, image_config=preprocessing)
     )
@@ -119,7 +119,7 @@ def test_the_job_page_names_the_image_task(
     teacher = {"name": name, "kind": "local", "location": str(program), "type": "image_classifier"}
     assert client.post("/distillation/teachers", json=teacher).status_code == 201
     folder = {"kind": "file", "path": str(images.relative_to(root))}
-    prep = {"preprocessing": {"size": [32, 32]}}
+    prep = {"preprocessing": {"size": [16, 16]}}
     job = client.post(
         "/distillation/jobs", json=_job(name, "image-classification", folder, image_config=prep)
     )
@@ -134,3 +134,26 @@ def test_the_job_page_names_the_image_task(
     assert signin.status_code == 303
     page = browser.get(f"/jobs/{job.json()['job_id']}").text
     assert '<dd id="job-task">image-classification</dd>' in page
+
+
+def test_a_pt2_image_job_needs_preprocessing_that_fits_the_program(client: TestClient, problem: Any) -> None:
+    program, images = _program_and_images()  # the program takes (batch, 3, 16, 16)
+    root = get_settings().file_root
+    name = _name()
+    teacher = {
+        "name": name,
+        "kind": "local",
+        "location": str(program.relative_to(root)),
+        "type": "image_classifier",
+    }
+    assert client.post("/distillation/teachers", json=teacher).status_code == 201
+    folder = {"kind": "file", "path": str(images.relative_to(root))}
+    missing = problem(client.post("/distillation/jobs", json=_job(name, "image-classification", folder)), 422)
+    assert [e["field"] for e in missing["errors"]] == ["image_config.preprocessing"]
+    wrong = _job(name, "image-classification", folder, image_config={"preprocessing": {"size": [32, 32]}})
+    body = problem(client.post("/distillation/jobs", json=wrong), 422)
+    error = body["errors"][0]
+    assert error["field"] == "image_config.preprocessing.size" and error["type"] == "shape_mismatch"
+    assert "['batch', 3, 32, 32]" in error["msg"]
+    right = _job(name, "image-classification", folder, image_config={"preprocessing": {"size": [16, 16]}})
+    assert client.post("/distillation/jobs", json=right).status_code == 201
