@@ -67,7 +67,8 @@ def _resolve_dataset_path(spec: JobSpec) -> JobSpec:
     dataset = spec.dataset_config
     if not isinstance(dataset, FileDataset):
         return spec
-    path = resolve_path(dataset.path, root=None, kind=PathKind.file, what="dataset file")
+    # A directory too: image folders and datasets' save_to_disk output (the engine checks what it holds).
+    path = resolve_path(dataset.path, root=None, kind=PathKind.any, what="dataset path")
     return spec.model_copy(update={"dataset_config": dataset.model_copy(update={"path": str(path)})})
 
 

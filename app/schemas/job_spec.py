@@ -32,6 +32,7 @@ class Task(StrEnum):
     sequence_classification = "sequence-classification"
     causal_lm = "causal-lm"
     masked_lm = "masked-lm"
+    image_classification = "image-classification"
 
 
 class Device(StrEnum):
@@ -342,6 +343,63 @@ StudentSpec = Annotated[
 
 DEFAULT_TARGET_COMPRESSION = 0.1
 
+# ---- images (task image-classification) ------------------------------------------------------------
+
+
+class ImagePreprocessing(_Strict):
+    """How images become the teacher's input; given in the job for a `.pt2` teacher (a transformers
+    teacher brings its own in preprocessor_config.json, which this overrides when set)."""
+
+    size: list[Annotated[int, Field(strict=True, ge=8, le=4096)]] = Field(
+        min_length=2, max_length=2, description="Model input [height, width] in pixels."
+    )
+    resize_shortest_edge: Annotated[int, Field(strict=True, ge=8, le=8192)] | None = Field(
+        default=None,
+        description="Resize the shorter side to this, then centre-crop to size (default: resize to size).",
+    )
+    rescale_factor: float = Field(strict=True, default=1 / 255, gt=0, le=1.0)
+    mean: list[Annotated[float, Field(strict=True, ge=-10, le=10)]] = Field(
+        default_factory=lambda: [0.5, 0.5, 0.5], min_length=1, max_length=4
+    )
+    std: list[Annotated[float, Field(strict=True, gt=0, le=100)]] = Field(
+        default_factory=lambda: [0.5, 0.5, 0.5], min_length=1, max_length=4
+    )
+    channels: Literal[1, 3] = Field(default=3, description="3: RGB, 1: greyscale.")
+
+    @model_validator(mode="after")
+    def _check_lengths(self) -> ImagePreprocessing:
+        if len(self.mean) not in (1, self.channels) or len(self.std) not in (1, self.channels):
+            raise ValueError(f"mean and std need 1 or {self.channels} values (one per channel)")
+        return self
+
+
+class ImageAugmentation(_Strict):
+    """Training-split augmentation (val/test never); the teacher-output cache is off when it is on."""
+
+    random_resized_crop: bool = Field(strict=True, default=False)
+    crop_scale: list[Annotated[float, Field(strict=True, gt=0, le=1)]] = Field(
+        default_factory=lambda: [0.08, 1.0], min_length=2, max_length=2, description="Area fraction range."
+    )
+    horizontal_flip: bool = Field(strict=True, default=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.random_resized_crop or self.horizontal_flip
+
+
+class ImageConfig(_Strict):
+    """Options of task image-classification."""
+
+    image_column: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Column of CSV/JSONL image paths (default 'path') or of a datasets Image feature "
+        "(default 'image'); image folders (class/*.png|jpg) need none.",
+    )
+    preprocessing: ImagePreprocessing | None = None
+    augmentation: ImageAugmentation = Field(default_factory=ImageAugmentation)
+
 
 class Compression(_Strict):
     prune_amount: float = Field(
@@ -386,6 +444,9 @@ class JobSpec(_Strict):
     training_config: TrainingConfig = Field(default_factory=TrainingConfig)
     dataset_config: DatasetConfig = Field(default_factory=BuiltinDataset)
     compression: Compression = Field(default_factory=Compression)
+    image_config: ImageConfig | None = Field(
+        default=None, description="Task image-classification: image column, preprocessing, augmentation."
+    )
 
     @model_validator(mode="after")
     def _check_world_size(self) -> JobSpec:
@@ -425,4 +486,14 @@ class JobSpec(_Strict):
                     raise ValueError(f"feature_columns is for task 'classification', not '{self.task}'")
         if isinstance(self.dataset_config, BuiltinDataset) and self.task != Task.classification:
             raise ValueError(f"the builtin 'digits' dataset is for task 'classification', not '{self.task}'")
+        if self.image_config is not None and self.task != Task.image_classification:
+            raise ValueError(f"image_config is for task 'image-classification', not '{self.task}'")
+        if self.image_config is not None and self.image_config.augmentation.enabled:
+            # Cached teacher outputs describe un-augmented images: an augmented epoch recomputes them.
+            if self.training_config.teacher_cache == TeacherCache.on:
+                raise ValueError(
+                    "training_config.teacher_cache 'on' cannot be used with image_config.augmentation "
+                    "(cached teacher outputs are of un-augmented images); use 'auto' or 'off'"
+                )
+            self.training_config.teacher_cache = TeacherCache.off
         return self

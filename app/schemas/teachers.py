@@ -20,7 +20,9 @@ class TeacherSource(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     kind: TeacherSourceKind
     location: str = Field(min_length=1, max_length=4096, description="builtin name, directory or hub id")
-    type: str = Field(description="transformer | causal_lm | masked_lm | cnn", max_length=64)
+    type: str = Field(
+        description="transformer | causal_lm | masked_lm | cnn | image_classifier", max_length=64
+    )
     params: int | None = Field(default=None, ge=0, description="Parameter count, when known")
     task: str | None = Field(default=None, description="Task the teacher serves by default")
     description: str = ""

@@ -11,8 +11,10 @@ from app.core.paths import check_path_text
 from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.job_spec import Task
 
-# "program": a torch.export archive (.pt2) whose output is logits; "mlp"/"cnn": classification models.
-TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn", "mlp", "program"]
+# "program": a torch.export archive (.pt2) whose output is logits; "mlp"/"cnn": classification models;
+# "image_classifier": a transformers image classifier (directory or hub id) or a `.pt2` image program.
+IMAGE_TEACHER_TYPE = "image_classifier"
+TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn", "mlp", "program", "image_classifier"]
 
 
 class TeacherCreate(BaseModel):

@@ -293,4 +293,37 @@ def check_brought(
             _check_program_teacher(teacher, teacher_path, width, errors)
     elif spec.task in _TEXT_TASKS and teacher_path is not None:
         _check_text_student(spec, teacher_path, student_dir, errors)
+    elif spec.task == Task.image_classification and teacher is not None and teacher_path is not None:
+        _check_image_program(spec, teacher, teacher_path, errors)
     return spec
+
+
+def _check_image_program(spec: JobSpec, teacher: Teacher, path: Path, errors: list[dict[str, Any]]) -> None:
+    """A `.pt2` image teacher needs the job's preprocessing, and its input must be the (C, H, W) it gives."""
+    if path.suffix != ".pt2":
+        return
+    given = spec.image_config.preprocessing if spec.image_config else None
+    if given is None:
+        errors.append(
+            _error(
+                ["image_config", "preprocessing"],
+                f"Teacher '{teacher.name}' is a .pt2 program: give image_config.preprocessing (size, mean, "
+                "std) saying how its images were prepared",
+                "missing",
+            )
+        )
+        return
+    info = model_info.program_info(path)
+    if info is None or len(info.inputs) != 1:
+        return  # the worker checks it against the data before training
+    sizes = info.inputs[0][0][1:]
+    expected = [given.channels, *given.size]
+    if len(sizes) != 3 or any(s is not None and s != e for s, e in zip(sizes, expected, strict=True)):
+        errors.append(
+            _error(
+                ["image_config", "preprocessing", "size"],
+                f"Teacher '{teacher.name}' takes input {['batch', *sizes]}; the preprocessing gives "
+                f"{['batch', *expected]} (channels, height, width)",
+                "shape_mismatch",
+            )
+        )

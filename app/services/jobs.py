@@ -30,6 +30,7 @@ from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
+from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
 from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
 from app.services import estimates as estimates_service
@@ -39,7 +40,7 @@ from app.services.events import record_event, record_state_change
 
 logger = logging.getLogger("distillery.jobs")
 
-_LABELLED_TASKS = (Task.classification, Task.sequence_classification)
+_LABELLED_TASKS = (Task.classification, Task.sequence_classification, Task.image_classification)
 _STATE_CHANGE_RETRIES = 5
 
 
@@ -67,6 +68,26 @@ def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | No
     """
     text_task = _TEXT_TEACHER_TASKS.get(teacher.type)
     default = Task(teacher.task) if teacher.task in set(Task) else None
+    image_teacher = teacher.type == IMAGE_TEACHER_TYPE
+    # A .pt2 program may be an image classifier too (the job's preprocessing says how to feed it).
+    image_capable = image_teacher or teacher.type == "program"
+    if (task == Task.image_classification and not image_capable) or (
+        image_teacher and task != Task.image_classification
+    ):
+        if image_teacher:
+            use: Task | None = Task.image_classification
+            advice = f"use task '{use}'"
+        else:
+            use = default or text_task or Task.classification
+            advice = f"use task '{use}', or register an image classifier with type '{IMAGE_TEACHER_TYPE}'"
+        return (
+            f"Teacher '{teacher.name}' is a {teacher.source_kind} {teacher.type} model; task '{task}' needs "
+            f"an image classifier (type '{IMAGE_TEACHER_TYPE}': a transformers image model or a .pt2 "
+            f"program): {advice}",
+            str(use),
+        )
+    if image_teacher or task == Task.image_classification:
+        return None
     if task == Task.classification and (text_task is not None or teacher.source_kind == "hub"):
         use = default if default not in (None, Task.classification) else text_task
         advice = f"use task '{use}'" if use else "register the model as a local directory instead"
@@ -287,8 +308,10 @@ WITH job AS (
         WHERE teachers.name = %(teacher)s::varchar
           AND (teachers.tenant_id IS NULL OR teachers.tenant_id = %(tenant_id)s::varchar)
           -- `_teacher_task_mismatch` in SQL: any mismatch falls back to `create`, which explains it.
-          AND CASE WHEN %(classification)s::boolean
+          AND CASE WHEN %(image)s::boolean THEN teachers.type = ANY(%(image_types)s::varchar[])
+                   WHEN %(classification)s::boolean
                    THEN NOT (teachers.type = ANY(%(text_types)s::varchar[])) AND teachers.source_kind <> 'hub'
+                        AND teachers.type <> %(image_type)s::varchar
                    ELSE teachers.type = ANY(%(text_types)s::varchar[]) AND teachers.source_kind <> 'builtin'
               END
     )
@@ -340,6 +363,9 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
         "event": Json({"from": None, "to": JobStatus.pending.value}),
         "classification": spec.task == Task.classification,
         "text_types": sorted(_TEXT_TEACHER_TASKS),
+        "image": spec.task == Task.image_classification,
+        "image_type": IMAGE_TEACHER_TYPE,
+        "image_types": [IMAGE_TEACHER_TYPE, "program"],
     }
     row = await db.fetch_one(_CREATE_PENDING_SQL, params, retry=False)
     return None if row is None else to_read(row)

@@ -117,3 +117,49 @@ def test_one_statement_create_stores_what_create_stores(async_db: AsyncDb, tenan
 def test_other_creates_take_the_full_path(body: dict[str, Any], settings: dict[str, Any]) -> None:
     request = JobCreate.model_validate({"teacher_model_name": "digits-cnn", **body})
     assert not jobs_service.creates_in_one_statement(request, Settings(**settings))
+
+
+def test_the_statement_fits_image_teachers_to_image_tasks_only(
+    async_db: AsyncDb, tenants: tuple[str, str]
+) -> None:
+    """An image_classifier teacher is created in one statement for image-classification; with task
+    classification (or digits-cnn with the image task) nothing is stored and the full check answers."""
+    tenant_id, _ = tenants
+    with session_scope() as session:
+        session.add(
+            Teacher(
+                name="my-vit",
+                source_kind="hub",
+                location="org/vit",
+                type="image_classifier",
+                tenant_id=tenant_id,
+            )
+        )
+    hub_images = {"kind": "hub", "name": "org/images"}
+    image_job = JobCreate.model_validate(
+        {"teacher_model_name": "my-vit", "task": "image-classification", "dataset_config": hub_images}
+    )
+    wrong_task = JobCreate.model_validate({"teacher_model_name": "my-vit", "task": "classification"})
+    wrong_teacher = JobCreate.model_validate(
+        {"teacher_model_name": "digits-cnn", "task": "image-classification", "dataset_config": hub_images}
+    )
+    assert all(jobs_service.creates_in_one_statement(r, get_settings()) for r in (image_job, wrong_task))
+
+    async def create() -> list[Any]:
+        await async_db.open()
+        try:
+            return [
+                await jobs_service.create_pending_async(async_db, request=r, tenant_id=tenant_id)
+                for r in (image_job, wrong_task, wrong_teacher)
+            ]
+        finally:
+            await async_db.close()
+
+    try:
+        made, refused_task, refused_teacher = asyncio.run(create())
+        assert made is not None and made.spec["task"] == "image-classification"
+        assert refused_task is None and refused_teacher is None
+    finally:
+        with session_scope() as session:
+            session.execute(delete(Job))
+            session.execute(delete(Teacher).where(Teacher.name == "my-vit"))

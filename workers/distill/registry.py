@@ -19,7 +19,7 @@ AdapterFactory = Callable[[], TaskAdapter]
 
 _ADAPTERS: dict[Task, AdapterFactory] = {}
 # Modules that register more adapters when imported; a missing or broken one never breaks the others.
-_OPTIONAL_MODULES = ("workers.distill.tasks.transformers",)
+_OPTIONAL_MODULES = ("workers.distill.tasks.transformers", "workers.distill.tasks.vision")
 _loaded_optional = False
 
 
