@@ -133,9 +133,19 @@ class TaskAdapter(ABC):
             weights["attention_kd"] = spec.training_config.attention_weight
         return weights
 
-    def cache_teacher_outputs(self, outputs: ModelOutputs, spec: JobSpec) -> ModelOutputs:
-        """Shrink teacher outputs before they go into the cache (default: keep them as they are)."""
+    def loss_options(self, spec: JobSpec) -> dict[str, Any]:
+        """Per-job options the task's loss terms read from `LossInputs.options` (default: none)."""
         del spec
+        return {}
+
+    def cache_teacher_outputs(
+        self, outputs: ModelOutputs, spec: JobSpec, *, temperature: float | None = None
+    ) -> ModelOutputs:
+        """Shrink teacher outputs before they go into the cache (default: keep them as they are).
+
+        `temperature` is the run's (a cached form may depend on it, e.g. a top-k tail's normaliser).
+        """
+        del spec, temperature
         return outputs
 
     def cache_bytes_per_example(self, outputs: ModelOutputs, batch_size: int) -> int:

@@ -237,6 +237,7 @@ def train_run(
                 batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
                 max_bytes=max_bytes,
                 stopper=stopper,
+                temperature=plan.temperature,
             )
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
             logger.warning("teacher cache did not fit (%s): recomputing teacher outputs each step", exc)
@@ -244,6 +245,7 @@ def train_run(
         cache_info = {"used": cache is not None, "seconds": time.monotonic() - started}
 
     plan_terms = [name for name, weight in plan.weights.items() if weight != 0]  # combine_losses' order
+    loss_options = adapter.loss_options(spec)
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         started = time.monotonic()
         student.train()
@@ -279,6 +281,7 @@ def train_run(
                     temperature=plan.temperature,
                     projector=projector,
                     attention_mask=batch.get("attention_mask"),
+                    options=loss_options,
                 )
                 total, terms = combine_losses(plan.weights, inputs)
             optimizer.zero_grad(set_to_none=True)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,8 @@ class LossInputs:
     temperature: float
     projector: FeatureProjector | None = None
     attention_mask: torch.Tensor | None = None  # (B, T) 1 = real token, for (B, T, H) features/attentions
+    # Per-job options of task terms (TaskAdapter.loss_options), e.g. the language-model divergence.
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 LossFn = Callable[[LossInputs], torch.Tensor]

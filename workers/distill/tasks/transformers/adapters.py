@@ -40,7 +40,7 @@ from workers.distill.tasks.transformers.finetune import (
     finetune_lock,
     finetuned_dir,
 )
-from workers.distill.tasks.transformers.losses import token_kl, topk_teacher_logits
+from workers.distill.tasks.transformers.losses import token_divergence, topk_teacher_logits
 from workers.distill.tasks.transformers.models import (
     AUTO_CLASSES,
     build_hf_student,
@@ -333,10 +333,24 @@ class _TokenAdapter(HFTaskAdapter):
         weights["token_kl"] = weights.pop("soft_target_kl")
         return weights
 
-    def cache_teacher_outputs(self, outputs: ModelOutputs, spec: JobSpec) -> ModelOutputs:
-        """Keep the teacher's top-k logits per token, not the whole vocabulary: (B, T, k) values + ids."""
-        values, ids = topk_teacher_logits(outputs.logits, spec.training_config.teacher_cache_top_k)
+    def loss_options(self, spec: JobSpec) -> dict[str, Any]:
+        """The divergence `token_kl` computes (training_config.lm_loss, beta, skew)."""
+        config = spec.training_config
+        return {"divergence": str(config.lm_loss), "beta": config.beta, "skew": config.skew}
+
+    def cache_teacher_outputs(
+        self, outputs: ModelOutputs, spec: JobSpec, *, temperature: float | None = None
+    ) -> ModelOutputs:
+        """Keep the teacher's top-k logits per token, not the whole vocabulary: (B, T, k) values + ids.
+
+        With `topk_tail` also the full-vocabulary logsumexp(logits / T) (B, T), which gives the tail bin.
+        """
+        config = spec.training_config
+        values, ids = topk_teacher_logits(outputs.logits, config.teacher_cache_top_k)
         extra = {**outputs.extra, "topk_ids": ids.to(torch.int32)}
+        if config.topk_tail:
+            scale = temperature if temperature is not None else config.temperature
+            extra["topk_lse"] = torch.logsumexp(outputs.logits.float() / scale, dim=-1)  # (B, T)
         return ModelOutputs(
             logits=values, hidden_states=outputs.hidden_states, attentions=outputs.attentions, extra=extra
         )
@@ -368,16 +382,25 @@ class MaskedLMAdapter(_TokenAdapter):
 
 @register_loss("token_kl")
 def token_kl_term(inputs: LossInputs) -> torch.Tensor:
-    """Token-level KD for LMs: full-vocabulary KL, or KL on the cached renormalised top-k of the teacher."""
+    """Token-level KD for LMs: the job's divergence (`lm_loss`) on the full vocabulary or the cached top-k.
+
+    The name stays `token_kl` (results' loss history) whichever divergence `inputs.options` selects.
+    """
     assert inputs.teacher is not None
     teacher = inputs.teacher
+    options = inputs.options
+    common: dict[str, Any] = {
+        "temperature": inputs.temperature,
+        "divergence": options.get("divergence", "forward_kl"),
+        "beta": float(options.get("beta", 0.5)),
+        "skew": float(options.get("skew", 0.1)),
+    }
     if "topk_ids" in teacher.extra:
-        return token_kl(
+        return token_divergence(
             inputs.student.logits,
             inputs.targets,
-            temperature=inputs.temperature,
             teacher_topk=(teacher.logits, teacher.extra["topk_ids"]),
+            teacher_lse=teacher.extra.get("topk_lse"),
+            **common,
         )
-    return token_kl(
-        inputs.student.logits, inputs.targets, temperature=inputs.temperature, teacher_logits=teacher.logits
-    )
+    return token_divergence(inputs.student.logits, inputs.targets, teacher_logits=teacher.logits, **common)
