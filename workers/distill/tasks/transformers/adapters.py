@@ -362,7 +362,7 @@ class CausalLMAdapter(_TokenAdapter):
     task = Task.causal_lm
 
     def targets(self, batch: Batch) -> torch.Tensor:
-        return causal_targets(batch["input_ids"], batch["attention_mask"])  # (B, T)
+        return causal_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))  # (B, T)
 
 
 class MaskedLMAdapter(_TokenAdapter):
