@@ -247,3 +247,37 @@ def write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
     """One JSON object per line."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def train_tiny_gpt2(
+    directory: Path,
+    texts: list[str],
+    *,
+    chat: bool = False,
+    layers: int = 2,
+    hidden: int = 48,
+    heads: int = 4,
+    steps: int = 150,
+    batch_size: int = 32,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> PreTrainedModel:
+    """A tiny GPT-2 teacher trained with cross-entropy on `texts` (each ends with eos), save_pretrained."""
+    model = save_tiny_gpt2(directory, layers=layers, hidden=hidden, heads=heads, seed=seed, chat=chat)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    eos = tokenizer.eos_token or ""
+    encoded = tokenizer([t + " " + eos for t in texts], padding="longest", return_tensors="pt")
+    ids, mask = encoded["input_ids"], encoded["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(0, ids.shape[0], (batch_size,), generator=generator)
+        loss = model(input_ids=ids[rows], attention_mask=mask[rows], labels=labels[rows]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(directory)
+    return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ def train_run(
         if projector is not None:
             projector.train()
         running = torch.zeros(1 + len(plan_terms), device=device)  # per-epoch sums of [total, *terms]
+        step_rng = random.Random(f"{config.seed}/{plan.stage}/{epoch}")  # per epoch: a resume replays it
         pending: list[torch.Tensor] = []  # detached per-step losses, summed in chunks (one op per chunk)
         steps = 0
         for step, (indices, cpu_batch) in enumerate(
@@ -262,11 +264,21 @@ def train_run(
                 batch = to_device(
                     {k: v.pin_memory() for k, v in cpu_batch.items()}, device, non_blocking=True
                 )
+            chosen = adapter.step_batch(
+                batch,
+                indices,
+                student=student,
+                data=data,
+                spec=spec,
+                distilling=plan.kind == "distill",
+                rng=step_rng,
+            )
+            batch = chosen.batch
             with autocast(device):
                 student_out = adapter.forward(student, batch, hidden_states=need_hidden, attentions=need_attn)
                 teacher_out: ModelOutputs | None = None
                 if need_teacher:
-                    if cache is not None:
+                    if cache is not None and not chosen.fresh_teacher:
                         teacher_out = cache.lookup(indices, student_out)
                     else:
                         assert teacher is not None
@@ -283,14 +295,18 @@ def train_run(
                     attention_mask=batch.get("attention_mask"),
                     options=loss_options,
                 )
-                total, terms = combine_losses(plan.weights, inputs)
+                weights = plan.weights
+                if chosen.skip_terms:
+                    weights = {k: 0.0 if k in chosen.skip_terms else w for k, w in weights.items()}
+                total, terms = combine_losses(weights, inputs)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             scheduler.step()
             steps = step
             pending.append(total.detach())
-            pending.extend(v.detach() for v in terms.values())
+            # A step's own weights may skip a term: it counts 0 so every step adds len(plan_terms) values.
+            pending.extend(terms[n].detach() if n in terms else total.new_zeros(()) for n in plan_terms)
             if len(pending) >= 512:
                 running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
                 pending.clear()

@@ -345,7 +345,8 @@ def _run_phases(
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, prepared.model, delivered))
     measured = measure(ctx, prepared.model, student, data)
-    extra = compress(ctx, student, data)
+    extra = ctx.adapter.compare_with_teacher(prepared.model, student, data, ctx.device)
+    extra |= compress(ctx, student, data)
     extra |= export(ctx, student, data)
     return write_results(
         ctx,

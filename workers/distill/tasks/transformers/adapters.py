@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
+import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,8 +20,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
-from workers.distill.adapter import TaskAdapter
-from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
+from workers.distill.adapter import StepBatch, TaskAdapter
+from workers.distill.contract import (
+    ARTIFACT_CONFIG,
+    ARTIFACT_WEIGHTS,
+    EngineCallbacks,
+    EngineError,
+    JobStopped,
+    Progress,
+)
+from workers.distill.fingerprint import model_fingerprint, tensors_fingerprint
 from workers.distill.kernel import (
     IGNORE_INDEX,
     Batch,
@@ -31,6 +42,7 @@ from workers.distill.losses import LossInputs, register_loss
 from workers.distill.tasks.transformers.data import (
     TextSplits,
     causal_targets,
+    encode_segments,
     read_text_splits,
     tokenise_split,
 )
@@ -40,6 +52,7 @@ from workers.distill.tasks.transformers.finetune import (
     finetune_lock,
     finetuned_dir,
 )
+from workers.distill.tasks.transformers.generation import generate_continuations
 from workers.distill.tasks.transformers.losses import token_divergence, topk_teacher_logits
 from workers.distill.tasks.transformers.models import (
     AUTO_CLASSES,
@@ -327,6 +340,27 @@ class _TokenAdapter(HFTaskAdapter):
             raise ValueError("evaluation split has no target tokens")
         return math.exp(min(total_nll / count, 50.0))
 
+    @torch.inference_mode()
+    def compare_with_teacher(
+        self, teacher: nn.Module, student: nn.Module, data: TaskData, device: torch.device
+    ) -> dict[str, Any]:
+        """`teacher_agreement`: share of test target positions where student and teacher top tokens agree."""
+        student.eval()
+        same = 0
+        count = 0
+        for cpu_batch in _ordered_batches(data.test):
+            batch = to_device(cpu_batch, device)
+            targets = self.targets(batch)  # (B, T)
+            mask = targets != IGNORE_INDEX
+            student_logits = self.forward(student, batch).logits  # (B, T, V_s)
+            teacher_logits = self.forward(teacher, batch).logits  # (B, T, V_t)
+            if student_logits.shape[-1] != teacher_logits.shape[-1]:
+                return {}  # different vocabularies: token ids do not correspond
+            student_top, teacher_top = student_logits.argmax(dim=-1), teacher_logits.argmax(dim=-1)
+            same += int((student_top[mask] == teacher_top[mask]).sum())
+            count += int(mask.sum())
+        return {"teacher_agreement": same / count} if count else {}
+
     def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
         """Token KD (full vocabulary or cached top-k) + next-token CE; hidden/attention terms by method."""
         weights = super().loss_weights(spec, temperature=temperature, alpha=alpha)
@@ -357,9 +391,148 @@ class _TokenAdapter(HFTaskAdapter):
 
 
 class CausalLMAdapter(_TokenAdapter):
-    """GPT-2 family: next-token distributions."""
+    """GPT-2 family: next-token distributions; also sequence-level KD and on-policy batches."""
 
     task = Task.causal_lm
+
+    def load_teacher(
+        self,
+        source: TeacherSource,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        data_dir: Path,
+        file_root: Path | None,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+        trust_remote_code: bool,
+    ) -> nn.Module:
+        """The teacher; with `sequence_kd` also its generated targets for the train split (built once)."""
+        teacher = super().load_teacher(
+            source,
+            spec,
+            data,
+            data_dir=data_dir,
+            file_root=file_root,
+            device=device,
+            callbacks=callbacks,
+            trust_remote_code=trust_remote_code,
+        )
+        if spec.training_config.sequence_kd:
+            data.info["sequence_kd_train"] = self._sequence_kd_targets(
+                teacher, spec, data, data_dir=data_dir, device=device, callbacks=callbacks
+            )
+        return teacher
+
+    def _sequence_kd_targets(
+        self,
+        teacher: nn.Module,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        data_dir: Path,
+        device: torch.device,
+        callbacks: EngineCallbacks,
+    ) -> TensorDictDataset:
+        """Greedy teacher completions of every train prompt, stored as text under data_dir and re-tokenised.
+
+        Stored as text (prompt, completion) so the student's tokenizer reads them (any vocabulary); the file
+        is keyed by the teacher's weights, the data and the generation settings, so every epoch, a resume
+        and later jobs reuse it.
+        """
+        assert isinstance(data.train, TensorDictDataset) and self.tokenizer is not None
+        config = spec.training_config
+        tokenizer = self.tokenizer
+        key = _sequence_kd_key(teacher, data.train, config.max_seq_length, config.max_new_tokens)
+        path = data_dir / "sequence_kd" / f"{key}.json"
+        started = time.monotonic()
+        reused = path.is_file()
+        if reused:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            callbacks.on_event(
+                "phase", "sequence_kd targets reused", {"phase": "teacher", "key": key, "file": path.name}
+            )
+        else:
+            callbacks.on_event("phase", "sequence_kd: teacher generating targets", {"phase": "teacher"})
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            assert pad is not None
+            pairs: list[list[str]] = []
+            total = len(data.train)
+            size = config.batch_size
+            for start in range(0, total, size):
+                batch = to_device(data.train.get_batch(torch.arange(start, min(start + size, total))), device)
+                generated = generate_continuations(
+                    teacher,
+                    batch,
+                    max_new_tokens=config.max_new_tokens,
+                    max_length=_max_positions(teacher, config.max_seq_length),
+                    pad_token_id=int(pad),
+                    eos_token_id=tokenizer.eos_token_id,
+                    sample=False,
+                )
+                for ids, attention, mask in zip(
+                    generated["input_ids"], generated["attention_mask"], generated["loss_mask"], strict=True
+                ):
+                    real = ids[attention.bool()].tolist()
+                    target = mask[attention.bool()].bool().tolist()
+                    prompt = [t for t, m in zip(real, target, strict=True) if not m]
+                    completion = [t for t, m in zip(real, target, strict=True) if m]
+                    pairs.append([str(tokenizer.decode(prompt)), str(tokenizer.decode(completion))])
+                callbacks.on_progress(Progress(phase="teacher", fraction=min(start + size, total) / total))
+                if callbacks.should_stop():
+                    raise JobStopped("while the teacher generated sequence_kd targets")
+            stored = {"key": key, "pairs": pairs, "seconds": time.monotonic() - started}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            partial.write_text(json.dumps(stored), encoding="utf-8")
+            partial.replace(path)
+        data.info["sequence_kd"] = {"key": key, "reused": reused, "teacher_seconds": stored["seconds"]}
+        student_tokenizer = data.info.get("student_tokenizer") or tokenizer
+        examples = [[(prompt, False), (completion, True)] for prompt, completion in stored["pairs"]]
+        return TensorDictDataset(encode_segments(examples, student_tokenizer, config.max_seq_length))
+
+    def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
+        """sequence_kd: cross-entropy on the teacher's generated targets only; else token KD + CE."""
+        if spec.training_config.sequence_kd:
+            return {"hard_target_ce": 1.0}
+        return super().loss_weights(spec, temperature=temperature, alpha=alpha)
+
+    def step_batch(
+        self,
+        batch: Batch,
+        indices: torch.Tensor,
+        *,
+        student: nn.Module,
+        data: TaskData,
+        spec: JobSpec,
+        distilling: bool,
+        rng: random.Random,
+    ) -> StepBatch:
+        """Distillation steps: sequence-KD rows in place of the data's, or (on_policy_fraction of the
+        steps) the student's own sampled continuations, which the teacher scores (loss on them only)."""
+        config = spec.training_config
+        if not distilling:
+            return StepBatch(batch)
+        device = batch["input_ids"].device
+        if config.sequence_kd:
+            generated: TensorDictDataset = data.info["sequence_kd_train"]
+            return StepBatch(to_device(generated.get_batch(indices.cpu()), device))
+        if config.on_policy_fraction > 0 and rng.random() < config.on_policy_fraction:
+            tokenizer = data.info["tokenizer"]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            sampled = generate_continuations(
+                student,
+                batch,
+                max_new_tokens=config.max_new_tokens,
+                max_length=_max_positions(student, config.max_seq_length),
+                pad_token_id=int(pad),
+                eos_token_id=tokenizer.eos_token_id,
+                sample=True,
+                temperature=config.on_policy_temperature,
+            )
+            # The KD term only: cross-entropy on the student's own samples would reinforce them.
+            return StepBatch(sampled, fresh_teacher=True, skip_terms=("hard_target_ce",))
+        return StepBatch(batch)
 
     def targets(self, batch: Batch) -> torch.Tensor:
         return causal_targets(batch["input_ids"], batch["attention_mask"], batch.get("loss_mask"))  # (B, T)
@@ -378,6 +551,31 @@ class MaskedLMAdapter(_TokenAdapter):
         weights = super().loss_weights(spec, temperature=temperature, alpha=alpha)
         weights.setdefault("feature_kd", spec.training_config.feature_weight)
         return weights
+
+
+def _ordered_batches(dataset: Any, size: int = 64) -> Any:
+    """CPU batches of a TensorDictDataset in order."""
+    for start in range(0, len(dataset), size):
+        yield dataset.get_batch(torch.arange(start, min(start + size, len(dataset))))
+
+
+def _max_positions(model: nn.Module, max_seq_length: int) -> int:
+    """The longest sequence to generate: max_seq_length, capped by the model's position embeddings."""
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return min(max_seq_length, int(positions)) if positions else max_seq_length
+
+
+def _sequence_kd_key(
+    teacher: nn.Module, train: TensorDictDataset, max_seq_length: int, max_new_tokens: int
+) -> str:
+    """sha256 of the teacher's weights, the tokenised train split and the generation settings."""
+    parts = [
+        model_fingerprint(teacher),
+        tensors_fingerprint(train.tensors),
+        f"greedy/{max_seq_length}/{max_new_tokens}",
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
 @register_loss("token_kl")
