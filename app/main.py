@@ -10,7 +10,17 @@ from fastapi import FastAPI
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers
+from app.api.routes import (
+    admin,
+    calculator,
+    dashboard,
+    datasets,
+    health,
+    jobs,
+    metrics,
+    teacher_caches,
+    teachers,
+)
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker
 from app.core.logging import configure_logging
@@ -24,6 +34,7 @@ TAGS_METADATA = [
     {"name": "jobs", "description": "Create, start, watch, cancel and delete distillation jobs."},
     {"name": "teachers", "description": "The registry of teacher models jobs can name."},
     {"name": "datasets", "description": "Upload CSV/JSONL datasets for jobs."},
+    {"name": "teacher-caches", "description": "Reusable top-k teacher logits of your datasets (LM jobs)."},
     {"name": "calculator", "description": "The seed's back-of-the-envelope distillation calculator."},
     {"name": "health", "description": "Liveness of the database, broker, scheduler and workers."},
     {"name": "metrics", "description": "Prometheus metrics for the operations team."},
@@ -82,6 +93,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         admin.router,
     ):
         app.include_router(router)
+    app.include_router(teacher_caches.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     return app

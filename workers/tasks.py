@@ -8,6 +8,7 @@ worker that now holds it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from app.core.db import session_scope
 from app.errors import NotFound
 from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import lifecycle
+from app.services import lifecycle, teacher_caches
 from app.services.datasets import get_dataset_path
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
@@ -84,7 +85,9 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 resume=True,
                 file_root=file_root,
                 trust_remote_code=settings.trust_remote_code,
-                config=EngineConfig.from_settings(settings),
+                config=dataclasses.replace(
+                    EngineConfig.from_settings(settings), signal_cache_owner=_cache_owner(claim)
+                ),
             )
         except JobStopped:
             reporter.close()
@@ -113,6 +116,12 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
         ),
     )
     return "completed" if stored else "lease lost; results discarded"
+
+
+def _cache_owner(claim: Claim) -> str:
+    """Whose teacher-signal caches the job reuses and creates: its tenant's (app.services.teacher_caches)."""
+    with session_scope() as session:
+        return teacher_caches.owner_of_job(session, job_id=claim.job_id)
 
 
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:

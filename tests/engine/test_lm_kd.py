@@ -1,4 +1,4 @@
-"""Language-model KD end to end with a tiny trained GPT-2 teacher: divergences, chat, on-policy, sequence KD."""
+"""LM KD end to end with a tiny trained GPT-2 teacher: divergences, chat, on-policy, sequence KD."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
+from app.services import teacher_caches
 from tests.engine.tiny_models import (
     chat_rows,
     lm_rows,
@@ -19,13 +20,16 @@ from tests.engine.tiny_models import (
     train_tiny_gpt2,
     write_jsonl,
 )
-from workers.distill.contract import JobPaths, NullCallbacks
+from workers.distill.config import EngineConfig
+from workers.distill.contract import JobPaths, NullCallbacks, StopChecker
 from workers.distill.kernel import IGNORE_INDEX, TensorDictDataset
 from workers.distill.loop import eval_loader
 from workers.distill.losses import LossInputs, combine_losses
 from workers.distill.registry import get_adapter
 from workers.distill.runner import run_job
+from workers.distill.signal_cache import cached_teacher_signal
 from workers.distill.tasks.transformers.generation import generate_continuations
+from workers.distill.teacher_cache import TeacherCacheStore
 
 torch.set_num_threads(2)
 
@@ -182,7 +186,7 @@ def test_chat_data_on_policy_jsd_job_lowers_perplexity_and_reports_agreement(roo
     )  # fmt: skip
     assert results.metric == "perplexity" and results.student_accuracy is not None
     assert results.student_accuracy < 0.75 * results.initial_student_accuracy
-    agreement = results.model_extra["teacher_agreement"]  # type: ignore[index]
+    agreement = results.teacher_agreement
     assert 0.3 < agreement <= 1.0
     assert results.baseline_accuracy is not None and results.kd_gain_unit == "perplexity"
 
@@ -207,3 +211,80 @@ def test_sequence_kd_trains_on_stored_teacher_targets_and_reuses_them(root: Path
     )  # fmt: skip
     assert "sequence_kd targets reused" in again.messages
     assert "sequence_kd: teacher generating targets" not in again.messages
+
+
+def test_second_job_on_the_same_teacher_and_data_hits_the_cache_and_skips_the_teacher_pass(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache_root = root / "signal"
+    engine = EngineConfig(signal_cache_dir=cache_root, signal_cache_owner="tenant-a")
+    spec = _spec("lm.jsonl", teacher_cache="on", teacher_cache_top_k=8, epochs=1)
+    first = run_job(
+        spec, teacher=_teacher("gpt2"), paths=JobPaths(root / "cache-1"), data_dir=root / "data",
+        file_root=root, config=engine,
+    )  # fmt: skip
+    missed = first.teacher_signal_cache
+    assert missed["status"] == "miss" and missed["teacher_seconds_saved"] == 0.0
+    # 8 float16 values + 8 int32 ids + an int8 mask per real token, plus a small header.
+    assert 49 <= missed["bytes_per_token"] < 60
+    (entry,) = teacher_caches.entries(cache_root, owner="tenant-a")
+    assert entry.key == missed["key"] and entry.meta["tokens"] == missed["tokens"]
+
+    # The second job (another student size, same teacher + data + length + k) never runs the teacher pass.
+    def no_teacher_pass(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the teacher pass ran although the cache should have been hit")
+
+    monkeypatch.setattr(TeacherCacheStore, "build", no_teacher_pass)
+    second_spec = spec.model_copy(update={"target_compression": 0.3})
+    second = run_job(
+        second_spec, teacher=_teacher("gpt2"), paths=JobPaths(root / "cache-2"), data_dir=root / "data",
+        file_root=root, config=engine,
+    )  # fmt: skip
+    hit = second.teacher_signal_cache
+    assert hit["status"] == "hit" and hit["key"] == missed["key"]
+    assert hit["teacher_seconds_saved"] == pytest.approx(missed["teacher_seconds"])
+    assert second.teacher_cache_used and second.student_accuracy is not None
+    assert second.student_accuracy < second.initial_student_accuracy
+    hits = teacher_caches.get(cache_root, owner="tenant-a", key=missed["key"])
+    assert hits is not None and hits.meta["hits"] == 1
+
+    # Another tenant never reuses it (and k is part of the key): the teacher pass is needed again.
+    with pytest.raises(AssertionError, match="teacher pass ran"):
+        run_job(
+            second_spec, teacher=_teacher("gpt2"), paths=JobPaths(root / "cache-3"), data_dir=root / "data",
+            file_root=root, config=EngineConfig(signal_cache_dir=cache_root, signal_cache_owner="tenant-b"),
+        )  # fmt: skip
+
+
+def test_stored_signal_trains_like_the_in_memory_one(root: Path) -> None:
+    """Hit and miss train from the same stored form; it matches the teacher's top-k within float16."""
+    spec = _spec("lm.jsonl", teacher_cache_top_k=8, topk_tail=True)
+    adapter = get_adapter("causal-lm")
+    data = adapter.load_data(spec, data_dir=root / "data", file_root=root)
+    teacher = adapter.load_teacher(
+        _teacher("gpt2"), spec, data, data_dir=root / "data", file_root=root, device=torch.device("cpu"),
+        callbacks=NullCallbacks(), trust_remote_code=False,
+    )  # fmt: skip
+    common: dict[str, Any] = {"device": torch.device("cpu"), "temperature": 2.0, "batch_size": 64}
+    cache, report = cached_teacher_signal(
+        teacher, adapter, data, spec, data_dir=root / "signal-2", owner="local", max_bytes=10**9,
+        memory_bytes=None, stopper=StopChecker(NullCallbacks()), **common,
+    )  # fmt: skip
+    assert cache is not None and report["status"] == "miss" and report["tail"]
+    assert isinstance(data.train, TensorDictDataset)
+    indices = torch.tensor([3, 0, 7])
+    batch = data.train.get_batch(indices)
+    with torch.no_grad():
+        direct = adapter.cache_teacher_outputs(adapter.forward(teacher, batch), spec, temperature=2.0)
+    stored = cache.lookup(indices, direct)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(stored.extra["topk_ids"][real], direct.extra["topk_ids"][real])
+    assert torch.allclose(stored.logits[real], direct.logits[real], atol=2e-2)
+    assert torch.allclose(stored.extra["topk_lse"][real], direct.extra["topk_lse"][real], atol=1e-5)
+    # A bound smaller than the cache: nothing stored, the in-memory signal is used.
+    small, refused = cached_teacher_signal(
+        teacher, adapter, data, spec, data_dir=root / "signal-3", owner="local", max_bytes=100,
+        memory_bytes=None, stopper=StopChecker(NullCallbacks()), **common,
+    )  # fmt: skip
+    assert small is not None and refused["status"] == "not_stored"
+    assert teacher_caches.entries(root / "signal-3", owner=None) == []

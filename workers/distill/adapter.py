@@ -170,6 +170,11 @@ class TaskAdapter(ABC):
         del teacher, student, data, device
         return {}
 
+    def reusable_teacher_signal(self, spec: JobSpec, *, hidden_states: bool, attentions: bool) -> bool:
+        """Whether this job's cached teacher outputs may go to the reusable store (default: no)."""
+        del spec, hidden_states, attentions
+        return False
+
     def loss_options(self, spec: JobSpec) -> dict[str, Any]:
         """Per-job options the task's loss terms read from `LossInputs.options` (default: none)."""
         del spec

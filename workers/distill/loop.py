@@ -33,6 +33,7 @@ from workers.distill.kernel import (
     to_device,
 )
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
+from workers.distill.signal_cache import cached_teacher_signal
 from workers.distill.teacher_cache import TeacherCacheStore
 
 logger = logging.getLogger(__name__)
@@ -226,20 +227,46 @@ def train_run(
         started = time.monotonic()
         callbacks.on_event("phase", "caching teacher outputs", {"phase": "cache", "stage": plan.stage})
         max_bytes = None if config.teacher_cache == TeacherCache.on else engine.teacher_cache_max_bytes
+        reusable = (
+            engine.signal_cache_dir is not None
+            and plan.stage <= 1
+            and adapter.reusable_teacher_signal(spec, hidden_states=need_hidden, attentions=need_attn)
+        )
         try:
-            cache = TeacherCacheStore.build(
-                teacher,
-                adapter,
-                data,
-                spec,
-                device=device,
-                hidden_states=need_hidden,
-                attentions=need_attn,
-                batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
-                max_bytes=max_bytes,
-                stopper=stopper,
-                temperature=plan.temperature,
-            )
+            if reusable:
+                assert engine.signal_cache_dir is not None
+                cache, signal = cached_teacher_signal(
+                    teacher,
+                    adapter,
+                    data,
+                    spec,
+                    device=device,
+                    temperature=plan.temperature,
+                    batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
+                    data_dir=engine.signal_cache_dir,
+                    owner=engine.signal_cache_owner,
+                    max_bytes=engine.signal_cache_max_bytes,
+                    memory_bytes=max_bytes,
+                    stopper=stopper,
+                )
+                data.info["teacher_signal_cache"] = signal
+                callbacks.on_event(
+                    "phase", f"teacher signal cache {signal['status']}", {"phase": "cache", **signal}
+                )
+            else:
+                cache = TeacherCacheStore.build(
+                    teacher,
+                    adapter,
+                    data,
+                    spec,
+                    device=device,
+                    hidden_states=need_hidden,
+                    attentions=need_attn,
+                    batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
+                    max_bytes=max_bytes,
+                    stopper=stopper,
+                    temperature=plan.temperature,
+                )
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
             logger.warning("teacher cache did not fit (%s): recomputing teacher outputs each step", exc)
             cache = None

@@ -346,6 +346,7 @@ def _run_phases(
     student = _freeze(_stage_student(ctx, prepared.model, delivered))
     measured = measure(ctx, prepared.model, student, data)
     extra = ctx.adapter.compare_with_teacher(prepared.model, student, data, ctx.device)
+    extra |= {k: data.info[k] for k in ("teacher_signal_cache", "sequence_kd") if k in data.info}
     extra |= compress(ctx, student, data)
     extra |= export(ctx, student, data)
     return write_results(

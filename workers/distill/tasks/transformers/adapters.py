@@ -367,6 +367,11 @@ class _TokenAdapter(HFTaskAdapter):
         weights["token_kl"] = weights.pop("soft_target_kl")
         return weights
 
+    def reusable_teacher_signal(self, spec: JobSpec, *, hidden_states: bool, attentions: bool) -> bool:
+        """Top-k logits alone (no hidden states or attention maps) are small and keyed well: reusable."""
+        del spec
+        return not hidden_states and not attentions
+
     def loss_options(self, spec: JobSpec) -> dict[str, Any]:
         """The divergence `token_kl` computes (training_config.lm_loss, beta, skew)."""
         config = spec.training_config
