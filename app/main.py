@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
@@ -42,6 +43,9 @@ TAGS_METADATA = [
 ]
 
 
+DOCS_ASSETS_URL = "/docs-assets"
+
+
 def _seed_teachers_if_migrated() -> None:
     """Seed the default teachers when the schema exists; migrations are `distillery up`'s job, not ours."""
     try:
@@ -68,7 +72,12 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         _seed_teachers_if_migrated()
         yield
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc load their scripts and styles from the fastapi-offline package, served
+    # here under DOCS_ASSETS_URL: no CDN, so the manual works on a machine without internet.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS_URL,
+        # Swagger UI would otherwise send the spec to an online validator for its badge.
+        swagger_ui_parameters={"validatorUrl": None},
         title="Distillery",
         summary="Knowledge distillation as a service",
         description="Create a job naming a teacher, a target compression, a method and data; workers train "

@@ -185,8 +185,13 @@ def results_for(epochs: int) -> dict[str, Any]:
     }
 
 
-def complete(claim: Claim, epochs: int, artifact_files: dict[str, bytes] | None = None) -> None:
-    """running -> completed with full results and `artifact_files` written under the job's folder."""
+def complete(
+    claim: Claim,
+    epochs: int,
+    artifact_files: dict[str, bytes] | None = None,
+    results: dict[str, Any] | None = None,
+) -> None:
+    """running -> completed with full results (default `results_for(epochs)`) and `artifact_files`."""
     settings = get_settings()
     artifacts = []
     for name, content in (artifact_files or {}).items():
@@ -200,6 +205,6 @@ def complete(claim: Claim, epochs: int, artifact_files: dict[str, bytes] | None 
             job_id=claim.job_id,
             lease_token=claim.lease_token,
             attempt=claim.attempt,
-            results=results_for(epochs),
+            results=results if results is not None else results_for(epochs),
             artifacts=artifacts,
         )

@@ -38,6 +38,7 @@ class JobReporter:
         self._latest: Progress | None = None
         self._latest_written = True
         self._written_phase: str | None = None
+        self._percent_floor = 0.0  # the job's progress only moves forward within this attempt
         self._last_write = 0.0
         self._last_progress_event = 0.0
         self._epoch_metrics: dict[str, Any] = {}
@@ -165,7 +166,7 @@ class JobReporter:
             value = getattr(progress, key)
             if value is not None:
                 metrics[key] = value
-        percent = round(100.0 * max(0.0, min(1.0, progress.fraction)), 2)
+        percent = max(self._percent_floor, round(100.0 * max(0.0, min(1.0, progress.fraction)), 2))
         phase_changed = progress.phase != self._written_phase
         want_event = phase_changed or now - self._last_progress_event >= max(
             PROGRESS_EVENT_MIN_SECONDS, self._settings.progress_min_interval
@@ -201,6 +202,7 @@ class JobReporter:
             log.warning("job %s: progress write failed: %s", self.claim.job_id, exc.__class__.__name__)
             return
         self._last_write = now
+        self._percent_floor = percent
         self._latest_written = True
         self._written_phase = progress.phase
         if want_event:

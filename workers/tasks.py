@@ -74,7 +74,9 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
         try:
             spec, teacher, file_root = _prepare(claim, settings)
             from workers.distill.config import EngineConfig
-            from workers.distill.runner import run_job
+            from workers.distill.runner import named_student, run_job
+
+            student = named_student(spec, registry=_registry_lookup)
 
             results = run_job(
                 spec,
@@ -88,6 +90,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 config=dataclasses.replace(
                     EngineConfig.from_settings(settings), signal_cache_owner=_cache_owner(claim)
                 ),
+                student=student,
             )
         except JobStopped:
             reporter.close()
@@ -122,6 +125,15 @@ def _cache_owner(claim: Claim) -> str:
     """Whose teacher-signal caches the job reuses and creates: its tenant's (app.services.teacher_caches)."""
     with session_scope() as session:
         return teacher_caches.owner_of_job(session, job_id=claim.job_id)
+
+
+def _registry_lookup(name: str) -> TeacherSource:
+    """A registered model by name (a 'registry' student); EngineError listing the valid names otherwise."""
+    with session_scope() as session:
+        try:
+            return get_teacher_source(session, name)
+        except NotFound as exc:
+            raise EngineError("student_not_found", exc.detail) from exc
 
 
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:

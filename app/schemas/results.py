@@ -90,7 +90,15 @@ class DistillationResults(_Open):
     original_parameters: int
     compressed_parameters: int
     compression_ratio: float
-    target_compression: float
+    target_compression: float | None = Field(
+        default=None, description="The spec's target ratio (None when a named student set the size)"
+    )
+    student: dict[str, Any] | None = Field(
+        default=None,
+        description="The delivered student: kind (derived | registry | hub | local | config), parameters, "
+        "compression_ratio reached, and for a named one its architecture, how it was initialised, "
+        "whether its head is new, the layer mapping used",
+    )
     parameter_reduction: float
     model_size_mb: SizePair
     memory_savings: float

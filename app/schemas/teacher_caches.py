@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-_EXAMPLE = {
+_EXAMPLE: dict[str, JsonValue] = {
     "key": "3f1c2a9be0d84c61a7f3b2c1d0e9f8a7",
     "teacher_name": "gpt2-medium",
     "task": "causal-lm",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,23 @@ class TeacherSource(BaseModel):
     description: str = ""
 
 
+def digits_cnn_parameters(
+    in_features: int = 64, num_classes: int = 10, channels: int = 16, hidden: int = 1500
+) -> int:
+    """Parameters of the engine's built-in DigitsCNN (workers/distill/models.py), counted without torch.
+
+    conv1 1->C 3x3, conv2 C->2C 3x3 (after a 2x2 pool), fc1 2C*(S/2)^2 -> hidden, fc2 hidden -> classes,
+    each with a bias; S*S = in_features. tests/engine/test_digits_cnn_parameters.py checks it against the
+    model's own count, so the registry cannot drift from the architecture.
+    """
+    side = math.isqrt(in_features)
+    conv1 = 1 * channels * 9 + channels
+    conv2 = channels * 2 * channels * 9 + 2 * channels
+    fc1 = 2 * channels * (side // 2) ** 2 * hidden + hidden
+    fc2 = hidden * num_classes + num_classes
+    return conv1 + conv2 + fc1 + fc2
+
+
 # The default registry: the seed's three plus the built-in digits teacher.
 DEFAULT_TEACHERS: tuple[TeacherSource, ...] = (
     TeacherSource(
@@ -32,7 +50,7 @@ DEFAULT_TEACHERS: tuple[TeacherSource, ...] = (
         kind=TeacherSourceKind.builtin,
         location="digits-cnn",
         type="cnn",
-        params=None,  # filled in by the engine once built; under 1M
+        params=digits_cnn_parameters(),  # 789,310 for the digits' 8x8 images and 10 classes
         task="classification",
         description="A small CNN trained deterministically on scikit-learn's digits on first use.",
     ),

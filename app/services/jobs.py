@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
-from app.models import TERMINAL_STATUSES, Job, JobStatus, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
 from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
@@ -41,6 +41,41 @@ _STATE_CHANGE_RETRIES = 5
 
 def _field_error(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
     return {"loc": ["body", *loc], "field": ".".join(str(p) for p in loc), "msg": msg, "type": kind}
+
+
+# Teacher types whose models the transformers-based tasks load; 'cnn' teachers serve `classification` only.
+_TEXT_TEACHER_TASKS = {
+    "transformer": Task.sequence_classification,
+    "causal_lm": Task.causal_lm,
+    "masked_lm": Task.masked_lm,
+}
+
+
+def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | None:
+    """(message, task to use) when the engine could not run `task` with `teacher`, else None.
+
+    The engine's `classification` takes the built-in digits-cnn or a local small CNN/tabular model, never a
+    hub or transformers model; the text tasks load transformers models, never a built-in or 'cnn' teacher.
+    Caught here, a job that would fail in the worker is refused at create.
+    """
+    text_task = _TEXT_TEACHER_TASKS.get(teacher.type)
+    default = Task(teacher.task) if teacher.task in set(Task) else None
+    if task == Task.classification and (text_task is not None or teacher.source_kind == "hub"):
+        use = default if default not in (None, Task.classification) else text_task
+        advice = f"use task '{use}'" if use else "register the model as a local directory instead"
+        return (
+            f"Teacher '{teacher.name}' is a {teacher.source_kind} {teacher.type} model; task "
+            f"'classification' is for the built-in digits-cnn and local CNN/tabular teachers: {advice}",
+            str(use or ""),
+        )
+    if task != Task.classification and (text_task is None or teacher.source_kind == "builtin"):
+        return (
+            f"Teacher '{teacher.name}' is a {teacher.source_kind} {teacher.type} model; task '{task}' "
+            "needs a transformers teacher (hub id or local directory): use task 'classification' with "
+            "this teacher",
+            str(Task.classification),
+        )
+    return None
 
 
 def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id: str | None) -> JobSpec:
@@ -69,7 +104,12 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                 "less_than_equal",
             )
         )
-    if teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id) is None:
+    teacher = teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id)
+    mismatch = _teacher_task_mismatch(teacher, spec.task) if teacher is not None else None
+    if mismatch is not None:
+        extras["suggested_task"] = mismatch[1]
+        errors.append(_field_error(["task"], mismatch[0], "teacher_task_mismatch"))
+    if teacher is None:
         names = teachers_service.valid_names(session, tenant_id=tenant_id)
         extras["valid_teachers"] = names
         errors.append(

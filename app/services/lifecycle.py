@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import case, delete, func, literal, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -158,10 +158,15 @@ def update_progress(
     eta_seconds: float | None,
     metrics: dict[str, Any] | None = None,
 ) -> bool:
-    """Write progress (0-100), phase, ETA and the latest metrics; also refreshes the heartbeat."""
+    """Write progress (0-100), phase, ETA and the latest metrics; also refreshes the heartbeat.
+
+    Progress never goes down, across attempts too: a re-queued job resumes from its checkpoint, so the
+    stored figure only moves once the new attempt passes it (the CASE keeps it one portable statement).
+    """
     now = utcnow()
+    clamped = max(0.0, min(100.0, progress))
     values: dict[str, Any] = {
-        "progress": max(0.0, min(100.0, progress)),
+        "progress": case((func.coalesce(Job.progress, 0.0) > clamped, Job.progress), else_=clamped),
         "phase": phase,
         "eta_seconds": eta_seconds,
         "heartbeat_at": now,

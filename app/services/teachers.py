@@ -27,7 +27,10 @@ def seed_default_teachers(session: Session) -> int:
     """Insert the default registry's teachers that are missing; idempotent and safe to race. Returns added."""
     added = 0
     for source in DEFAULT_TEACHERS:
-        if session.scalar(select(Teacher.id).where(Teacher.name == source.name)) is not None:
+        existing = session.scalar(select(Teacher).where(Teacher.name == source.name))
+        if existing is not None:
+            if existing.builtin and existing.params is None and source.params is not None:
+                existing.params = source.params  # seeded by a version that did not know the count
             continue
         try:
             with session.begin_nested():

@@ -34,7 +34,7 @@ def test_csv_upload_is_checked_stored_and_listed(client: TestClient) -> None:
     job = client.post(
         "/distillation/jobs",
         json={
-            "teacher_model_name": "digits-cnn",
+            "teacher_model_name": "bert-large",
             "task": "sequence-classification",
             "dataset_config": {"kind": "uploaded", "dataset_id": dataset["dataset_id"]},
         },
@@ -49,7 +49,7 @@ def test_jsonl_upload_detected_by_content_without_labels(client: TestClient, pro
     assert dataset["columns"] == ["text", "source"] and dataset["num_labels"] is None
     assert dataset["name"] == "corpus.txt"
     spec = {
-        "teacher_model_name": "digits-cnn",
+        "teacher_model_name": "bert-large",
         "task": "sequence-classification",
         "dataset_config": {"kind": "uploaded", "dataset_id": dataset["dataset_id"]},
     }

@@ -25,6 +25,8 @@ DIGITS: dict[str, Any] = {
     "training_config": {"epochs": 2, "batch_size": 32, "temperature": 4.0, "alpha": 0.7},
     "dataset_config": {"kind": "builtin", "name": "digits"},
 }
+# A text task names a transformers teacher (digits-cnn with a text task is refused at create).
+TEXT_TEACHER: dict[str, Any] = {"teacher_model_name": "bert-large", "task": "sequence-classification"}
 
 
 def _create(client: TestClient, **overrides: Any) -> dict[str, Any]:
@@ -139,13 +141,11 @@ def test_file_dataset_must_exist_under_the_allowed_root(
         str(folder / "missing.csv"): "No file at",
     }
     for path, message in cases.items():
-        body = problem(
-            client.post("/distillation/jobs", json=spec(path) | {"task": "sequence-classification"}), 422
-        )
+        body = problem(client.post("/distillation/jobs", json=spec(path) | TEXT_TEACHER), 422)
         assert body["errors"][0]["field"] == "dataset_config.path"
         assert message in body["detail"], path
     relative = str(good.relative_to(get_settings().file_root))
-    job = _create(client, task="sequence-classification", dataset_config={"kind": "file", "path": relative})
+    job = _create(client, **TEXT_TEACHER, dataset_config={"kind": "file", "path": relative})
     assert job["spec"]["dataset_config"]["path"] == str(good.resolve())
 
 

@@ -211,6 +211,7 @@ def test_another_tenants_dataset_is_404_unlisted_and_unusable(
     assert bob.get("/distillation/datasets").json() == []
     assert [d["dataset_id"] for d in alice.get("/distillation/datasets").json()] == [dataset_id]
     spec = DIGITS | {
+        "teacher_model_name": "bert-large",
         "task": "sequence-classification",
         "dataset_config": {"kind": "uploaded", "dataset_id": dataset_id},
     }

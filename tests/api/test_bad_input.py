@@ -63,7 +63,11 @@ def _training(**patch: Any) -> Callable[[Paths], dict[str, Any]]:
 def _file_dataset(path: Callable[[Paths], str]) -> Callable[[Paths], dict[str, Any]]:
     return lambda p: {
         "json": DIGITS
-        | {"task": "sequence-classification", "dataset_config": {"kind": "file", "path": path(p)}}
+        | {
+            "teacher_model_name": "bert-large",
+            "task": "sequence-classification",
+            "dataset_config": {"kind": "file", "path": path(p)},
+        }
     }
 
 
@@ -142,7 +146,11 @@ BAD_INPUTS: list[Case] = [
         JOBS,
         422,
         UNPROCESSABLE,
-        _job(task="sequence-classification", dataset_config={"kind": "uploaded", "dataset_id": "nope"}),
+        _job(
+            teacher_model_name="bert-large",
+            task="sequence-classification",
+            dataset_config={"kind": "uploaded", "dataset_id": "nope"},
+        ),
         "Unknown dataset",
     ),
     Case("body is not JSON", "POST", JOBS, 422, INVALID, lambda _p: {"content": b"{not json"}),
@@ -404,7 +412,11 @@ def test_symlink_inside_the_root_to_a_file_inside_is_accepted(client: TestClient
     target.write_text("text,label\nhi,1\n")
     link = paths.root / "links" / f"{uuid.uuid4().hex}-link.csv"
     link.symlink_to(target)
-    spec = DIGITS | {"task": "sequence-classification", "dataset_config": {"kind": "file", "path": str(link)}}
+    spec = DIGITS | {
+        "teacher_model_name": "bert-large",
+        "task": "sequence-classification",
+        "dataset_config": {"kind": "file", "path": str(link)},
+    }
     response = client.post(JOBS, json=spec)
     assert response.status_code == 201, response.text
     assert response.json()["spec"]["dataset_config"]["path"] == str(target)  # stored resolved

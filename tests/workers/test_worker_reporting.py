@@ -173,3 +173,40 @@ def test_execute_job_stops_on_cancel_and_keeps_its_checkpoint(db: str) -> None:
     assert job.status == "cancelled" and job.results is None and job.finished_at is not None
     assert len(_events(job_id, "metric")) < 30
     assert any((get_settings().jobs_dir / job_id / "checkpoints").iterdir())
+
+
+def test_job_progress_in_the_database_only_moves_forward(db: str) -> None:
+    """A whole job with a baseline, sampled from the jobs row while it runs: never decreasing, ends at 100."""
+    import torch
+
+    from workers.tasks import execute_job
+
+    torch.set_num_threads(1)
+    spec = json.loads(TINY_JOB.read_text())
+    spec["training_config"].update(epochs=3, baseline=True)
+    job_id, _ = _claimed_job(spec, claim=False)
+    samples: list[tuple[float, str | None]] = []
+    finished = threading.Event()
+
+    def sample() -> None:
+        while not finished.is_set():
+            job = _job(job_id)
+            if job.progress is not None and (not samples or samples[-1] != (job.progress, job.phase)):
+                samples.append((job.progress, job.phase))
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        outcome = execute_job(job_id, worker="test", settings=Settings(progress_min_interval=0.0))
+    finally:
+        finished.set()
+        sampler.join()
+    assert outcome == "completed"
+    progress_events = [float(e.data["progress"]) for e in _events(job_id, "progress")]
+    assert progress_events == sorted(progress_events) and progress_events[-1] == 100.0
+    percents = [p for p, _ in samples]
+    assert percents == sorted(percents), f"progress went backwards: {samples}"
+    phases = [phase for _, phase in samples]
+    assert "baseline" in phases and "distill" in phases  # sampled across the baseline -> distill change
+    assert _job(job_id).progress == 100.0

@@ -24,7 +24,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,7 +33,7 @@ from torch import nn
 
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
-from workers.distill.contract import EngineCallbacks
+from workers.distill.contract import EngineCallbacks, EngineError, NamedStudent
 from workers.distill.kernel import IGNORE_INDEX, Batch, ModelOutputs, TaskData, to_device
 
 
@@ -44,6 +44,16 @@ class StepBatch:
     batch: Batch  # on the device
     fresh_teacher: bool = False  # the batch is not the cached data: run the teacher on it
     skip_terms: tuple[str, ...] = ()  # loss terms of the plan this step leaves out
+
+
+@dataclass
+class BuiltStudent:
+    """A named student as `TaskAdapter.build_named_student` returns it: untrained by this job, on CPU."""
+
+    model: nn.Module
+    # What the results say about it (`results.student`), e.g. {"architecture": ..., "new_head": True,
+    # "initialised_from": "teacher" | "pretrained" | "random", "layer_mapping": [...], "differences": {...}}.
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 class TaskAdapter(ABC):
@@ -80,6 +90,38 @@ class TaskAdapter(ABC):
     @abstractmethod
     def build_student(self, teacher: nn.Module, target_compression: float, *, seed: int) -> nn.Module:
         """A fresh student with about `target_compression` times the teacher's parameters (on CPU)."""
+
+    def build_named_student(
+        self,
+        student: NamedStudent,
+        teacher: nn.Module,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        file_root: Path | None,
+        trust_remote_code: bool,
+    ) -> BuiltStudent:
+        """The student the client named, checked against this teacher and data before any training.
+
+        Called once per job run, after `load_teacher` (so the data are ready, e.g. tokenised); the runner
+        keeps a copy of the returned weights and hands a fresh copy to each run that trains it (and to
+        resumes), so loading happens once. What an adapter must do:
+        - `student.kind` 'registry' | 'hub' | 'local': load the model at `student.source` (a local path is
+          resolved under `file_root`; never unpickle: safetensors, or `weights_only=True`), with this
+          task's head; 'config': the teacher's architecture with `student.overrides` applied, initialised
+          from the teacher where shapes allow (`spec.training_config.seed` for the rest).
+        - Check compatibility and raise EngineError('student_incompatible', message naming the difference)
+          when it cannot learn from this teacher: the same number of labels (or a fresh head for them,
+          reported as notes["new_head"]); for logit KD on text the same vocabulary; for feature/attention KD
+          a layer mapping (`spec.training_config.layer_mapping` or uniform) whose widths the loop projects.
+        - Raise EngineError('student_not_found', ...) when the files are missing or unreadable.
+        The default refuses: a task supports named students by overriding this.
+        """
+        del teacher, spec, data, file_root, trust_remote_code
+        raise EngineError(
+            "unsupported",
+            f"task '{self.task}' does not take a '{student.kind}' student yet; use student kind 'derived'",
+        )
 
     @abstractmethod
     def forward(

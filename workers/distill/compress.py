@@ -8,10 +8,8 @@ recipe, and rebuilt by `load_int8_student` on top of the fp32 architecture: no p
 from __future__ import annotations
 
 import json
-import statistics
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,8 @@ from torch.nn.utils import prune
 from app.schemas.job_spec import JobSpec
 from workers.distill.adapter import TaskAdapter
 from workers.distill.contract import EngineCallbacks, JobStopped, Progress
-from workers.distill.kernel import Batch, TaskData, iterate_batches, to_device
+from workers.distill.kernel import Batch, TaskData, iterate_batches
+from workers.distill.metrics import measure_latency_ms
 
 INT8_WEIGHTS = "student_int8.safetensors"
 INT8_RECIPE = "student_int8.json"
@@ -198,32 +197,6 @@ def _batches(data: TaskData, batch_size: int) -> Iterator[Batch]:
         yield batch
 
 
-@torch.inference_mode()
-def measure_latency_ms(
-    model: nn.Module,
-    forward: Callable[[nn.Module, Batch], Any],
-    batch: Batch,
-    device: torch.device,
-    *,
-    repeats: int = 7,
-) -> float:
-    """Median milliseconds of one forward pass after warm-up (synchronised on CUDA)."""
-    model.eval()
-    batch = to_device(batch, device)
-    for _ in range(2):
-        forward(model, batch)
-    timings = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        forward(model, batch)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append((time.perf_counter() - start) * 1000)
-    return statistics.median(timings)
-
-
 def measure_stage(
     name: str, model: nn.Module, adapter: TaskAdapter, data: TaskData, device: torch.device
 ) -> dict[str, Any]:
@@ -234,11 +207,8 @@ def measure_stage(
     nonzero = sum(int((_weight(m) != 0).sum()) for m in linears)
     total = sum(_weight(m).numel() for m in linears)
 
-    def run(module: nn.Module, batch: Batch) -> Any:
-        return adapter.forward(module, batch)
-
     latency = {
-        f"batch_{size}": measure_latency_ms(model, run, adapter.example_batch(data, size), device)
+        f"batch_{size}": measure_latency_ms(adapter, model, adapter.example_batch(data, size), device)
         for size in _LATENCY_BATCHES
     }
     return {
@@ -282,7 +252,8 @@ def compress_student(
         stage["pruned_weights"] = int(pruned["pruned_weights"])
         stages.append(stage)
         callbacks.on_progress(
-            Progress(phase="compress", fraction=0.97, metrics={"sparsity": pruned["sparsity"]})
+            # Within this phase (the runner maps it into the job's compress slice): pruning is about half.
+            Progress(phase="compress", fraction=0.5, metrics={"sparsity": pruned["sparsity"]})
         )
     if config.quantize == "int8":
         if callbacks.should_stop():

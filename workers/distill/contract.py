@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+from app.schemas.teachers import TeacherSource
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,23 @@ class JobPaths:
     @property
     def artifacts(self) -> Path:
         return self.work_dir / "artifacts"
+
+
+@dataclass(frozen=True)
+class NamedStudent:
+    """A student the client named (`JobSpec.student` other than 'derived'), resolved to where it lives.
+
+    The caller resolves it (the worker looks a 'registry' name up in the database; `runner.named_student`
+    does it for the CLI and tests), so the engine never reads the registry itself.
+    - kind 'registry' | 'hub' | 'local': `source` says where the model is (`TeacherSource`: a local
+      directory or file, a hub id, or a built-in name); `overrides` is empty.
+    - kind 'config': `source` is None; `overrides` are config fields changed on the teacher's architecture.
+    """
+
+    kind: Literal["registry", "hub", "local", "config"]
+    name: str  # as the client named it (registry name, hub id, path, or "config"), for messages and results
+    source: TeacherSource | None = None
+    overrides: dict[str, bool | int | float | str] = field(default_factory=dict)
 
 
 # Artifact file names, shared by the engine, the worker and the API.

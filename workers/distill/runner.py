@@ -1,8 +1,9 @@
 """`run_job`: the one entry point the Celery task, the CLI runner, tests and benchmarks all call.
 
 A job is a sequence of named phases, each a function below:
-`load_data` -> `prepare_teacher` -> `train_stages` (the optional labels-only baseline, then one distillation
-stage, or `num_stages` if progressive) -> `measure` -> `compress` -> `export` -> `write_results`.
+`load_data` -> `prepare_teacher` -> `prepare_student` -> `train_stages` (the optional labels-only
+baseline, then one distillation stage, or `num_stages` if progressive) -> `measure` -> `compress` ->
+`export` -> `write_results`.
 Progress is one monotone figure over the whole job: `PROGRESS_TABLE` gives each phase its slice, and the
 training slice is shared by the baseline and the stages in proportion to their epochs x steps.
 A checkpoint (`checkpoints/last.safetensors`) is written when each run starts and after every epoch
@@ -11,10 +12,12 @@ A checkpoint (`checkpoints/last.safetensors`) is written when each run starts an
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from app.schemas.job_spec import Device, DistillationMethod, JobSpec, Selection, UploadedDataset
+from app.schemas.job_spec import (
+    DerivedStudent,
+    Device,
+    DistillationMethod,
+    JobSpec,
+    RegistryStudent,
+    Selection,
+    UploadedDataset,
+)
 from app.schemas.results import DistillationResults
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
-from workers.distill.adapter import TaskAdapter
+from workers.distill.adapter import BuiltStudent, TaskAdapter
 from workers.distill.checkpoint import (
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -41,6 +52,7 @@ from workers.distill.contract import (
     EngineCallbacks,
     EngineError,
     JobPaths,
+    NamedStudent,
     NullCallbacks,
     Progress,
     StopChecker,
@@ -50,7 +62,14 @@ from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
 from workers.distill.registry import get_adapter
 
-__all__ = ["CHECKPOINT_FILE", "PROGRESS_TABLE", "build_plans", "resolve_teacher", "run_job"]
+__all__ = [
+    "CHECKPOINT_FILE",
+    "PROGRESS_TABLE",
+    "build_plans",
+    "named_student",
+    "resolve_teacher",
+    "run_job",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +156,33 @@ class PreparedTeacher:
 
 
 @dataclass
+class StudentFactory:
+    """Where each run's fresh student comes from: derived from the teacher at the run's ratio, or a copy of
+    the named student (for the baseline and the last distillation stage; progressive stages before it are
+    derived at ratios stepping down to the named student's)."""
+
+    adapter: TaskAdapter
+    teacher: nn.Module
+    seed: int
+    named: BuiltStudent | None
+    final_stage: int
+    teacher_parameters: int
+
+    @property
+    def ratio(self) -> float | None:
+        """The named student's parameters / the teacher's (None for a derived student)."""
+        if self.named is None:
+            return None
+        return count_parameters(self.named.model) / self.teacher_parameters
+
+    def build(self, kind: str, stage: int, ratio: float) -> nn.Module:
+        """A fresh (untrained) student for one run, on CPU."""
+        if self.named is not None and (kind == "baseline" or stage == self.final_stage):
+            return copy.deepcopy(self.named.model)
+        return self.adapter.build_student(self.teacher, ratio, seed=self.seed)
+
+
+@dataclass
 class Measurements:
     """Size and latency of the teacher and the delivered student, on the job's device."""
 
@@ -209,16 +255,56 @@ def resolve_teacher(name_or_path: str) -> TeacherSource:
     )
 
 
-def build_plans(spec: JobSpec, adapter: TaskAdapter) -> list[RunPlan]:
-    """The runs of a job: the optional labels-only baseline, then one stage (or num_stages if progressive)."""
+def named_student(
+    spec: JobSpec, *, registry: Callable[[str], TeacherSource] | None = None
+) -> NamedStudent | None:
+    """The spec's student resolved to where it lives; None for 'derived'.
+
+    A 'registry' name is looked up with `registry(name)` (the worker passes its database lookup); by
+    default the built-in registry or a directory path (`resolve_teacher`, as the CLI runner does).
+    """
+    student = spec.student
+    if isinstance(student, DerivedStudent):
+        return None
+    if isinstance(student, RegistryStudent):
+        try:
+            source = registry(student.name) if registry is not None else resolve_teacher(student.name)
+        except EngineError as exc:
+            raise EngineError("student_not_found", f"student '{student.name}': {exc.message}") from exc
+        return NamedStudent(kind="registry", name=student.name, source=source)
+    if student.kind == "hub":
+        source = TeacherSource(
+            name=student.name, kind=TeacherSourceKind.hub, location=student.name, type="hub"
+        )
+        return NamedStudent(kind="hub", name=student.name, source=source)
+    if student.kind == "local":
+        source = TeacherSource(
+            name=Path(student.path).name or student.path,
+            kind=TeacherSourceKind.local,
+            location=student.path,
+            type="local",
+        )
+        return NamedStudent(kind="local", name=student.path, source=source)
+    return NamedStudent(kind="config", name="config", overrides=dict(student.overrides))
+
+
+def build_plans(spec: JobSpec, adapter: TaskAdapter, *, ratio: float | None = None) -> list[RunPlan]:
+    """The runs of a job: the optional labels-only baseline, then one stage (or num_stages if progressive).
+
+    `ratio` is the final student's parameter ratio: the named student's when there is one, else
+    `spec.target_compression`.
+    """
     config = spec.training_config
+    final_ratio = ratio if ratio is not None else spec.target_compression
+    if final_ratio is None:
+        raise EngineError("invalid_spec", "a derived student needs target_compression")
     plans: list[RunPlan] = []
     if config.baseline:
         plans.append(
             RunPlan(
                 "baseline",
                 0,
-                spec.target_compression,
+                final_ratio,
                 config.temperature,
                 0.0,
                 config.epochs,
@@ -231,9 +317,9 @@ def build_plans(spec: JobSpec, adapter: TaskAdapter) -> list[RunPlan]:
             10.0, max(1.0, config.temperature + (k - 1) * config.stage_schedule.temperature_step)
         )
         alpha = min(1.0, max(0.0, config.alpha + (k - 1) * config.stage_schedule.alpha_step))
-        ratio = spec.target_compression ** (k / stages)
+        stage_ratio = final_ratio ** (k / stages)
         weights = adapter.loss_weights(spec, temperature=temperature, alpha=alpha)
-        plans.append(RunPlan("distill", k, ratio, temperature, alpha, config.epochs, weights))
+        plans.append(RunPlan("distill", k, stage_ratio, temperature, alpha, config.epochs, weights))
     return plans
 
 
@@ -266,9 +352,12 @@ def run_job(
     file_root: Path | None = None,
     trust_remote_code: bool = False,
     config: EngineConfig | None = None,
+    student: NamedStudent | None = None,
 ) -> DistillationResults:
     """Run one distillation job end to end; writes artifacts and returns (and stores) its results.
 
+    `student` is the spec's named student already resolved (the worker resolves registry names); None
+    resolves it here with `named_student(spec)`.
     Raises EngineError(code, message) on failures a person can act on, JobStopped when `should_stop()`
     answered True (the last checkpoint is kept).
     """
@@ -288,6 +377,7 @@ def run_job(
             file_root=file_root,
             trust_remote_code=trust_remote_code,
             engine=config or EngineConfig(),
+            named=student if student is not None else named_student(spec),
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -320,6 +410,7 @@ def _run_phases(
     file_root: Path | None,
     trust_remote_code: bool,
     engine: EngineConfig,
+    named: NamedStudent | None,
 ) -> DistillationResults:
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
@@ -341,9 +432,12 @@ def _run_phases(
     prepared = prepare_teacher(
         ctx, teacher, data, data_dir=data_dir, file_root=file_root, trust_remote_code=trust_remote_code
     )
-    initial_metric, completed, training_seconds = train_stages(ctx, prepared, data, resume=resume)
+    students = prepare_student(
+        ctx, named, prepared, data, file_root=file_root, trust_remote_code=trust_remote_code
+    )
+    initial_metric, completed, training_seconds = train_stages(ctx, prepared, students, data, resume=resume)
     delivered = [r for r in completed if r.kind == "distill"][-1]
-    student = _freeze(_stage_student(ctx, prepared.model, delivered))
+    student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
     extra = ctx.adapter.compare_with_teacher(prepared.model, student, data, ctx.device)
     extra |= {k: data.info[k] for k in ("teacher_signal_cache", "sequence_kd") if k in data.info}
@@ -358,6 +452,7 @@ def _run_phases(
         measured=measured,
         extra=extra,
         training_seconds=training_seconds,
+        students=students,
     )
 
 
@@ -398,15 +493,56 @@ def prepare_teacher(
     return PreparedTeacher(model=model, metric=metric, parameters=parameters)
 
 
-def _stage_student(ctx: JobContext, teacher: nn.Module, record: StageRecord) -> nn.Module:
+def prepare_student(
+    ctx: JobContext,
+    named: NamedStudent | None,
+    prepared: PreparedTeacher,
+    data: TaskData,
+    *,
+    file_root: Path | None,
+    trust_remote_code: bool,
+) -> StudentFactory:
+    """The student side (end of phase `teacher`): a named student loaded and checked once, or derivation."""
+    config = ctx.spec.training_config
+    stages = config.num_stages if ctx.spec.distillation_method == DistillationMethod.progressive else 1
+    built: BuiltStudent | None = None
+    if named is not None:
+        built = ctx.adapter.build_named_student(
+            named,
+            prepared.model,
+            ctx.spec,
+            data,
+            file_root=file_root,
+            trust_remote_code=trust_remote_code,
+        )
+        built.model.cpu()
+    factory = StudentFactory(
+        adapter=ctx.adapter,
+        teacher=prepared.model,
+        seed=config.seed,
+        named=built,
+        final_stage=stages,
+        teacher_parameters=prepared.parameters,
+    )
+    if built is not None:
+        ctx.callbacks.on_event(
+            "phase",
+            f"student {named.name if named else ''} ready",
+            {"phase": "teacher", "student_kind": named.kind if named else "derived", "ratio": factory.ratio},
+        )
+    ctx.stopper.check("after preparing the student")
+    return factory
+
+
+def _stage_student(ctx: JobContext, students: StudentFactory, record: StageRecord) -> nn.Module:
     """The delivered student of a finished run, rebuilt on the device."""
-    model = ctx.adapter.build_student(teacher, record.ratio, seed=ctx.spec.training_config.seed)
+    model = students.build(record.kind, record.stage, record.ratio)
     model.load_state_dict(record.state)
     return model.to(ctx.device)
 
 
 def train_stages(
-    ctx: JobContext, prepared: PreparedTeacher, data: TaskData, *, resume: bool
+    ctx: JobContext, prepared: PreparedTeacher, students: StudentFactory, data: TaskData, *, resume: bool
 ) -> tuple[float, list[StageRecord], float]:
     """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
 
@@ -414,7 +550,7 @@ def train_stages(
     """
     spec, adapter, callbacks = ctx.spec, ctx.adapter, ctx.callbacks
     config = spec.training_config
-    plans = build_plans(spec, adapter)
+    plans = build_plans(spec, adapter, ratio=students.ratio)
     checkpoint_path = ctx.paths.checkpoints / CHECKPOINT_FILE
     spec_json = spec.model_dump(mode="json")
     saved = load_checkpoint(checkpoint_path) if resume else None
@@ -431,7 +567,8 @@ def train_stages(
         completed = [StageRecord.from_payload(r) for r in saved["completed"]]
         start_index = int(saved["run_index"])
     else:
-        fresh = adapter.build_student(prepared.model, spec.target_compression, seed=config.seed)
+        final = plans[-1]
+        fresh = students.build(final.kind, final.stage, final.ratio)
         initial_metric = ctx.evaluate(fresh.to(ctx.device), data)
         completed = []
         start_index = 0
@@ -470,14 +607,12 @@ def train_stages(
             progressor.fraction_done(),
             stage=plan.stage,
         )
-        student = adapter.build_student(prepared.model, plan.ratio, seed=config.seed)
+        student = students.build(plan.kind, plan.stage, plan.ratio)
         run_teacher: nn.Module | None = None
         if plan.kind == "distill":
             previous = [r for r in completed if r.kind == "distill"]
             # Progressive: each stage is taught by the previous stage's delivered student.
-            run_teacher = (
-                _freeze(_stage_student(ctx, prepared.model, previous[-1])) if previous else prepared.model
-            )
+            run_teacher = _freeze(_stage_student(ctx, students, previous[-1])) if previous else prepared.model
         resume_payload = saved["run"] if saved is not None and index == start_index else None
         run_started = time.monotonic()
         state, cache_info = train_run(
@@ -581,6 +716,7 @@ def write_results(
     measured: Measurements,
     extra: dict[str, Any],
     training_seconds: float,
+    students: StudentFactory,
 ) -> DistillationResults:
     """The results of the delivered student: stored as results.json, announced, returned."""
     spec, adapter = ctx.spec, ctx.adapter
@@ -624,6 +760,12 @@ def write_results(
         compressed_parameters=measured.student_parameters,
         compression_ratio=ratio,
         target_compression=spec.target_compression,
+        student={
+            "kind": str(spec.student.kind),
+            **(students.named.notes if students.named is not None else {}),
+            "parameters": measured.student_parameters,
+            "compression_ratio": ratio,
+        },
         parameter_reduction=1.0 - ratio,
         model_size_mb={"teacher": measured.teacher_mb, "student": measured.student_mb},
         memory_savings=1.0 - measured.student_mb / measured.teacher_mb,

@@ -24,8 +24,10 @@ from app.models import TERMINAL_STATUSES, Job
 from app.services import artifacts as artifacts_service
 from app.services import auth as auth_service
 from app.services import events as events_service
+from app.services import job_ids
 from app.services import jobs as jobs_service
 from app.services.auth import Principal
+from app.web import results_view
 from app.web.charts import history_charts
 
 router = APIRouter(include_in_schema=False)
@@ -147,20 +149,47 @@ def jobs_page(request: Request, session: SessionDep) -> Response:
     )
 
 
-def _curve_history(session: Session, job: Job) -> list[dict[str, Any]]:
-    """Per-epoch figures: the stored training history when finished, else the metric events so far."""
-    history = (job.results or {}).get("training_history")
+def _curve_history(session: Session, job: Job) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-epoch figures of the KD run and of the labels-only baseline run: the stored histories when
+    finished, else the metric events so far."""
+    results = job.results or {}
+    history, baseline = results.get("training_history"), results.get("baseline_history")
     if isinstance(history, list) and history:
-        return [entry for entry in history if isinstance(entry, dict)]
+        return (
+            [entry for entry in history if isinstance(entry, dict)],
+            [entry for entry in baseline or [] if isinstance(entry, dict)],
+        )
     events, _ = events_service.list_events(session, job_id=job.id, after=0, limit=MAX_CURVE_EVENTS)
     by_epoch: dict[tuple[int, int], dict[str, Any]] = {}
+    baseline_by_epoch: dict[int, dict[str, Any]] = {}
     for event in events:
         data = event.data or {}
         phase = str(data.get("phase") or "")
-        if event.kind != "metric" or "epoch" not in data or phase.startswith(("baseline", "teacher")):
+        if event.kind != "metric" or "epoch" not in data or phase.startswith("teacher"):
             continue
-        by_epoch[(int(data.get("stage") or 1), int(data["epoch"]))] = data  # a resumed epoch: latest wins
-    return [by_epoch[k] for k in sorted(by_epoch)]
+        if phase.startswith("baseline"):
+            baseline_by_epoch[int(data["epoch"])] = data
+        else:  # a resumed epoch: latest wins
+            by_epoch[(int(data.get("stage") or 1), int(data["epoch"]))] = data
+    return [by_epoch[k] for k in sorted(by_epoch)], [baseline_by_epoch[k] for k in sorted(baseline_by_epoch)]
+
+
+def _spec_metric(job: Job) -> str:
+    """The metric a running job reports per epoch, before its results say so."""
+    return "perplexity" if (job.spec or {}).get("task") == "causal-lm" else "accuracy"
+
+
+def _selected_epoch(results: dict[str, Any], history: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """(stage, epoch) of the delivered weights: `selected_epoch` of the last stage, else (older results,
+    best-validation delivery) that stage's `best_epoch`."""
+    if not results or not history:
+        return None
+    stage = int(history[-1].get("stage") or 1)
+    epoch = results.get("selected_epoch")
+    if epoch is None and results_view.selected_by(results) == "best_validation":
+        stages = results.get("stages") or []
+        epoch = stages[-1].get("best_epoch") if stages and isinstance(stages[-1], dict) else None
+    return (stage, int(epoch)) if isinstance(epoch, int) else None
 
 
 @router.get("/jobs/{job_id}", response_class=HTMLResponse)
@@ -169,6 +198,12 @@ def job_page(request: Request, job_id: str, session: SessionDep) -> Response:
     if signed_in is None:
         return _to_signin()
     principal, key = signed_in
+    if not job_ids.is_full(job_id):  # a short id, as the jobs list shows: go to the job's own address
+        try:
+            full_id = job_ids.resolve(session, job_id=job_id, tenant_id=principal.tenant_id)
+        except ProblemError as exc:
+            return _page(request, "error.html", {"title": exc.title, "message": exc.detail}, exc.status)
+        return RedirectResponse(f"/jobs/{full_id}", status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     return _render_job(request, session, principal, key, job_id)
 
 
@@ -188,10 +223,15 @@ def _render_job(
         return _page(request, "error.html", {"title": exc.title, "message": exc.detail}, exc.status)
     read = jobs_service.to_read(job)
     results = job.results or {}
+    history, baseline_history = _curve_history(session, job)
+    view = results_view.build(results) if results else None
     charts = history_charts(
-        _curve_history(session, job),
-        teacher_accuracy=results.get("teacher_accuracy"),
-        metric=str(results.get("metric", "accuracy")),
+        history,
+        teacher_metric=results.get("teacher_accuracy"),
+        metric=str(results.get("metric") or _spec_metric(job)),
+        baseline_history=baseline_history,
+        selected=_selected_epoch(results, history),
+        selected_by=results_view.selected_by(results) if results else None,
     )
     artifacts = artifacts_service.list_for_job(session, job_id=job.id)
     live = read.status not in TERMINAL_STATUSES
@@ -202,6 +242,7 @@ def _render_job(
             "principal": principal,
             "job": read,
             "results": results,
+            "view": view,
             "charts": charts,
             "artifacts": artifacts,
             "csrf_token": csrf_token(key),
@@ -227,6 +268,7 @@ def cancel_from_page(
     if not hmac.compare_digest(csrf.encode(), csrf_token(key).encode()):
         return _forbidden(request)
     try:
+        job_id = job_ids.resolve(session, job_id=job_id, tenant_id=principal.tenant_id)
         job = jobs_service.cancel(session, job_id=job_id, tenant_id=principal.tenant_id)
     except ProblemError as exc:
         return _render_job(
@@ -243,6 +285,7 @@ def download_from_page(
     if signed_in is None:
         return _to_signin()
     try:
+        job_id = job_ids.resolve(session, job_id=job_id, tenant_id=signed_in[0].tenant_id)
         jobs_service.get_or_raise(session, job_id=job_id, tenant_id=signed_in[0].tenant_id)
         artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
     except ProblemError as exc:

@@ -17,7 +17,7 @@ from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEve
 from app.schemas.page import Page
 from app.schemas.problem import problem_responses
 from app.services import artifacts as artifacts_service
-from app.services import event_stream, idempotency
+from app.services import event_stream, idempotency, job_ids
 from app.services import events as events_service
 from app.services import jobs as jobs_service
 from app.services.auth import Principal
@@ -25,7 +25,13 @@ from app.services.auth import Principal
 router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
 
 JobId = Annotated[
-    str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$", description="The job's id")
+    str,
+    Path(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="The job's id, or any unique prefix of it (at least 4 characters; ambiguous: 409)",
+    ),
 ]
 IdempotencyKey = Annotated[
     str | None,
@@ -159,6 +165,7 @@ def start_job(
     background: BackgroundTasks,
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     record = None
     if idempotency_key is not None:
         found = idempotency.begin(
@@ -195,7 +202,7 @@ def start_job(
     "/{job_id}",
     response_model=JobRead,
     summary="A job's status, progress, ETA, metrics and results",
-    responses=problem_responses(401, 404, 422, 503),
+    responses=problem_responses(401, 404, 409, 422, 503),
 )
 async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
     # The hot polling path: one worker-thread hop for the query (not one per dependency and one more for
@@ -206,6 +213,8 @@ async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) 
 def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
     try:
         begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
+        if not job_ids.is_full(job_id):  # a short id: one more SELECT, never on the full-id polling path
+            job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant_id)
         return jobs_service.read(session, job_id=job_id, tenant_id=tenant_id)
     finally:
         session.close()  # returns the connection here, in the thread, not on the event loop
@@ -258,6 +267,7 @@ def list_jobs(
     },
 )
 def cancel_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, response: Response) -> JobRead:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     job = jobs_service.cancel(session, job_id=job_id, tenant_id=tenant.tenant_id)
     if job.status == JobStatus.cancelled:
         response.status_code = status.HTTP_200_OK
@@ -273,6 +283,7 @@ def cancel_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep, res
 def delete_job(
     job_id: JobId, session: SessionDep, settings: SettingsDep, tenant: CurrentTenantDep
 ) -> Response:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     jobs_service.delete_job(session, job_id=job_id, settings=settings, tenant_id=tenant.tenant_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -296,7 +307,7 @@ _SSE_EXAMPLE = (
     "progress changes, `: keep-alive` comments every SSE_KEEPALIVE_SECONDS of silence, and a final `end` "
     "event once the job is completed, failed or cancelled.",
     responses={
-        **problem_responses(401, 404, 422, 503),
+        **problem_responses(401, 404, 409, 422, 503),
         200: {
             "description": "A page of events, or the live stream",
             "content": {"text/event-stream": {"schema": {"type": "string"}, "example": _SSE_EXAMPLE}},
@@ -318,6 +329,7 @@ def list_job_events(
         Header(ge=0, le=2**63 - 1, description="Stream: resume after this event id (sent by EventSource)"),
     ] = None,
 ) -> Page[JobEventRead] | StreamingResponse:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     if "text/event-stream" in request.headers.get("accept", ""):
         stream = event_stream.stream_job_events(
@@ -343,9 +355,10 @@ def list_job_events(
     "/{job_id}/artifacts",
     response_model=list[ArtifactRead],
     summary="A job's artifacts: student weights, config, exported program, results.json",
-    responses=problem_responses(401, 404, 422, 503),
+    responses=problem_responses(401, 404, 409, 422, 503),
 )
 def list_artifacts(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> list[ArtifactRead]:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     return [artifacts_service.to_read(a) for a in artifacts_service.list_for_job(session, job_id=job_id)]
 
@@ -355,7 +368,7 @@ def list_artifacts(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep)
     response_class=FileResponse,
     summary="Download one artifact",
     responses={
-        **problem_responses(401, 404, 422, 503),
+        **problem_responses(401, 404, 409, 422, 503),
         200: {"content": {"application/octet-stream": {}}, "description": "The file"},
     },
 )
@@ -366,6 +379,7 @@ def download_artifact(
     settings: SettingsDep,
     tenant: CurrentTenantDep,
 ) -> FileResponse:
+    job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant.tenant_id)
     jobs_service.get_or_raise(session, job_id=job_id, tenant_id=tenant.tenant_id)
     artifact, path = artifacts_service.get_file(session, job_id=job_id, name=name, settings=settings)
     return FileResponse(

@@ -60,21 +60,10 @@ from workers.distill.tasks.transformers.models import (
     load_hf_teacher,
     teacher_location,
 )
-from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, export_onnx
+from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, LogitsOnly, export_onnx
 
 ONNX_FILE = "student.onnx"
 INT8_FILE = "student_int8.safetensors"
-
-
-class LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits: the plain-tensor interface export and ONNX need."""
-
-    def __init__(self, model: PreTrainedModel) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 def _attn_implementation(spec: JobSpec) -> str:
@@ -424,7 +413,7 @@ class CausalLMAdapter(_TokenAdapter):
             trust_remote_code=trust_remote_code,
         )
         if spec.training_config.sequence_kd:
-            data.info["sequence_kd_train"] = self._sequence_kd_targets(
+            data.info["sequence_kd_pairs"] = self._sequence_kd_targets(
                 teacher, spec, data, data_dir=data_dir, device=device, callbacks=callbacks
             )
         return teacher
@@ -438,12 +427,12 @@ class CausalLMAdapter(_TokenAdapter):
         data_dir: Path,
         device: torch.device,
         callbacks: EngineCallbacks,
-    ) -> TensorDictDataset:
-        """Greedy teacher completions of every train prompt, stored as text under data_dir and re-tokenised.
+    ) -> list[tuple[str, str]]:
+        """Greedy teacher completions (prompt, completion) of every train prompt, stored under data_dir.
 
-        Stored as text (prompt, completion) so the student's tokenizer reads them (any vocabulary); the file
-        is keyed by the teacher's weights, the data and the generation settings, so every epoch, a resume
-        and later jobs reuse it.
+        Stored as text so the student's tokenizer reads them (any vocabulary; encoded at the first step);
+        the file is keyed by the teacher's weights, the data and the generation settings, so every epoch, a
+        resume and later jobs reuse it.
         """
         assert isinstance(data.train, TensorDictDataset) and self.tokenizer is not None
         config = spec.training_config
@@ -492,9 +481,7 @@ class CausalLMAdapter(_TokenAdapter):
             partial.write_text(json.dumps(stored), encoding="utf-8")
             partial.replace(path)
         data.info["sequence_kd"] = {"key": key, "reused": reused, "teacher_seconds": stored["seconds"]}
-        student_tokenizer = data.info.get("student_tokenizer") or tokenizer
-        examples = [[(prompt, False), (completion, True)] for prompt, completion in stored["pairs"]]
-        return TensorDictDataset(encode_segments(examples, student_tokenizer, config.max_seq_length))
+        return [(str(prompt), str(completion)) for prompt, completion in stored["pairs"]]
 
     def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
         """sequence_kd: cross-entropy on the teacher's generated targets only; else token KD + CE."""
@@ -520,6 +507,13 @@ class CausalLMAdapter(_TokenAdapter):
             return StepBatch(batch)
         device = batch["input_ids"].device
         if config.sequence_kd:
+            if "sequence_kd_train" not in data.info:
+                # The student's tokenizer (a named student may bring its own) encodes the teacher's text.
+                tokenizer = data.info.get("student_tokenizer") or data.info["tokenizer"]
+                examples = [[(p, False), (c, True)] for p, c in data.info["sequence_kd_pairs"]]
+                data.info["sequence_kd_train"] = TensorDictDataset(
+                    encode_segments(examples, tokenizer, config.max_seq_length)
+                )
             generated: TensorDictDataset = data.info["sequence_kd_train"]
             return StepBatch(to_device(generated.get_batch(indices.cpu()), device))
         if config.on_policy_fraction > 0 and rng.random() < config.on_policy_fraction:

@@ -18,8 +18,9 @@ ONNX_OPSET = 18
 ONNX_TOLERANCE = 1e-4
 
 
-class _LogitsOnly(nn.Module):
-    """(input_ids, attention_mask) -> logits of a transformers model."""
+class LogitsOnly(nn.Module):
+    """(input_ids, attention_mask) -> logits of a transformers model: the plain-tensor interface that
+    `torch.export` (student.pt2) and ONNX need."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -48,7 +49,7 @@ def export_onnx(model: nn.Module, path: Path, example: dict[str, torch.Tensor]) 
 
     Raises EngineError('export_failed') when the exporter fails or the outputs differ beyond tolerance.
     """
-    wrapper = _LogitsOnly(copy.deepcopy(model)).cpu().eval()  # a CPU copy; `model` stays where it is
+    wrapper = LogitsOnly(copy.deepcopy(model)).cpu().eval()  # a CPU copy; `model` stays where it is
     inputs = {"input_ids": example["input_ids"].cpu(), "attention_mask": example["attention_mask"].cpu()}
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=8192)
