@@ -172,14 +172,13 @@ def main() -> None:
     print(f"\nteacher test perplexity {teacher_ppl:.3f}; student {args.compression} of its parameters; "
           f"{args.rows} rows, {args.epochs} epochs, top-k {args.top_k}\n")  # fmt: skip
     print(
-        "| lm_loss / on_policy_fraction | student ppl (test, lower better) | agreement (test) | seconds | cache |"
+        "| lm_loss / on_policy_fraction | student ppl (test, lower better) | agreement (test) | s | cache |"
     )
     print("|---|---|---|---|---|")
     for row in rows:
         agreement = f"{row['agreement']:.3f}" if row["agreement"] is not None else "-"
-        print(
-            f"| {row['run']} | {row['perplexity']:.3f} | {agreement} | {row['seconds']:.1f} | {row['cache']} |"
-        )
+        figures = f"{row['perplexity']:.3f} | {agreement} | {row['seconds']:.1f} | {row['cache']}"
+        print(f"| {row['run']} | {figures} |")
     stored = [r for r in rows if r["cache"] in ("miss", "hit")]
     if stored:
         miss = next(r for r in stored if r["cache"] == "miss")
