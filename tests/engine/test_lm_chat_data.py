@@ -111,3 +111,11 @@ def test_truncation_keeps_masks_aligned(tmp_path: Path) -> None:
         dataset.tensors["loss_mask"] * (1 - dataset.tensors["attention_mask"]),
         torch.zeros(16, 6, dtype=torch.long),
     )
+
+
+def test_causal_lm_example_is_a_valid_job_with_readable_data() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    spec = JobSpec.model_validate(json.loads((repo / "examples" / "causal_lm.json").read_text()))
+    assert spec.task == Task.causal_lm and spec.training_config.lm_loss == "jsd"
+    splits = read_text_splits(spec, file_root=repo)
+    assert splits.train.pairs is not None and len(splits.train.pairs) >= 8
