@@ -62,13 +62,15 @@ def signal_key(
     return SignalKey(key, teacher_fp, data_fp, max_seq_length, top_k, tail, scale)
 
 
-def load(data_dir: Path, owner: str, key: SignalKey) -> tuple[TeacherCacheStore, dict[str, Any]] | None:
-    """The stored signal (marked used) and its metadata, or None on a miss or an unreadable cache."""
+def load(
+    data_dir: Path, owner: str, key: SignalKey, *, device: torch.device
+) -> tuple[TeacherCacheStore, dict[str, Any]] | None:
+    """The stored signal on `device` (marked used) and its metadata; None on a miss or an unreadable cache."""
     entry = store.get(data_dir, owner=owner, key=key.key)
     if entry is None:
         return None
     try:
-        cache = _from_file(entry.path / store.SIGNAL_FILE, entry.meta)
+        cache = _from_file(entry.path / store.SIGNAL_FILE, entry.meta, device)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         logger.warning("teacher cache %s unreadable (%s): rebuilding it", key.key, exc)
         return None
@@ -87,6 +89,7 @@ def save(
     task: str,
     teacher_seconds: float,
     max_bytes: int,
+    device: torch.device,
 ) -> tuple[TeacherCacheStore, dict[str, Any]] | None:
     """Store `cache` (from the teacher pass) under the key; evict LRU caches to stay under max_bytes.
 
@@ -137,7 +140,7 @@ def save(
         evicted = store.evict_to_fit(data_dir, max_bytes=max_bytes, keep={folder})
     if evicted:
         logger.info("teacher caches evicted (least recently used): %s", ", ".join(evicted))
-    return _from_file(folder / store.SIGNAL_FILE, meta), meta
+    return _from_file(folder / store.SIGNAL_FILE, meta, device), meta
 
 
 def _packed(cache: TeacherCacheStore, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -153,10 +156,10 @@ def _packed(cache: TeacherCacheStore, lengths: torch.Tensor) -> dict[str, torch.
     return tensors
 
 
-def _from_file(path: Path, meta: dict[str, Any]) -> TeacherCacheStore:
-    """The stored signal as a TeacherCacheStore of per-example rows (fitted to each batch's length)."""
-    tensors = load_file(str(path))
-    lengths = tensors.pop("lengths").tolist()
+def _from_file(path: Path, meta: dict[str, Any], device: torch.device) -> TeacherCacheStore:
+    """The stored signal as a TeacherCacheStore of per-example rows on `device` (fitted to each batch)."""
+    tensors = load_file(str(path), device=str(device))
+    lengths = tensors.pop("lengths").cpu().tolist()
     entries: dict[str, torch.Tensor | list[torch.Tensor]] = {}
     for name, packed in tensors.items():
         restored = packed.float() if packed.dtype == torch.float16 else packed
@@ -199,7 +202,7 @@ def cached_teacher_signal(
         tail=config.topk_tail,
         temperature=temperature,
     )
-    found = load(data_dir, owner, key)
+    found = load(data_dir, owner, key, device=device)
     # In memory the float16 values are float32 again: about twice the bytes on disk.
     if found is not None and memory_bytes is not None and 2 * int(found[1]["bytes"]) > memory_bytes:
         return None, {"status": "too_large", "key": key.key}
@@ -236,6 +239,7 @@ def cached_teacher_signal(
         task=str(spec.task),
         teacher_seconds=teacher_seconds,
         max_bytes=max_bytes,
+        device=device,
     )
     if saved is None:
         return built, {"status": "not_stored", "key": key.key, "teacher_seconds": teacher_seconds}

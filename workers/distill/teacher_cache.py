@@ -84,7 +84,9 @@ class TeacherCacheStore:
             else:
                 rows = [entry[int(i)] for i in indices]
                 length = _sequence_length(like, rows[0].dim())
-                flat[key] = torch.stack([_fit(row, length) for row in rows])
+                assert like is not None  # _sequence_length refuses None
+                # On the student's device (a cache read from disk may live elsewhere).
+                flat[key] = torch.stack([_fit(row, length) for row in rows]).to(like.logits.device)
         return _unflatten(flat, self.layout)
 
 
