@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.schemas.job_spec import JobSpec
+from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from workers.distill.kernel import IGNORE_INDEX, ModelOutputs
 from workers.distill.losses import LOSSES, LossInputs
 from workers.distill.registry import get_adapter
@@ -188,3 +190,38 @@ def test_spec_refuses_lm_options_for_other_tasks() -> None:
         JobSpec.model_validate(
             {**base, "task": "causal-lm", "training_config": {"sequence_kd": True, "on_policy_fraction": 0.5}}
         )
+
+
+def test_padded_vocabulary_of_the_same_tokenizer_is_sliced(tmp_path: Path) -> None:
+    """A teacher whose embedding rows are rounded up compares with an unpadded student on the real ids."""
+    from tests.engine.tiny_models import save_tiny_gpt2
+    from workers.distill.contract import NullCallbacks
+
+    model = save_tiny_gpt2(tmp_path / "padded", layers=1, hidden=16, heads=2)
+    real = model.config.vocab_size
+    model.resize_token_embeddings(real + 13)  # e.g. rounded up to a multiple of 64
+    model.save_pretrained(tmp_path / "padded")
+    (tmp_path / "lm.jsonl").write_text(
+        "".join('{"text": "the day was very good and fine ."}\n' for _ in range(12))
+    )
+    spec = JobSpec.model_validate(
+        {
+            "teacher_model_name": "t",
+            "task": "causal-lm",
+            "dataset_config": {"kind": "file", "path": "lm.jsonl"},
+        }
+    )
+    adapter = get_adapter("causal-lm")
+    data = adapter.load_data(spec, data_dir=tmp_path, file_root=tmp_path)
+    teacher = adapter.load_teacher(
+        TeacherSource(name="padded", kind=TeacherSourceKind.local, location="padded", type="transformer"),
+        spec, data, data_dir=tmp_path, file_root=tmp_path, device=torch.device("cpu"),
+        callbacks=NullCallbacks(), trust_remote_code=False,
+    )  # fmt: skip
+    assert teacher.get_output_embeddings().weight.shape[0] == real + 13  # type: ignore[operator,union-attr]
+    batch = data.train.get_batch(torch.arange(2))  # type: ignore[attr-defined]
+    logits = adapter.forward(teacher, batch).logits
+    assert logits.shape[-1] == real
+    with torch.no_grad():
+        full = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(logits, full[..., :real])

@@ -307,10 +307,24 @@ class SequenceClassificationAdapter(HFTaskAdapter):
 
 
 class _TokenAdapter(HFTaskAdapter):
-    """Language-model tasks: perplexity, token-level KD, top-k teacher cache."""
+    """Language-model tasks: perplexity, token-level KD, top-k teacher cache.
+
+    Logits are cut to the tokenizer's vocabulary (`len(tokenizer)`): a model whose embedding rows were
+    padded (rounded up to a multiple of 64 or 128) gives logits for ids no token has, and teacher and student
+    of the same tokenizer then compare on the same ids whatever their padding.
+    """
 
     metric = "perplexity"
     higher_is_better = False
+
+    def forward(
+        self, model: nn.Module, batch: Batch, *, hidden_states: bool = False, attentions: bool = False
+    ) -> ModelOutputs:
+        outputs = super().forward(model, batch, hidden_states=hidden_states, attentions=attentions)
+        width = len(self.tokenizer) if self.tokenizer is not None else None
+        if width is not None and outputs.logits.shape[-1] > width:
+            outputs.logits = outputs.logits[..., :width]  # (B, T, V_padded) -> (B, T, V)
+        return outputs
 
     @torch.inference_mode()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
