@@ -88,3 +88,20 @@ def test_eviction_removes_least_recently_used_across_owners(tmp_path: Path) -> N
     assert [e.key for e in teacher_caches.entries(tmp_path, owner=None)] == [middle]
     touched = teacher_caches.get(tmp_path, owner="t2", key=middle)
     assert touched is not None and touched.meta["hits"] == 1
+
+
+def test_a_jobs_caches_belong_to_its_tenant(make_client: Any, make_api_key: Any) -> None:
+    """The worker files a job's caches under its tenant (workers.tasks asks owner_of_job)."""
+    name = f"carol-{uuid.uuid4().hex[:8]}"
+    client = make_client(headers=make_api_key(name))
+    job = {
+        "teacher_model_name": "digits-cnn",
+        "target_compression": 0.25,
+        "training_config": {"epochs": 1},
+        "dataset_config": {"kind": "builtin", "name": "digits"},
+    }
+    created = client.post("/distillation/jobs", json=job)
+    assert created.status_code == 201, created.text
+    with session_scope() as session:
+        assert teacher_caches.owner_of_job(session, job_id=created.json()["job_id"]) == _tenant_id(name)
+        assert teacher_caches.owner_of_job(session, job_id="no-such-job") == teacher_caches.LOCAL_OWNER
