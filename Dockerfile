@@ -21,6 +21,7 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
+COPY distillery ./distillery
 COPY distillery_cli ./distillery_cli
 RUN /opt/venv/bin/pip install ".[api]"
 
@@ -32,6 +33,7 @@ RUN /opt/venv/bin/pip install "${TORCH_SPEC}"
 COPY pyproject.toml README.md ./
 COPY app ./app
 COPY workers ./workers
+COPY distillery ./distillery
 COPY distillery_cli ./distillery_cli
 RUN /opt/venv/bin/pip install ".[worker]"
 

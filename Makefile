@@ -23,13 +23,13 @@ test: install
 	$(PY) -m pytest
 
 lint: install
-	$(VENV)/bin/ruff check app workers distillery_cli migrations tests bench
-	$(VENV)/bin/ruff format --check app workers distillery_cli migrations tests bench
-	$(VENV)/bin/mypy app workers distillery_cli
+	$(VENV)/bin/ruff check app workers distillery distillery_cli migrations tests bench
+	$(VENV)/bin/ruff format --check app workers distillery distillery_cli migrations tests bench
+	$(VENV)/bin/mypy app workers distillery distillery_cli
 
 format: install
-	$(VENV)/bin/ruff check --fix app workers distillery_cli migrations tests bench
-	$(VENV)/bin/ruff format app workers distillery_cli migrations tests bench
+	$(VENV)/bin/ruff check --fix app workers distillery distillery_cli migrations tests bench
+	$(VENV)/bin/ruff format app workers distillery distillery_cli migrations tests bench
 
 clean:
 	rm -rf $(VENV) .distillery .mypy_cache .ruff_cache .pytest_cache

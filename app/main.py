@@ -23,9 +23,10 @@ from app.api.routes import (
     teachers,
 )
 from app.core.config import Settings, get_settings
-from app.core.db import get_engine, get_sessionmaker
+from app.core.db import get_engine, get_sessionmaker, make_async_db
 from app.core.logging import configure_logging
 from app.errors import install_exception_handlers
+from app.services.datasets import remove_stale_parts
 from app.services.metrics import HttpMetricsMiddleware, build_registry
 from app.services.teachers import seed_default_teachers
 
@@ -69,8 +70,19 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(fmt=app_settings.log_format, level=app_settings.log_level)
         app_settings.ensure_dirs()
+        remove_stale_parts(app_settings)
         _seed_teachers_if_migrated()
-        yield
+        # The hot paths' async pool lives on this loop (PostgreSQL only; see app.core.db.AsyncDb).
+        async_db = make_async_db(app_settings.resolved_database_url)
+        if async_db is not None:
+            await async_db.open()
+        app.state.async_db = async_db
+        try:
+            yield
+        finally:
+            app.state.async_db = None
+            if async_db is not None:
+                await async_db.close()
 
     # /docs (Swagger UI) and /redoc load their scripts and styles from the fastapi-offline package, served
     # here under DOCS_ASSETS_URL: no CDN, so the manual works on a machine without internet.
@@ -88,6 +100,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     )
     app.state.settings = app_settings
     app.state.wake_scheduler = wake_scheduler
+    app.state.async_db = None  # until the lifespan starts
     install_exception_handlers(app)
     # One registry per app (tests build several); the database figures are read at scrape time.
     registry, http_latency = build_registry(lambda: get_sessionmaker()())

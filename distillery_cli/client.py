@@ -1,20 +1,27 @@
-"""Commands that talk to a Distillery server over its REST API (httpx): submit, watch, jobs, download..."""
+"""Commands that talk to a Distillery server through the SDK (`distillery.Client`): submit, watch, jobs...
+
+The SDK does the HTTP (retries of 429/5xx honouring Retry-After, Idempotency-Keys, the event stream);
+this module turns its answers and errors into terminal output and exit codes.
+"""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.live import Live
 from rich.table import Table
+
+import distillery
+from distillery_cli import config
+from distillery_cli.config import Connection, Setting
+from distillery_cli.display import JobProgress, format_metrics, jobs_table, results_table
+from distillery_cli.jobfile import JobFileError, describe_errors, job_request_model, load_job_file
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,57 +30,81 @@ TERMINAL = {"completed", "failed", "cancelled"}
 # Exit codes say how a job ended, so scripts can branch on them.
 EXIT_OK = 0
 EXIT_REQUEST_ERROR = 1
+EXIT_BAD_JOB_FILE = 2
 EXIT_JOB_FAILED = 3
 EXIT_JOB_CANCELLED = 4
 JOB_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED}
 
 UrlOption = Annotated[
-    str,
-    typer.Option("--url", envvar="DISTILLERY_URL", help="Base URL of the Distillery API."),
+    str | None,
+    typer.Option(
+        "--url",
+        help="Base URL of the API [default: $DISTILLERY_URL, config file, ./.distillery/url].",
+    ),
 ]
 KeyOption = Annotated[
     str | None,
-    typer.Option("--api-key", envvar="DISTILLERY_API_KEY", help="API key (Bearer token)."),
+    typer.Option(
+        "--api-key",
+        help="API key [default: $DISTILLERY_API_KEY, config file, ./.distillery/api_key].",
+    ),
 ]
-DEFAULT_URL = "http://127.0.0.1:8000"
+VerboseOption = Annotated[
+    bool, typer.Option("--verbose", "-v", help="With --watch: a line per epoch, not only per stage.")
+]
 
 
-def _default_key() -> str | None:
-    """The key `distillery up` stored under DATA_DIR, when there is one."""
-    path = Path(os.environ.get("DATA_DIR", ".distillery")) / "api_key"
-    return path.read_text().strip() if path.is_file() else None
-
-
-def _client(url: str, api_key: str | None) -> httpx.Client:
-    key = api_key or _default_key()
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=30.0)
-
-
-def _fail(response: httpx.Response) -> typer.Exit:
-    """Print a problem+json answer readably and return the exit to raise."""
-    try:
-        problem = response.json()
-    except ValueError:
-        problem = {"title": response.reason_phrase, "detail": response.text[:500]}
+def _say_retry(retry: distillery.Retry) -> None:
+    why = f"{retry.status} {retry.reason}" if retry.status else f"connection failed ({retry.reason})"
     err_console.print(
-        f"[red]{response.status_code} {problem.get('title', '')}[/red]: {problem.get('detail', '')}"
+        f"[yellow]{why}: retrying {retry.method} {retry.path} in {retry.delay:.1f} s[/yellow]", soft_wrap=True
     )
-    for error in problem.get("errors", []) or []:
-        loc = ".".join(str(part) for part in error.get("loc", []))
-        err_console.print(f"  - {loc}: {error.get('msg', error)}")
-    return typer.Exit(EXIT_REQUEST_ERROR)
 
 
-def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def print_problem(exc: distillery.ApiError, connection: Connection) -> None:
+    """An error answer in a few lines: each field error once (with suggestions); a 401 says which key
+    was sent and where it came from."""
+    if exc.errors:
+        # The detail joins the same errors: print them once, one a line.
+        err_console.print(f"[red]{exc.status} {exc.title}[/red]")
+        for line in describe_errors(exc.errors, job_request_model()):
+            err_console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
+    else:
+        err_console.print(f"[red]{exc.status} {exc.title}[/red]: {exc.detail}", soft_wrap=True)
+    if exc.status == 401:
+        err_console.print(
+            f"  {connection.describe_key()} to {connection.url.value} (from {connection.url.source})",
+            soft_wrap=True,
+        )
+        err_console.print("  Set one with `distillery login --url URL --key KEY` or $DISTILLERY_API_KEY.")
+
+
+@contextmanager
+def _connect(
+    url: str | None, api_key: str | None, connection: Connection | None = None
+) -> Iterator[distillery.Client]:
+    """A Client for the command; its errors become a message and exit code 1."""
     try:
-        response = client.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        err_console.print(f"[red]cannot reach {client.base_url}[/red]: {exc}")
+        if connection is not None:
+            url, api_key = connection.url.value, connection.api_key.value if connection.api_key else None
+        client = distillery.Client(url, api_key, on_retry=_say_retry)
+    except config.ConfigError as exc:
+        err_console.print(f"[red]{exc}[/red]")
         raise typer.Exit(EXIT_REQUEST_ERROR) from exc
-    if response.is_error:
-        raise _fail(response)
-    return response
+    if connection is not None:
+        client.connection = connection
+    try:
+        with client:
+            yield client
+    except distillery.ApiError as exc:
+        print_problem(exc, client.connection)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+    except distillery.TransportError as exc:
+        err_console.print(f"[red]{exc}[/red]", soft_wrap=True)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+    except distillery.NoArtifactsError as exc:
+        err_console.print(f"{exc}; nothing downloaded", soft_wrap=True)
+        raise typer.Exit(EXIT_REQUEST_ERROR) from exc
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -84,198 +115,124 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def results_table(results: dict[str, Any]) -> Table:
-    """Teacher vs student side by side: parameters, size, accuracy, latency; then the headline ratios."""
-    table = Table(title="Distillation results", show_lines=False)
-    table.add_column("")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    metric = results.get("metric", "accuracy")
-    size = results.get("model_size_mb") or {}
-    latency = results.get("latency_ms") or {}
-    table.add_row(
-        "parameters", _fmt(results.get("original_parameters")), _fmt(results.get("compressed_parameters"))
-    )
-    table.add_row("size (MiB)", _fmt(size.get("teacher")), _fmt(size.get("student")))
-    table.add_row(metric, _fmt(results.get("teacher_accuracy")), _fmt(results.get("final_student_accuracy")))
-    for batch in ("batch_1", "batch_64"):
-        table.add_row(
-            f"latency {batch} (ms)",
-            _fmt((latency.get("teacher") or {}).get(batch)),
-            _fmt((latency.get("student") or {}).get(batch)),
-        )
-    summary = Table(show_header=False, box=None)
-    for key in (
-        "compression_ratio",
-        "accuracy_retention",
-        "memory_savings",
-        "inference_speedup",
-        "cost_savings",
-        "baseline_accuracy",
-        "kd_gain",
-    ):
-        if results.get(key) is not None:
-            summary.add_row(key, _fmt(results[key]))
-    outer = Table.grid()
-    outer.add_row(table)
-    outer.add_row(summary)
-    return outer
-
-
-@dataclass
-class _SseMessage:
-    event: str = "message"
-    id: int | None = None
-    data: str = ""
-
-
-def _iter_sse(response: httpx.Response) -> Iterator[_SseMessage]:
-    """Server-Sent Events of a streaming response, as they arrive (comments/keep-alives skipped)."""
-    message, data_lines = _SseMessage(), list[str]()
-    for line in response.iter_lines():
-        if not line:
-            if data_lines:
-                message.data = "\n".join(data_lines)
-                yield message
-            message, data_lines = _SseMessage(), []
-            continue
-        name, _, value = line.partition(":")
-        value = value.removeprefix(" ")
-        if name == "event":
-            message.event = value
-        elif name == "id" and value.isdigit():
-            message.id = int(value)
-        elif name == "data":
-            data_lines.append(value)
-
-
-class _StreamUnavailable(Exception):
-    """The live event stream cannot be used (old server, proxy, repeated drops): poll instead."""
-
-
-# Reconnects in a row before giving up on the stream (about 30 s); backoff doubles from 0.25 s up to 2 s.
-MAX_STREAM_RETRIES = 18
-STREAM_TIMEOUT = httpx.Timeout(10.0, read=60.0)  # keep-alives arrive every ~15 s
-
-
 class _JobView:
-    """The progress bar and the log lines above it, fed by stream events or polled job documents."""
+    """The live progress display and the log lines above it, fed by stream events or polled job documents.
 
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
-        self.task = bar.add_task("", total=100.0, status="pending", eta="-")
+    By default the lines are state changes, phase starts and one summary per training stage; `verbose`
+    adds a line per epoch. Every event also moves the display, so the bar never lags the lines.
+    """
+
+    def __init__(self, live: Live, *, verbose: bool = False) -> None:
+        self.live = live
+        self.verbose = verbose
+        self.progress = JobProgress()
+        self._stage: tuple[str, int] | None = None  # (phase, stage) of the epochs being counted
+        self._stage_epochs = 0
+        self._stage_last: dict[str, Any] = {}
+
+    def print(self, text: str, *, cut: bool = False) -> None:
+        """A line above the display; `cut` ones (figures) end in an ellipsis rather than wrap."""
+        if cut:
+            self.live.console.print(text, no_wrap=True, overflow="ellipsis")
+        else:
+            self.live.console.print(text)
+
+    def refresh(self) -> None:
+        self.live.update(self.progress, refresh=True)
 
     def show(self, job: dict[str, Any]) -> None:
-        metrics = job.get("metrics") or {}
-        parts = [job.get("phase") or ""]
-        for key in ("stage", "epoch"):
-            if metrics.get(key) is not None:
-                parts.append(f"{key} {metrics[key]}")
-        for key in ("total_loss", "distillation_loss", "student_accuracy"):
-            if metrics.get(key) is not None:
-                parts.append(f"{key} {_fmt(metrics[key])}")
-        eta = job.get("eta_seconds")
-        self.bar.update(
-            self.task,
-            completed=float(job.get("progress") or 0.0),
-            description="  ".join(p for p in parts if p),
-            status=job["status"],
-            eta=f"{eta:.0f}s" if isinstance(eta, int | float) else "-",
-        )
+        self.progress.update_from_job(job)
+        self.refresh()
 
     def log_event(self, kind: str, event: dict[str, Any]) -> None:
         data = event.get("data") or {}
+        self.progress.update_from_event(kind, data)
+        message = str(event.get("message") or "")
         if kind == "state":
-            self.bar.console.print(f"[dim]{event.get('created_at', '')[11:19]}[/dim] {event.get('message')}")
+            self.end_stage()
+            self.print(f"[dim]{str(event.get('created_at', ''))[11:19]}[/dim] {message}")
+        elif kind == "phase":
+            self.end_stage()
+            self.print(f"  {message}")
         elif kind == "metric" and data.get("epoch") is not None:
-            figures = "  ".join(
-                f"{key} {_fmt(data[key])}"
-                for key in ("total_loss", "distillation_loss", "student_loss", "student_accuracy")
-                if isinstance(data.get(key), int | float)
-            )
-            where = f"stage {data.get('stage', 1)} epoch {data['epoch']}"
-            phase = data.get("phase")
-            self.bar.console.print(f"  {phase + ' ' if phase else ''}{where}: {figures}")
+            self._count_epoch(data)
+        elif kind == "warning":
+            self.print(f"  [yellow]warning: {message}[/yellow]")
+        elif kind == "checkpoint" and self.verbose:
+            self.print(f"  [dim]{message}[/dim]")
+        self.refresh()
+
+    def _count_epoch(self, data: dict[str, Any]) -> None:
+        phase = str(data.get("phase") or "distill")
+        key = (phase, int(data.get("stage") or 1))
+        if key != self._stage:
+            self.end_stage()
+            self._stage = key
+        self._stage_epochs += 1
+        self._stage_last = data
+        if self.verbose:
+            self.print(f"  {phase} stage {key[1]} epoch {data['epoch']}: {format_metrics(data)}", cut=True)
+
+    def end_stage(self) -> None:
+        """One line for the stage whose epochs were counted (default output; --verbose printed each)."""
+        if self._stage is not None and not self.verbose:
+            phase, stage = self._stage
+            epochs = f"{self._stage_epochs} epoch{'s' if self._stage_epochs != 1 else ''}"
+            last = format_metrics(self._stage_last, learning_rate=False)
+            self.print(f"  {phase} stage {stage}: {epochs}, last {last}", cut=True)
+        self._stage, self._stage_epochs, self._stage_last = None, 0, {}
 
 
-def _follow_stream(client: httpx.Client, job_id: str, view: _JobView) -> None:
-    """Follow the job's event stream until its `end` event, resuming after drops with Last-Event-ID."""
-    last_id: int | None = None
-    failures = 0
+def _follow_stream(client: distillery.Client, job_id: str, view: _JobView) -> None:
+    """Follow the job's events until it ends (the SDK resumes after drops with Last-Event-ID)."""
+
+    def dropped(exc: Exception) -> None:
+        view.print(f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]")
+
+    for event in client.events(job_id, on_drop=dropped):
+        if event.kind == "snapshot":
+            view.show(dict(event.data))
+        else:
+            view.log_event(event.kind, event.raw)
+
+
+def _poll(client: distillery.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
     while True:
-        headers = {"Accept": "text/event-stream"}
-        if last_id is not None:
-            headers["Last-Event-ID"] = str(last_id)
-        try:
-            with client.stream(
-                "GET", f"/distillation/jobs/{job_id}/events", headers=headers, timeout=STREAM_TIMEOUT
-            ) as response:
-                if response.status_code in (401, 403, 404, 422):
-                    response.read()
-                    raise _fail(response)
-                content_type = response.headers.get("content-type", "")
-                if response.is_error or not content_type.startswith("text/event-stream"):
-                    raise _StreamUnavailable(f"{response.status_code} {content_type or 'no content type'}")
-                for message in _iter_sse(response):
-                    failures = 0
-                    if message.id is not None:
-                        last_id = message.id
-                    data = json.loads(message.data) if message.data else {}
-                    if message.event == "snapshot":
-                        view.show(data)
-                    elif message.event == "end":
-                        return
-                    else:
-                        view.log_event(message.event, data)
-        except (httpx.TransportError, _StreamUnavailable) as exc:
-            failures += 1
-            if failures > MAX_STREAM_RETRIES:
-                raise _StreamUnavailable(str(exc) or exc.__class__.__name__) from exc
-            view.bar.console.print(
-                f"[yellow]event stream dropped ({exc.__class__.__name__}); resuming[/yellow]"
-            )
-            time.sleep(min(2.0, 0.25 * 2 ** (failures - 1)))
-            continue
-        failures += 1  # closed without `end` (a proxy, a restart): reconnect after the last event
-        if failures > MAX_STREAM_RETRIES:
-            raise _StreamUnavailable("the stream kept closing before the job ended")
-
-
-def _poll(client: httpx.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
-    while True:
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+        job = dict(client.get(job_id))
         view.show(job)
         if job["status"] in TERMINAL:
             return job
         time.sleep(interval)
 
 
-def _watch(client: httpx.Client, job_id: str, interval: float) -> dict[str, Any]:
-    """Follow the job live over its event stream (polling if that fails), drawing a progress bar;
+def _watch(
+    client: distillery.Client, job_id: str, interval: float, *, verbose: bool = False
+) -> dict[str, Any]:
+    """Follow the job live over its event stream (polling if that fails), drawing the progress display;
     returns the final job."""
-    columns = (
-        TextColumn("[bold]{task.fields[status]}[/bold]"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.description}"),
-        TextColumn("ETA {task.fields[eta]}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=False) as bar:
-        view = _JobView(bar)
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
+    try:
+        return _watch_live(client, job_id, interval, verbose=verbose)
+    finally:
+        if not console.is_terminal:
+            console.line()  # rich ends its last frame without a newline when the output is not a terminal
+
+
+def _watch_live(client: distillery.Client, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
+    with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
+        view = _JobView(live, verbose=verbose)
+        job = dict(client.get(job_id))
         view.show(job)
         if job["status"] in TERMINAL:
             return job
         try:
             _follow_stream(client, job_id, view)
-        except _StreamUnavailable as exc:
-            bar.console.print(
-                f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]"
-            )
-            return _poll(client, job_id, interval, view)
-        job = _request(client, "GET", f"/distillation/jobs/{job_id}").json()
-        view.show(job)
+        except distillery.StreamUnavailableError as exc:
+            view.print(f"[yellow]live events unavailable ({exc}); polling every {interval:g} s[/yellow]")
+            job = _poll(client, job_id, interval, view)
+        else:
+            job = dict(client.get(job_id))
+            view.show(job)
+        view.end_stage()
         return job
 
 
@@ -297,98 +254,133 @@ def register(app: typer.Typer) -> None:
     def submit(
         job_file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Job spec JSON.")],
         watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+        verbose: VerboseOption = False,
         interval: Annotated[
             float, typer.Option(help="Seconds between polls with --watch, if the event stream fails.")
         ] = 1.0,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """Create a job from JOB_FILE and start it."""
-        spec = json.loads(job_file.read_text())
-        with _client(url, api_key) as client:
-            job = _request(client, "POST", "/distillation/jobs", json={**spec, "auto_start": True}).json()
+        try:
+            spec = load_job_file(job_file)
+        except JobFileError as exc:
+            err_console.print(str(exc), soft_wrap=True, markup=False, highlight=False)
+            raise typer.Exit(EXIT_BAD_JOB_FILE) from exc
+        with _connect(url, api_key) as client:
+            job = client.create(spec, auto_start=True)
             console.print(f"job {job['job_id']} {job['status']}")
             if watch:
-                _finish(_watch(client, job["job_id"], interval))
+                _finish(_watch(client, job["job_id"], interval, verbose=verbose))
 
     @app.command("watch")
     def watch_job(
         job_id: str,
+        verbose: VerboseOption = False,
         interval: Annotated[
             float, typer.Option(help="Seconds between polls, if the event stream fails.")
         ] = 1.0,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """Follow a job until it ends; the exit code says how it ended."""
-        with _client(url, api_key) as client:
-            _finish(_watch(client, job_id, interval))
+        with _connect(url, api_key) as client:
+            _finish(_watch(client, job_id, interval, verbose=verbose))
 
     @app.command()
-    def status(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def status(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Print a job as JSON."""
-        with _client(url, api_key) as client:
-            console.print_json(data=_request(client, "GET", f"/distillation/jobs/{job_id}").json())
+        with _connect(url, api_key) as client:
+            console.print_json(data=dict(client.get(job_id)))
 
     @app.command()
     def jobs(
         status: Annotated[str | None, typer.Option(help="Only jobs in this status.")] = None,
         limit: Annotated[int, typer.Option(min=1, max=200)] = 20,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """List recent jobs."""
-        params: dict[str, Any] = {"limit": limit}
-        if status:
-            params["status"] = status
-        with _client(url, api_key) as client:
-            page = _request(client, "GET", "/distillation/jobs", params=params).json()
-        table = Table("job_id", "status", "progress", "teacher", "created_at")
-        for job in page["data"]:
-            table.add_row(
-                job["job_id"],
-                job["status"],
-                f"{job.get('progress', 0):.0f}%",
-                job.get("teacher_model_name", ""),
-                str(job.get("created_at", "")),
-            )
-        console.print(table)
+        with _connect(url, api_key) as client:
+            page = client.list(status=status, limit=limit)
+        console.print(jobs_table([dict(job) for job in page.data], console.width))
 
     @app.command()
-    def cancel(job_id: str, url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def cancel(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
         """Cancel a job (a running one stops at its next check)."""
-        with _client(url, api_key) as client:
-            job = _request(client, "POST", f"/distillation/jobs/{job_id}/cancel").json()
-        console.print(f"job {job_id} {job.get('status')}")
+        with _connect(url, api_key) as client:
+            job = client.cancel(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
+
+    @app.command()
+    def pause(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Pause a job: a queued one at once, a running one at its next check (its checkpoint kept)."""
+        with _connect(url, api_key) as client:
+            job = client.pause(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
+
+    @app.command()
+    def resume(job_id: str, url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Resume a paused job from its checkpoint (it queues again)."""
+        with _connect(url, api_key) as client:
+            job = client.resume(job_id)
+        console.print(f"job {job['job_id']} {job.get('status')}")
 
     @app.command()
     def download(
         job_id: str,
         out: Annotated[Path, typer.Option("--out", help="Directory to write the artifacts to.")] = Path("."),
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
-        """Download every artifact of a finished job."""
-        out.mkdir(parents=True, exist_ok=True)
-        with _client(url, api_key) as client:
-            listing = _request(client, "GET", f"/distillation/jobs/{job_id}/artifacts").json()
-            items = listing["data"] if isinstance(listing, dict) else listing
-            for item in items:
-                name = Path(item["name"]).name
-                with client.stream("GET", f"/distillation/jobs/{job_id}/artifacts/{name}") as response:
-                    if response.is_error:
-                        response.read()
-                        raise _fail(response)
-                    with (out / name).open("wb") as handle:
-                        for chunk in response.iter_bytes():
-                            handle.write(chunk)
-                console.print(f"{out / name}  ({item.get('size_bytes', '?')} bytes)")
+        """Download every artifact of a finished job (nothing is created when it has none)."""
+
+        def written(path: Path, item: distillery.Artifact) -> None:
+            console.print(f"{path}  ({item.get('size_bytes', '?')} bytes)", soft_wrap=True)
+
+        with _connect(url, api_key) as client:
+            client.download(job_id, out, on_file=written)
 
     @app.command()
-    def teachers(url: UrlOption = DEFAULT_URL, api_key: KeyOption = None) -> None:
+    def login(
+        url: Annotated[str, typer.Option("--url", help="Base URL of the Distillery API.")],
+        key: Annotated[
+            str | None, typer.Option("--key", help="API key (asked for, hidden, when not given).")
+        ] = None,
+        check: Annotated[bool, typer.Option(help="Try the key against the server before saving.")] = True,
+    ) -> None:
+        """Save URL and key to the user's config file, so the CLI finds them from any folder."""
+        key = key or typer.prompt("API key", hide_input=True)
+        connection = Connection(url=Setting(url.rstrip("/"), "--url"), api_key=Setting(key, "--key"))
+        if check:
+            with _connect(None, None, connection) as client:
+                client.list(limit=1)
+        path = config.write_config(url=connection.url.value, api_key=key)
+        console.print(
+            f"saved {connection.url.value} and key {config.key_prefix(key)} to {path}", soft_wrap=True
+        )
+
+    @app.command("config")
+    def show_config(url: UrlOption = None, api_key: KeyOption = None) -> None:
+        """Print the URL and key (prefix) the CLI would use, and where each came from."""
+        try:
+            connection = config.resolve(url, api_key)
+        except config.ConfigError as exc:
+            err_console.print(f"[red]{exc}[/red]")
+            raise typer.Exit(EXIT_REQUEST_ERROR) from exc
+        console.print(f"config file: {config.config_path()}", soft_wrap=True)
+        console.print(f"url:         {connection.url.value}  (from {connection.url.source})", soft_wrap=True)
+        if connection.api_key is None:
+            console.print("api key:     none found")
+        else:
+            key = connection.api_key
+            console.print(f"api key:     {config.key_prefix(key.value)}  (from {key.source})", soft_wrap=True)
+
+    @app.command()
+    def teachers(url: UrlOption = None, api_key: KeyOption = None) -> None:
         """List the teachers the server knows."""
-        with _client(url, api_key) as client:
-            listing = _request(client, "GET", "/distillation/teachers").json()
+        with _connect(url, api_key) as client:
+            listing = client.request("GET", "/distillation/teachers").json()
         items = listing["data"] if isinstance(listing, dict) else listing
         table = Table("name", "kind", "type", "params", "task", "location")
         for teacher in items:
@@ -407,18 +399,18 @@ def register(app: typer.Typer) -> None:
         upload: Annotated[
             Path | None, typer.Option("--upload", exists=True, dir_okay=False, help="CSV/JSONL to upload.")
         ] = None,
-        url: UrlOption = DEFAULT_URL,
+        url: UrlOption = None,
         api_key: KeyOption = None,
     ) -> None:
         """List uploaded datasets, or upload one with --upload."""
-        with _client(url, api_key) as client:
+        with _connect(url, api_key) as client:
             if upload is not None:
-                with upload.open("rb") as handle:
-                    files = {"file": (upload.name, handle)}
-                    created = _request(client, "POST", "/distillation/datasets", files=files).json()
+                # Bytes, not the open file: a retried POST sends the whole file again.
+                files = {"file": (upload.name, upload.read_bytes())}
+                created = client.request("POST", "/distillation/datasets", files=files).json()
                 console.print_json(data=created)
                 return
-            listing = _request(client, "GET", "/distillation/datasets").json()
+            listing = client.request("GET", "/distillation/datasets").json()
         items = listing["data"] if isinstance(listing, dict) else listing
         table = Table("id", "name", "format", "rows", "size_bytes")
         for dataset in items:

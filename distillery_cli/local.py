@@ -5,16 +5,22 @@ The engine (torch) is imported only when the command runs, so the REST client co
 
 from __future__ import annotations
 
-import json
 import signal
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
+
+from app.core.paths import PathRefused
+from distillery_cli.display import results_table
+from distillery_cli.jobfile import JobFileError, describe_errors, load_job_file
+
+if TYPE_CHECKING:
+    from app.schemas.job_spec import JobSpec
 
 console = Console()
 
@@ -52,40 +58,17 @@ class _RichCallbacks:
         return self.stop_requested
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f}%"
+def _resolve_dataset_path(spec: JobSpec) -> JobSpec:
+    """A `file` dataset's path checked and resolved by the shared helper (relative to the working directory:
+    the local runner's user owns the machine, so there is no root)."""
+    from app.core.paths import PathKind, resolve_path
+    from app.schemas.job_spec import FileDataset
 
-
-def results_table(results: Any) -> Table:
-    """Teacher vs student: parameters, size, metric, latency; plus retention, speedup and KD gain."""
-    metric = results.metric
-    fmt = _pct if metric == "accuracy" else (lambda v: "-" if v is None else f"{v:.3f}")
-    table = Table(title=f"Distillation results ({results.task}, {results.device})")
-    table.add_column("figure")
-    table.add_column("teacher", justify="right")
-    table.add_column("student", justify="right")
-    table.add_row("parameters", f"{results.original_parameters:,}", f"{results.compressed_parameters:,}")
-    table.add_row(
-        "size (MiB)", f"{results.model_size_mb.teacher:.3f}", f"{results.model_size_mb.student:.3f}"
-    )
-    table.add_row(f"test {metric}", fmt(results.teacher_accuracy), fmt(results.best_student_accuracy))
-    for batch in ("batch_1", "batch_64"):
-        table.add_row(
-            f"latency {batch.replace('_', ' ')} (ms)",
-            f"{results.latency_ms.teacher[batch]:.3f}",
-            f"{results.latency_ms.student[batch]:.3f}",
-        )
-    table.add_section()
-    table.add_row("compression ratio", "", f"{results.compression_ratio:.4f}")
-    table.add_row("accuracy retention", "", f"{results.accuracy_retention:.4f}")
-    table.add_row("inference speedup (batch 64)", "", f"{results.inference_speedup:.1f}x")
-    table.add_row("cost savings", "", _pct(results.cost_savings))
-    table.add_row("initial student", "", fmt(results.initial_student_accuracy))
-    if results.baseline_accuracy is not None:
-        table.add_row("labels-only baseline", "", fmt(results.baseline_accuracy))
-        table.add_row("KD gain (points)", "", f"{results.kd_gain:+.2f}")
-    table.add_row("training / total (s)", "", f"{results.training_seconds:.1f} / {results.total_seconds:.1f}")
-    return table
+    dataset = spec.dataset_config
+    if not isinstance(dataset, FileDataset):
+        return spec
+    path = resolve_path(dataset.path, root=None, kind=PathKind.file, what="dataset file")
+    return spec.model_copy(update={"dataset_config": dataset.model_copy(update={"path": str(path)})})
 
 
 def run(
@@ -111,15 +94,20 @@ def run(
     from app.schemas.job_spec import JobSpec
 
     try:
-        spec = JobSpec.model_validate(json.loads(job_file.read_text(encoding="utf-8")))
-    except (OSError, json.JSONDecodeError) as exc:
-        console.print(f"[red]cannot read {job_file}: {exc}[/red]")
+        spec = JobSpec.model_validate(load_job_file(job_file))
+    except JobFileError as exc:
+        console.print(str(exc), style="red", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(2) from exc
     except ValidationError as exc:
         console.print(f"[red]invalid job spec {job_file}:[/red]")
-        for error in exc.errors():
-            where = ".".join(str(p) for p in error["loc"]) or "(spec)"
-            console.print(f"  {where}: {error['msg']}")
+        for line in describe_errors(exc.errors(), JobSpec):
+            console.print(f"  {line}", soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(2) from exc
+
+    try:
+        spec = _resolve_dataset_path(spec)
+    except PathRefused as exc:
+        console.print(f"[red]invalid job spec {job_file}: dataset_config.path: {escape(exc.message)}[/red]")
         raise typer.Exit(2) from exc
 
     from workers.distill.config import EngineConfig
@@ -158,7 +146,8 @@ def run(
             finally:
                 signal.signal(signal.SIGINT, previous)
     except EngineError as exc:
-        console.print(f"[red]job failed ({exc.code}): {exc.message}[/red]")
+        # One line, however long: scripts read it, and a message may hold brackets.
+        console.print(f"[red]job failed ({exc.code}): {escape(exc.message)}[/red]", soft_wrap=True)
         raise typer.Exit(1) from exc
     except JobStopped as exc:
         console.print(

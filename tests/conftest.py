@@ -47,6 +47,11 @@ os.environ["DATA_DIR"] = str(_TMP_ROOT / "data")
 os.environ["DATABASE_URL"] = TEST_DATABASE_URL
 os.environ["BROKER_URL"] = _SERVER_BROKER_URL
 os.environ["BROKER_KEY_PREFIX"] = TEST_BROKER_KEY_PREFIX
+# Server paths (`file` datasets, local teachers) resolve under a root of their own, never DATA_DIR; tests of
+# the "no root configured" default build their apps with `allowed_file_root=None`.
+TEST_FILE_ROOT = _TMP_ROOT / "files"
+TEST_FILE_ROOT.mkdir(parents=True, exist_ok=True)
+os.environ["ALLOWED_FILE_ROOT"] = str(TEST_FILE_ROOT)
 
 
 def _create_postgres_database() -> None:

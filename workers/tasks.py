@@ -9,6 +9,7 @@ worker that now holds it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -18,16 +19,27 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.celery_client import TASK_RUN_JOB, wake_scheduler
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
+from app.core.paths import PathKind, PathRefused, redact_paths, resolve_path
 from app.errors import NotFound
-from app.schemas.job_spec import FileDataset, JobSpec, UploadedDataset
+from app.models import Job
+from app.schemas.job_spec import (
+    FileDataset,
+    FileSource,
+    JobSpec,
+    LocalStudent,
+    UploadedDataset,
+    UploadedSource,
+)
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import lifecycle, teacher_caches
-from app.services.datasets import get_dataset_path
+from app.services import file_roots, lifecycle, teacher_caches
+from app.services.datasets import get as get_dataset
+from app.services.file_roots import FILES_DISABLED_CODE, FILES_DISABLED_MESSAGE
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
 from app.services.teachers import get_teacher_source
@@ -72,11 +84,11 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     paths = JobPaths(settings.jobs_dir / claim.job_id)
     with JobReporter(claim, settings) as reporter:
         try:
-            spec, teacher, file_root = _prepare(claim, settings)
+            spec, teacher, root = _prepare(claim, settings)
             from workers.distill.config import EngineConfig
             from workers.distill.runner import named_student, run_job
 
-            student = named_student(spec, registry=_registry_lookup)
+            student = named_student(spec, registry=functools.partial(_registry_lookup, root=root))
 
             results = run_job(
                 spec,
@@ -85,7 +97,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 data_dir=settings.data_dir,
                 callbacks=reporter,
                 resume=True,
-                file_root=file_root,
+                file_root=None,  # every path was resolved and checked under the tenant's root above
                 trust_remote_code=settings.trust_remote_code,
                 config=dataclasses.replace(
                     EngineConfig.from_settings(settings), signal_cache_owner=_cache_owner(claim)
@@ -97,11 +109,11 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
             return _stopped(claim, lease_lost=reporter.lease_lost)
         except EngineError as exc:
             reporter.close()
-            return _fail(claim, exc.code, exc.message)
+            return _fail(claim, exc.code, _redacted(exc.message, settings))
         except Exception as exc:  # any other failure still ends the job, with the reason stored
             log.exception("job %s: unexpected error", claim.job_id)
             reporter.close()
-            return _fail(claim, "internal_error", f"{type(exc).__name__}: {exc}")
+            return _fail(claim, "internal_error", _redacted(f"{type(exc).__name__}: {exc}", settings))
     if reporter.lease_lost:
         return "lease lost; results discarded"
     artifacts = _describe_artifacts(paths.artifacts)
@@ -127,42 +139,98 @@ def _cache_owner(claim: Claim) -> str:
         return teacher_caches.owner_of_job(session, job_id=claim.job_id)
 
 
-def _registry_lookup(name: str) -> TeacherSource:
-    """A registered model by name (a 'registry' student); EngineError listing the valid names otherwise."""
-    with session_scope() as session:
-        try:
-            return get_teacher_source(session, name)
-        except NotFound as exc:
-            raise EngineError("student_not_found", exc.detail) from exc
-
-
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:
-    """The validated spec (uploaded dataset resolved to its file), the teacher source and the file root."""
+    """The validated spec and teacher source with every path resolved and checked, and the tenant's root.
+
+    Uploaded datasets (the main one and held-out splits) become their stored files (written by the service,
+    under DATA_DIR; only the job's tenant's own); `file` datasets, a local teacher and a local student are
+    resolved under the job's tenant's file root with the helper the API used (a root removed since the job
+    was created refuses them now). The engine then gets checked absolute paths and no root of its own.
+    """
     try:
         spec = JobSpec.model_validate(claim.spec)
     except ValidationError as exc:
         raise EngineError("invalid_spec", f"the stored job spec is no longer valid: {exc}") from exc
-    file_root: Path | None = settings.file_root
     with session_scope() as session:
         try:
             teacher = get_teacher_source(session, spec.teacher_model_name)
         except NotFound as exc:
             raise EngineError("unknown_teacher", exc.detail) from exc
-        if isinstance(spec.dataset_config, UploadedDataset):
-            try:
-                path = get_dataset_path(session, spec.dataset_config.dataset_id).resolve()
-            except NotFound as exc:
-                raise EngineError("unknown_dataset", exc.detail) from exc
-            spec = spec.model_copy(update={"dataset_config": FileDataset(path=str(path))})
-            # Uploads are written by the service itself; if they live outside the allowed root (custom
-            # ALLOWED_FILE_ROOT), the root check is only needed for a local teacher path.
-            if (
-                file_root is not None
-                and not path.is_relative_to(file_root)
-                and teacher.kind != TeacherSourceKind.local
-            ):
-                file_root = None
-    return spec, teacher, file_root
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
+        root = file_roots.root_for(session, settings=settings, tenant_id=tenant_id)
+
+        def resolved(source: Any) -> Any:
+            if isinstance(source, UploadedSource):
+                dataset = get_dataset(session, dataset_id=source.dataset_id, tenant_id=tenant_id)
+                if dataset is None:
+                    raise EngineError("unknown_dataset", f"No dataset with id '{source.dataset_id}'.")
+                return FileSource(path=str(Path(dataset.path).resolve()))
+            if isinstance(source, FileSource):
+                path = _server_path(source.path, root, PathKind.any, what="dataset", code="dataset_invalid")
+                return source.model_copy(update={"path": str(path)})
+            return source
+
+        dataset = spec.dataset_config
+        updates: dict[str, Any] = {
+            split: resolved(getattr(dataset, split))
+            for split in ("validation", "test")
+            if getattr(dataset, split, None) is not None
+        }
+        if isinstance(dataset, UploadedDataset):
+            main = resolved(UploadedSource(dataset_id=dataset.dataset_id))
+            dataset = FileDataset(path=main.path, **updates)
+        elif isinstance(dataset, FileDataset):
+            dataset = dataset.model_copy(
+                update={"path": resolved(FileSource(path=dataset.path)).path} | updates
+            )
+        elif updates:
+            dataset = dataset.model_copy(update=updates)
+    spec_updates: dict[str, Any] = {"dataset_config": dataset}
+    if isinstance(spec.student, LocalStudent):
+        path = _server_path(
+            spec.student.path, root, PathKind.directory, what="student directory", code="student_not_found"
+        )
+        spec_updates["student"] = spec.student.model_copy(update={"path": str(path)})
+    spec = spec.model_copy(update=spec_updates)
+    return spec, _local_resolved(teacher, root, code="teacher_not_found"), root
+
+
+def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> TeacherSource:
+    """A registry entry with its local directory resolved under the tenant's root (others unchanged)."""
+    if source.kind != TeacherSourceKind.local:
+        return source
+    directory = _server_path(
+        source.location, root, PathKind.directory, what=f"'{source.name}' directory", code=code
+    )
+    return source.model_copy(update={"location": str(directory)})
+
+
+def _registry_lookup(name: str, *, root: Path | None) -> TeacherSource:
+    """A registered model by name (a 'registry' student), its local directory checked under the root."""
+    with session_scope() as session:
+        try:
+            source = get_teacher_source(session, name)
+        except NotFound as exc:
+            raise EngineError("student_not_found", exc.detail) from exc
+    return _local_resolved(source, root, code="student_not_found")
+
+
+def _server_path(text: str, root: Path | None, kind: PathKind, *, what: str, code: str) -> Path:
+    """A tenant-named path resolved under its file root; EngineError when refused (never an absolute path)."""
+    if root is None:
+        raise EngineError(FILES_DISABLED_CODE, f"{what} '{text}': {FILES_DISABLED_MESSAGE}")
+    try:
+        return resolve_path(text, root=root, kind=kind, what=what)
+    except PathRefused as exc:
+        raise EngineError(code if exc.code == "path_not_found" else exc.code, exc.message) from exc
+
+
+def _redacted(message: str, settings: Settings) -> str:
+    """A failure message without the server's absolute storage paths (a tenant reads it through the API)."""
+    labels = {settings.data_dir: "DATA_DIR"}
+    if settings.file_root is not None:
+        labels[settings.file_root] = "ALLOWED_FILE_ROOT"
+    return redact_paths(message, labels)
 
 
 def _describe_artifacts(folder: Path) -> list[lifecycle.ArtifactFile]:

@@ -11,7 +11,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
-from app.core.db import get_sessionmaker
+from app.core.db import AsyncDb, get_sessionmaker
 from app.core.logging import bind as bind_log_fields
 from app.errors import Forbidden, Unauthorized
 from app.services import auth as auth_service
@@ -32,6 +32,19 @@ async def get_session() -> AsyncIterator[Session]:
             await run_in_threadpool(session.close)
         else:
             session.close()
+
+
+async def get_async_db(request: Request) -> AsyncDb | None:
+    """The app's async pool for hot one-statement work (PostgreSQL, while the lifespan runs).
+
+    None on SQLite, and in an app whose lifespan has not started (a TestClient used without `with`):
+    callers then read through a sync session in the thread pool.
+    """
+    db = getattr(request.app.state, "async_db", None)
+    return db if isinstance(db, AsyncDb) else None
+
+
+AsyncDbDep = Annotated[AsyncDb | None, Depends(get_async_db)]
 
 
 async def get_app_settings(request: Request) -> Settings:
@@ -66,31 +79,41 @@ _admin_bearer = HTTPBearer(
 )
 
 
-def _authenticate(session: Session, key: str, ttl_seconds: float) -> Principal | None:
-    principal = auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
-    # End the lookup's transaction: on SQLite it holds the write lock, and an upload may stream for long.
-    session.rollback()
-    return principal
+def _authenticate(key: str, ttl_seconds: float) -> Principal | None:
+    """The key lookup in its own short session (thread pool): its transaction ends at once, which on SQLite
+    releases the write lock before an upload streams."""
+    with get_sessionmaker()() as session:
+        return auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
 
 
 async def get_current_tenant(
     request: Request,
-    session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
+    db: AsyncDbDep,
 ) -> Principal:
     """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
 
     A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop; otherwise the
-    lookup runs in the thread pool.
+    lookup runs on the event loop too (PostgreSQL's async read pool), or in the thread pool (SQLite).
+    No request session is opened for it: the hot reads need none.
     """
     if credentials is None:
-        raise Unauthorized("Send an API key as `Authorization: Bearer <key>` (issued by POST /admin/keys).")
+        raise Unauthorized(
+            "Send an API key as `Authorization: Bearer <key>`: the local stack (`distillery up`) prints one "
+            "and stores it in DATA_DIR/api_key; an operator issues others with POST /admin/keys."
+        )
+    key = credentials.credentials
     ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
-    principal = auth_service.cached_principal(credentials.credentials) if ttl_seconds > 0 else None
+    principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
+    if principal is None and db is not None:
+        principal = await auth_service.authenticate_async(db, key=key, ttl_seconds=ttl_seconds)
+    elif principal is None:
+        principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
     if principal is None:
-        principal = await run_in_threadpool(_authenticate, session, credentials.credentials, ttl_seconds)
-    if principal is None:
-        raise Unauthorized("The API key is unknown or has been revoked.")
+        raise Unauthorized(
+            "The API key sent is unknown or has been revoked; check which key your client sends "
+            "(`distillery config` shows it) or ask an operator for a new one."
+        )
     bind_log_fields(tenant=principal.tenant_name)
     return principal
 

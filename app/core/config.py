@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.core.paths import overlaps, tenant_file_root
 
 
 class Settings(BaseSettings):
@@ -54,9 +56,24 @@ class Settings(BaseSettings):
     max_epochs: int = Field(default=200, ge=1, description="Upper bound on training_config.epochs.")
     max_batch_size: int = Field(default=4096, ge=1, description="Upper bound on training_config.batch_size.")
     max_upload_bytes: int = Field(default=50 * 1024 * 1024, ge=1, description="Dataset upload limit.")
+    max_upload_columns: int = Field(
+        default=1000, ge=2, le=1_000_000, description="Columns (CSV header or JSONL keys) an upload may have."
+    )
+    max_upload_line_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="Longest line an uploaded CSV or JSONL file may have."
+    )
     allowed_file_root: Path | None = Field(
         default=None,
-        description="Root under which `file` datasets and local teacher paths must lie (default DATA_DIR).",
+        description="Folder under which `file` datasets and local teacher directories must lie. Unset: "
+        "tenants cannot name server paths at all (uploads still work). Never DATA_DIR, inside it or "
+        "above it.",
+    )
+    allowed_file_root_per_tenant: bool = Field(
+        default=False,
+        description="Each tenant gets ALLOWED_FILE_ROOT/<tenant name>/ instead of the whole root.",
+    )
+    dashboard_session_hours: float = Field(
+        default=8.0, gt=0, le=24 * 30, description="Hours a dashboard sign-in lasts (sign-out ends it)."
     )
     trust_remote_code: bool = Field(default=False, description="Allow hub models with custom code.")
     admin_api_key: str = Field(
@@ -120,6 +137,25 @@ class Settings(BaseSettings):
     def _absolute_data_dir(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
+    @field_validator("allowed_file_root", mode="before")
+    @classmethod
+    def _absolute_file_root(cls, value: object) -> Path | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None  # ALLOWED_FILE_ROOT= (empty) means unset, not the working directory
+        return Path(str(value)).expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _file_root_outside_data_dir(self) -> Settings:
+        """The service's storage (every tenant's uploads, artifacts, the key file) is never a file root."""
+        if self.allowed_file_root is not None and overlaps(self.allowed_file_root, self.data_dir):
+            raise ValueError(
+                f"ALLOWED_FILE_ROOT ({self.allowed_file_root}) overlaps DATA_DIR ({self.data_dir}): DATA_DIR "
+                "holds every tenant's uploads, artifacts and keys, so it can be neither the file root, "
+                "inside it, nor contain it. Point ALLOWED_FILE_ROOT at a folder of its own (e.g. "
+                "/srv/distillery-files), or leave it unset to refuse server paths."
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -132,7 +168,7 @@ class Settings(BaseSettings):
 
     @property
     def resolved_broker_url(self) -> str:
-        return self.broker_url or "filesystem://"
+        return self.broker_url or "filesystem://localhost//"
 
     @property
     def broker_transport_options(self) -> dict[str, Any]:
@@ -164,8 +200,15 @@ class Settings(BaseSettings):
         return self.tenant_max_queued_jobs or self.max_queued_jobs
 
     @property
-    def file_root(self) -> Path:
-        return (self.allowed_file_root or self.data_dir).expanduser().resolve()
+    def file_root(self) -> Path | None:
+        """ALLOWED_FILE_ROOT, resolved; None when server paths are refused."""
+        return self.allowed_file_root
+
+    def file_root_for(self, tenant_name: str | None) -> Path | None:
+        """The folder a tenant's `file` datasets and local teachers resolve under (None: refused)."""
+        return tenant_file_root(
+            self.allowed_file_root, per_tenant=self.allowed_file_root_per_tenant, tenant_name=tenant_name
+        )
 
     @property
     def jobs_dir(self) -> Path:

@@ -128,8 +128,9 @@ class Job(Base):
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # latest
     results: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # {code, message}
-    # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002.
-    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002;
+    # indexed by the composite list indexes below (migration 0005).
+    tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
@@ -138,7 +139,15 @@ class Job(Base):
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
 
-    __table_args__ = (Index("ix_jobs_status_queued_at", "status", "queued_at"),)
+    __table_args__ = (
+        # Admission reads the queue in line order a page at a time (migration 0005).
+        Index("ix_jobs_queue_order", "status", "queued_at", "id"),
+        Index("ix_jobs_queue_by_tenant", "status", "tenant_id", "queued_at", "id"),
+        # A tenant's newest jobs first, optionally by status or teacher: list pages without a sort.
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+        Index("ix_jobs_tenant_teacher_created", "tenant_id", "teacher_model_name", "created_at", "id"),
+    )
 
 
 class JobEvent(Base):
@@ -230,3 +239,17 @@ class IdempotencyRecord(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     __table_args__ = (Index("uq_idempotency_tenant_key", "tenant_id", "key", unique=True),)
+
+
+class DashboardSession(Base):
+    """A signed-in browser: the sha256 of its random session id (the cookie holds the id), its key, expiry.
+
+    Added by migration 0003. Ends at `expires_at`, at sign-out (row deleted) and when its key is revoked.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

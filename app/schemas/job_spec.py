@@ -9,7 +9,15 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from app.core.paths import check_path_text
+from app.schemas.hub_ids import HubRepoId
+
+
+def _plain_path(text: str) -> str:
+    check_path_text(text)  # PathRefused is a ValueError: a 422 naming the field
+    return text
 
 
 class DistillationMethod(StrEnum):
@@ -170,6 +178,64 @@ class TrainingConfig(_Strict):
         le=4096,
         description="Tokens generated per prompt by sequence_kd (teacher) and on-policy batches (student).",
     )
+    max_trials: int = Field(
+        strict=True,
+        default=8,
+        ge=1,
+        le=50,
+        description="target_retention: the most student sizes the search trains before the final run.",
+    )
+    max_search_seconds: float = Field(
+        strict=True,
+        default=3600.0,
+        gt=0,
+        le=7 * 86400,
+        description="target_retention: no new trial starts once the search has run this long (or would, "
+        "at the mean trial's duration), and a trial still running then is cut short (not counted).",
+    )
+    search_epochs: int | None = Field(
+        strict=True,
+        default=None,
+        ge=1,
+        le=1000,
+        description="target_retention: epochs of each trial (default: the job's epochs, so a trial is "
+        "the final run's procedure). Fewer is faster; trials are then not extrapolated, only "
+        "conservative (a shorter run scores lower), and the final run is measured anew.",
+    )
+    search_tolerance: float = Field(
+        strict=True,
+        default=0.25,
+        gt=0.0,
+        le=10.0,
+        description="target_retention: the search stops when the smallest size meeting the target and the "
+        "largest missing it differ by at most this factor (0.25: sizes within 25%).",
+    )
+    seeds: list[Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=10,
+        description="Train the final student (and the baseline) once per seed and report mean and "
+        "spread (results.seed_summary); `seed` is seeds[0], the first seed's student is delivered unless "
+        "seed_select says otherwise.",
+    )
+    seed_select: Literal["first", "best_validation"] = Field(
+        default="first",
+        description="With seeds: deliver the first seed's student, or the seed's whose delivered epoch "
+        "scored best on the validation split (said in results.seed_summary.delivered_by).",
+    )
+
+    @model_validator(mode="after")
+    def _check_seeds(self) -> TrainingConfig:
+        if self.seeds is not None:
+            if len(set(self.seeds)) != len(self.seeds):
+                raise ValueError("training_config.seeds: every seed must be different")
+            if "seed" in self.model_fields_set and self.seed != self.seeds[0]:
+                raise ValueError(
+                    f"training_config.seed ({self.seed}) must be seeds[0] ({self.seeds[0]}) when seeds "
+                    "are given (leave seed out)"
+                )
+            self.seed = self.seeds[0]
+        return self
 
 
 _COLUMN = Field(min_length=1, max_length=256)
@@ -182,11 +248,11 @@ class BuiltinSource(_Strict):
 
 class FileSource(_Strict):
     kind: Literal["file"] = "file"
-    path: str = Field(
+    path: Annotated[str, AfterValidator(_plain_path)] = Field(
         min_length=1,
         max_length=4096,
-        description="Under the allowed root: a CSV, TSV or JSONL file, a Parquet file, or a directory "
-        "written by datasets' save_to_disk.",
+        description="Relative to the file root (ALLOWED_FILE_ROOT; refused when none is set): a CSV, TSV or "
+        "JSONL file, a Parquet file, or a directory written by datasets' save_to_disk.",
     )
     text_column: str = Field(default="text", min_length=1, max_length=256)
     label_column: str = Field(default="label", min_length=1, max_length=256)
@@ -206,7 +272,9 @@ class UploadedSource(_Strict):
 
 class HubSource(_Strict):
     kind: Literal["hub"] = "hub"
-    name: str = Field(min_length=1, max_length=256, description="datasets.load_dataset path, e.g. 'imdb'.")
+    name: HubRepoId = Field(
+        min_length=1, max_length=256, description="A hub dataset id, 'name' or 'org/name', e.g. 'imdb'."
+    )
     subset: str | None = Field(default=None, max_length=256, description="The configuration name.")
     split: str = Field(default="train", min_length=1, max_length=64)
     revision: str | None = Field(default=None, min_length=1, max_length=128)
@@ -282,14 +350,14 @@ class HubStudent(_Strict):
     """A Hugging Face hub id, loaded with from_pretrained (e.g. 'distilbert-base-uncased')."""
 
     kind: Literal["hub"]
-    name: str = Field(min_length=1, max_length=256, pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+    name: HubRepoId = Field(min_length=1, max_length=256)
 
 
 class LocalStudent(_Strict):
     """A directory under the allowed root: save_pretrained output, or safetensors + student_config.json."""
 
     kind: Literal["local"]
-    path: str = Field(min_length=1, max_length=4096)
+    path: Annotated[str, AfterValidator(_plain_path)] = Field(min_length=1, max_length=4096)
 
 
 class ConfigStudent(_Strict):
@@ -336,6 +404,16 @@ class JobSpec(_Strict):
         description="Student parameters / teacher parameters, strictly between 0 and 1 (default 0.1 for "
         "a derived student; optional with a named one, whose reached ratio is reported).",
     )
+    target_retention: float | None = Field(
+        strict=True,
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="Instead of target_compression: the student's test metric / the teacher's to keep "
+        "(teacher/student for perplexity), e.g. 0.99. The engine searches the derived student's size "
+        "(training_config.max_trials, max_search_seconds) and delivers the smallest that keeps it; "
+        "results.target_met says whether it did.",
+    )
     student: StudentSpec = Field(
         default_factory=DerivedStudent,
         description="derived (default: built from target_compression) | registry | hub | local | config.",
@@ -348,7 +426,18 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _check_supported(self) -> JobSpec:
-        if self.target_compression is None and isinstance(self.student, DerivedStudent):
+        if self.target_retention is not None:
+            if self.target_compression is not None:
+                raise ValueError(
+                    "target_retention and target_compression are exclusive: give the retention to keep "
+                    "(the size is searched) or the size, not both"
+                )
+            if not isinstance(self.student, DerivedStudent):
+                raise ValueError(
+                    "target_retention searches the size of a derived student; a "
+                    f"'{self.student.kind}' student has its own size (leave target_retention out)"
+                )
+        elif self.target_compression is None and isinstance(self.student, DerivedStudent):
             self.target_compression = DEFAULT_TARGET_COMPRESSION
         sources: list[FileSource | UploadedSource | HubSource | BuiltinSource] = [self.dataset_config]
         sources += [s for s in (self.dataset_config.validation, self.dataset_config.test) if s is not None]

@@ -54,6 +54,105 @@ class CompressionStage(_Open):
     linear_sparsity: float | None = Field(default=None, description="Fraction of zero Linear weights")
 
 
+class TrialResult(_Open):
+    """One student size the retention search trained (`training_config.search_epochs` epochs).
+
+    The search decides on validation figures only; the test figures are reported, never used to choose.
+    Metric fields hold the task metric (see `DistillationResults.metric`), as `student_accuracy` does.
+    """
+
+    trial: int = Field(description="1-based, in the order trained")
+    compression_ratio: float = Field(description="The size asked for: student / teacher parameters")
+    parameters: int = Field(description="Parameters of the student built at that ratio")
+    epochs: int = Field(description="Epochs this trial trained (per stage)")
+    validation_accuracy: float | None = Field(
+        default=None, description="Delivered epoch's metric on the validation split"
+    )
+    validation_retention: float | None = Field(
+        default=None, description="validation_accuracy vs the teacher's validation metric"
+    )
+    test_accuracy: float | None = Field(default=None, description="Same student on the test split")
+    test_retention: float | None = Field(
+        default=None, description="test_accuracy vs the teacher's test metric"
+    )
+    meets_target: bool = Field(description="validation_retention >= target_retention")
+    latency_ms: dict[str, float] = Field(
+        default_factory=dict, description="{'batch_1': ms, 'batch_64': ms} on the job's device"
+    )
+    seconds: float = Field(description="Wall seconds of the trial (build, train, evaluate, time)")
+    error: str | None = Field(
+        default=None,
+        description="Why the trial has no figures: no student could be built at this size, or it was cut "
+        "short at max_search_seconds (then it does not count as a miss)",
+    )
+
+
+class SearchSummary(_Open):
+    """How the retention search went (`results.trials` holds every trial)."""
+
+    target_retention: float
+    status: Literal["bracketed", "smallest_size", "impossible", "budget_trials", "budget_seconds"] = Field(
+        description="bracketed: a size meeting the target and one missing it within the tolerance; "
+        "smallest_size: the smallest buildable student meets it; impossible: the largest size tried "
+        "misses it; budget_trials / budget_seconds: the budget ran out first"
+    )
+    decided_on: Literal["validation"] = "validation"
+    trial_epochs: int = Field(description="Epochs per trial (per stage)")
+    trials_exact: bool = Field(
+        description="True when trials train the job's own epochs (the final run repeats a trial's "
+        "procedure); False: shorter trials, whose figures are measured as they are, not extrapolated"
+    )
+    teacher_validation_accuracy: float
+    chosen_trial: int | None = Field(
+        default=None,
+        description="The trial whose size was trained fully (the smallest meeting the "
+        "target, else the best retention found)",
+    )
+    chosen_compression_ratio: float
+    bracket: list[float | None] = Field(
+        description="[largest ratio missing the target below the chosen one, smallest ratio meeting it] "
+        "(None where not found)"
+    )
+    tolerance: float
+    max_trials: int
+    max_search_seconds: float
+    trials_used: int
+    seconds: float
+    final_validation_retention: float | None = Field(
+        default=None, description="The fully trained student's validation retention"
+    )
+
+
+class Spread(_Open):
+    """Mean and spread of one figure over the seeds (std: sample standard deviation, 0 for one seed)."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+class SeedSummary(_Open):
+    """The final student (and baseline) trained once per `training_config.seeds`."""
+
+    seeds: list[int]
+    delivered_seed: int = Field(description="The seed whose student is delivered")
+    delivered_by: Literal["first_seed", "best_validation"] = Field(
+        default="first_seed",
+        description="first_seed, or best_validation: the seed whose delivered epoch scored best on "
+        "validation",
+    )
+    per_seed: list[dict[str, Any]] = Field(
+        description="{seed, student_accuracy, accuracy_retention, validation_accuracy, baseline_accuracy?, "
+        "kd_gain?, parameters, seconds} for each seed; figures on the test split (validation_accuracy on "
+        "validation), epoch chosen by `selected_by`"
+    )
+    student_accuracy: Spread
+    accuracy_retention: Spread
+    baseline_accuracy: Spread | None = None
+    kd_gain: Spread | None = Field(default=None, description="In kd_gain_unit, positive = KD better")
+
+
 class DistillationResults(_Open):
     """What a finished job measured. Accuracies are fractions in [0, 1]; for causal LMs see `metric`."""
 
@@ -140,6 +239,21 @@ class DistillationResults(_Open):
     sequence_kd: dict[str, Any] | None = Field(
         default=None,
         description="sequence_kd: {key, reused, teacher_seconds} of the teacher-generated targets",
+    )
+    target_retention: float | None = Field(
+        default=None, description="The spec's retention target (the size was searched)"
+    )
+    target_met: bool | None = Field(
+        default=None,
+        description="With target_retention: whether the delivered student's accuracy_retention (test) "
+        "reaches it; False when no size did within the budget (the best found is delivered)",
+    )
+    search: SearchSummary | None = None
+    trials: list[TrialResult] = Field(
+        default_factory=list, description="Every size the retention search trained, in order"
+    )
+    seed_summary: SeedSummary | None = Field(
+        default=None, description="With training_config.seeds: mean and spread over the seeds"
     )
     compression_stages: list[CompressionStage] = Field(
         default_factory=list,

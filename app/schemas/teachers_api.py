@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from app.core.paths import check_path_text
+from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.job_spec import Task
 
 TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn"]
@@ -40,7 +42,8 @@ class TeacherCreate(BaseModel):
     location: str = Field(
         min_length=1,
         max_length=4096,
-        description="local: a directory under the allowed root (absolute or relative to it); hub: 'org/name'",
+        description="local: a directory relative to the file root (ALLOWED_FILE_ROOT; refused when none is "
+        "set); hub: a hub id, 'name' or 'org/name'",
     )
     type: TeacherType
     task: Task | None = None
@@ -48,6 +51,15 @@ class TeacherCreate(BaseModel):
         strict=True, default=None, ge=0, le=10**13, description="Parameter count, when known"
     )
     description: str = Field(default="", max_length=2000)
+
+    @field_validator("location")
+    @classmethod
+    def _location_form(cls, value: str, info: ValidationInfo) -> str:
+        """A hub id by the hub's rules, or a plain path (no NUL, control characters or '~')."""
+        if info.data.get("kind") == "hub":
+            return check_hub_repo_id(value)
+        check_path_text(value)
+        return value
 
 
 class TeacherRead(BaseModel):

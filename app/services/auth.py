@@ -13,13 +13,16 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
+from app.core.db import AsyncDb, compile_for_psycopg
 from app.errors import NotFound
-from app.models import ApiKey, Tenant, utcnow
+from app.models import ApiKey, DashboardSession, Tenant, utcnow
 from app.services import tenants as tenants_service
 
 KEY_PREFIX = "dk_"
@@ -69,23 +72,41 @@ def create_key(session: Session, *, tenant_name: str, name: str) -> IssuedKey:
     return IssuedKey(record=record, tenant=tenant, key=key)
 
 
+# The key's principal columns (and revocation) by its hash: one indexed lookup joined to the tenant.
+_PRINCIPAL_BY_HASH = (
+    select(ApiKey.id, ApiKey.prefix, ApiKey.revoked_at, Tenant.id.label("tenant_id"), Tenant.name)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
+_PRINCIPAL_BY_HASH_SQL = compile_for_psycopg(_PRINCIPAL_BY_HASH)
+
+
+def _principal(row: Any | None) -> Principal | None:
+    """The principal of a `_PRINCIPAL_BY_HASH` row; None for no row or a revoked key."""
+    if row is None or row.revoked_at is not None:
+        return None
+    return Principal(tenant_id=row.tenant_id, tenant_name=row.name, key_id=row.id, key_prefix=row.prefix)
+
+
 def authenticate(session: Session, *, key: str) -> Principal | None:
     """The principal for a presented key, or None when it is unknown or revoked."""
     if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    row = session.execute(
-        select(ApiKey, Tenant)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .where(ApiKey.key_hash == hash_key(key))
-    ).first()
-    if row is None:
+    return _principal(session.execute(_PRINCIPAL_BY_HASH, {"key_hash": hash_key(key)}).first())
+
+
+async def authenticate_async(db: AsyncDb, *, key: str, ttl_seconds: float) -> Principal | None:
+    """`authenticate_cached` through the API's async read pool: the lookup runs on the event loop."""
+    if not key or len(key) > MAX_KEY_LENGTH:
         return None
-    api_key, tenant = row
-    if api_key.revoked_at is not None:
-        return None
-    return Principal(
-        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
-    )
+    principal = cached_principal(key) if ttl_seconds > 0 else None
+    if principal is not None:
+        return principal
+    key_hash = hash_key(key)
+    principal = _principal(await db.fetch_one(_PRINCIPAL_BY_HASH_SQL, {"key_hash": key_hash}))
+    if principal is not None and ttl_seconds > 0:
+        principal_cache.put(key_hash, principal, ttl_seconds)
+    return principal
 
 
 class PrincipalCache:
@@ -179,9 +200,62 @@ def revoke_key(session: Session, *, key_id: str) -> tuple[ApiKey, Tenant]:
     api_key, tenant = row
     if api_key.revoked_at is None:
         api_key.revoked_at = utcnow()
-        session.commit()
+    # The key's dashboard sessions end with it (lookups also check revoked_at, so none outlives a race).
+    session.execute(delete(DashboardSession).where(DashboardSession.api_key_id == api_key.id))
+    session.commit()
     principal_cache.forget_key(api_key.id)
     return api_key, tenant
+
+
+# ---------------------------------------------------------------------------------- dashboard sessions
+#
+# The dashboard cookie holds an opaque random session id, never the API key: the database keeps only its
+# sha256 (256 random bits: nothing to brute-force), the key it was signed in with and when it expires.
+
+SESSION_PREFIX = "ds_"
+
+
+def start_session(session: Session, *, principal: Principal, ttl: timedelta) -> str:
+    """A new dashboard session for the principal's key, committed; returns the id for the cookie (only here).
+
+    Expired sessions are swept at the same time, so the table holds only live ones plus a day at most.
+    """
+    now = utcnow()
+    session.execute(delete(DashboardSession).where(DashboardSession.expires_at <= now))
+    session_id = SESSION_PREFIX + secrets.token_urlsafe(32)
+    session.add(
+        DashboardSession(
+            id_hash=hash_key(session_id), api_key_id=principal.key_id, created_at=now, expires_at=now + ttl
+        )
+    )
+    session.commit()
+    return session_id
+
+
+def session_principal(session: Session, *, session_id: str) -> Principal | None:
+    """Who a dashboard session acts for; None when unknown, expired, signed out or its key was revoked."""
+    if not session_id.startswith(SESSION_PREFIX) or len(session_id) > MAX_KEY_LENGTH:
+        return None
+    row = session.execute(
+        select(DashboardSession, ApiKey, Tenant)
+        .join(ApiKey, ApiKey.id == DashboardSession.api_key_id)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(DashboardSession.id_hash == hash_key(session_id))
+    ).first()
+    if row is None:
+        return None
+    dashboard_session, api_key, tenant = row
+    if api_key.revoked_at is not None or dashboard_session.expires_at <= utcnow():
+        return None
+    return Principal(
+        tenant_id=tenant.id, tenant_name=tenant.name, key_id=api_key.id, key_prefix=api_key.prefix
+    )
+
+
+def end_session(session: Session, *, session_id: str) -> None:
+    """Sign-out: the session row is deleted (the id is then worthless), committed."""
+    session.execute(delete(DashboardSession).where(DashboardSession.id_hash == hash_key(session_id)))
+    session.commit()
 
 
 LOCAL_TENANT = "local"

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import logging
+import os
 import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +23,8 @@ from app.core.config import Settings
 from app.errors import NotFound, Unprocessable
 from app.models import Dataset
 from app.schemas.datasets import DatasetRead
+
+logger = logging.getLogger("distillery.datasets")
 
 TEXT_COLUMN = "text"
 LABEL_COLUMN = "label"
@@ -36,6 +44,57 @@ class DatasetSummary:
 
 def new_dataset_id() -> str:
     return str(uuid.uuid4())
+
+
+# A partial upload is `.<dataset id>.<host>.<pid>.part` in the uploads folder, so that a process starting up
+# can tell its own dead predecessors' leftovers from another live API process's upload in progress.
+_PART_SUFFIX = ".part"
+# Another host's partial upload is stale once it has not grown for this long (an upload writes as it goes).
+STALE_PART_SECONDS = 3600.0
+
+
+def part_path(settings: Settings, dataset_id: str) -> Path:
+    """Where this process writes an upload while it arrives."""
+    return settings.uploads_dir / f".{dataset_id}.{socket.gethostname()}.{os.getpid()}{_PART_SUFFIX}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
+
+
+def _is_stale_part(path: Path, *, host: str, now: float) -> bool:
+    stem = path.name[1 : -len(_PART_SUFFIX)]
+    owner, _, pid_text = stem.rpartition(".")
+    _, _, owner_host = owner.partition(".")
+    if owner_host == host and pid_text.isdigit():
+        pid = int(pid_text)
+        # Our own pid at start-up means a predecessor in a recycled pid (containers start as pid 1).
+        return pid == os.getpid() or not _pid_alive(pid)
+    try:
+        return now - path.stat().st_mtime > STALE_PART_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_parts(settings: Settings) -> int:
+    """Remove partial uploads left by killed processes (called at start-up); returns how many."""
+    folder = settings.uploads_dir
+    if not folder.is_dir():
+        return 0
+    host, now, removed = socket.gethostname(), time.time(), 0
+    for path in folder.glob(f".*{_PART_SUFFIX}"):
+        if _is_stale_part(path, host=host, now=now):
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d partial upload(s) left by stopped processes", removed)
+    return removed
 
 
 def detect_format(filename: str, path: Path) -> str:
@@ -75,59 +134,116 @@ def _check_text(value: Any, where: str) -> None:
         raise Unprocessable(f"{where}: the '{TEXT_COLUMN}' value is empty or not a string.")
 
 
-def _check_csv(path: Path) -> DatasetSummary:
-    with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c for c in (reader.fieldnames or []) if c is not None]
-        if TEXT_COLUMN not in columns:
-            raise Unprocessable(
-                f"The CSV header {columns} has no '{TEXT_COLUMN}' column; the first line must name "
-                "the columns "
-                f"(e.g. '{TEXT_COLUMN},{LABEL_COLUMN}')."
-            )
-        rows, max_label = 0, -1
-        for line_number, row in enumerate(reader, start=2):
-            where = f"line {line_number}"
-            if None in row:
-                raise Unprocessable(f"{where}: more values than the header's {len(columns)} columns.")
-            _check_text(row.get(TEXT_COLUMN), where)
-            if LABEL_COLUMN in columns:
-                max_label = max(max_label, _parse_label(row.get(LABEL_COLUMN), where))
-            rows += 1
-    return _summary("csv", rows, columns, max_label if LABEL_COLUMN in columns else None)
+@dataclass(frozen=True)
+class UploadLimits:
+    """Bounds that keep a schema check linear and short (MAX_UPLOAD_COLUMNS, MAX_UPLOAD_LINE_BYTES)."""
+
+    max_columns: int
+    max_line_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> UploadLimits:
+        return cls(max_columns=settings.max_upload_columns, max_line_bytes=settings.max_upload_line_bytes)
 
 
-def _check_jsonl(path: Path) -> DatasetSummary:
-    columns: list[str] = []
-    rows, max_label, has_label = 0, -1, False
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"line {line_number}"
+def _lines(path: Path, limits: UploadLimits) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each physical line; one longer than the limit is refused unread."""
+    with path.open("rb") as handle:
+        for number in itertools.count(1):
+            raw = handle.readline(limits.max_line_bytes + 1)
+            if not raw:
+                return
+            if len(raw) > limits.max_line_bytes:
+                raise Unprocessable(
+                    f"line {number}: longer than {limits.max_line_bytes} bytes (MAX_UPLOAD_LINE_BYTES).",
+                    max_upload_line_bytes=limits.max_line_bytes,
+                )
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise Unprocessable(f"{where}: not valid JSON ({exc.msg}).") from exc
-            except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit parsing limit
-                raise Unprocessable(f"{where}: not valid JSON ({exc}).") from exc
-            except RecursionError as exc:
-                raise Unprocessable(f"{where}: JSON nested too deeply.") from exc
-            if not isinstance(record, dict):
-                raise Unprocessable(f"{where}: each line must be a JSON object.")
-            for key in record:
-                if key not in columns:
-                    columns.append(key)
-            if TEXT_COLUMN not in record:
-                raise Unprocessable(f"{where}: no '{TEXT_COLUMN}' field.")
-            _check_text(record[TEXT_COLUMN], where)
-            if LABEL_COLUMN in record:
-                has_label = True
-                max_label = max(max_label, _parse_label(record[LABEL_COLUMN], where))
-            elif has_label:
-                raise Unprocessable(f"{where}: no '{LABEL_COLUMN}' field, though earlier lines have one.")
-            rows += 1
-    return _summary("jsonl", rows, columns, max_label if has_label else None)
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise Unprocessable(f"line {number}: not UTF-8 text (byte {exc.start} of the line).") from exc
+
+
+def _too_many_columns(where: str, count: int, limits: UploadLimits) -> Unprocessable:
+    return Unprocessable(
+        f"{where}: {count} columns, more than the limit of {limits.max_columns} (MAX_UPLOAD_COLUMNS).",
+        max_upload_columns=limits.max_columns,
+    )
+
+
+def _shown_columns(columns: list[str], at_most: int = 10) -> str:
+    head = ", ".join(repr(c[:40]) for c in columns[:at_most])
+    return f"[{head}{', ...' if len(columns) > at_most else ''}]"
+
+
+def _check_csv(path: Path, limits: UploadLimits) -> DatasetSummary:
+    numbered = _lines(path, limits)
+    current = {"line": 1}
+
+    def text_lines() -> Iterator[str]:
+        for number, text in numbered:
+            current["line"] = number
+            yield text
+
+    reader = csv.reader(text_lines())
+    header = next(reader, None)
+    columns = list(header or [])
+    if len(columns) > limits.max_columns:
+        raise _too_many_columns("The CSV header", len(columns), limits)
+    if TEXT_COLUMN not in columns:
+        raise Unprocessable(
+            f"The CSV header {_shown_columns(columns)} has no '{TEXT_COLUMN}' column; the first line must "
+            f"name the columns (e.g. '{TEXT_COLUMN},{LABEL_COLUMN}')."
+        )
+    text_index = columns.index(TEXT_COLUMN)
+    label_index = columns.index(LABEL_COLUMN) if LABEL_COLUMN in columns else None
+    rows, max_label = 0, -1
+    for values in reader:
+        where = f"line {current['line']}"
+        if not values:
+            continue  # a blank line
+        if len(values) > len(columns):
+            raise Unprocessable(f"{where}: more values than the header's {len(columns)} columns.")
+        _check_text(values[text_index] if text_index < len(values) else None, where)
+        if label_index is not None:
+            label = values[label_index] if label_index < len(values) else None
+            max_label = max(max_label, _parse_label(label, where))
+        rows += 1
+    return _summary("csv", rows, columns, max_label if label_index is not None else None)
+
+
+def _check_jsonl(path: Path, limits: UploadLimits) -> DatasetSummary:
+    columns: dict[str, None] = {}  # insertion-ordered set: one hash lookup per key, linear in the file
+    rows, max_label, has_label = 0, -1, False
+    for line_number, line in _lines(path, limits):
+        if not line.strip():
+            continue
+        where = f"line {line_number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise Unprocessable(f"{where}: not valid JSON ({exc.msg}).") from exc
+        except ValueError as exc:  # e.g. an integer longer than Python's 4300-digit parsing limit
+            raise Unprocessable(f"{where}: not valid JSON ({exc}).") from exc
+        except RecursionError as exc:
+            raise Unprocessable(f"{where}: JSON nested too deeply.") from exc
+        if not isinstance(record, dict):
+            raise Unprocessable(f"{where}: each line must be a JSON object.")
+        if len(record) > limits.max_columns:
+            raise _too_many_columns(where, len(record), limits)
+        columns.update(dict.fromkeys(record))
+        if len(columns) > limits.max_columns:
+            raise _too_many_columns(f"{where} (all lines so far)", len(columns), limits)
+        if TEXT_COLUMN not in record:
+            raise Unprocessable(f"{where}: no '{TEXT_COLUMN}' field.")
+        _check_text(record[TEXT_COLUMN], where)
+        if LABEL_COLUMN in record:
+            has_label = True
+            max_label = max(max_label, _parse_label(record[LABEL_COLUMN], where))
+        elif has_label:
+            raise Unprocessable(f"{where}: no '{LABEL_COLUMN}' field, though earlier lines have one.")
+        rows += 1
+    return _summary("jsonl", rows, list(columns), max_label if has_label else None)
 
 
 def _summary(fmt: str, rows: int, columns: list[str], max_label: int | None) -> DatasetSummary:
@@ -141,12 +257,13 @@ def _summary(fmt: str, rows: int, columns: list[str], max_label: int | None) -> 
     )
 
 
-def check_file(path: Path, fmt: str) -> DatasetSummary:
-    """Schema-check a CSV or JSONL file; Unprocessable names the first bad line."""
+def check_file(path: Path, fmt: str, limits: UploadLimits) -> DatasetSummary:
+    """Schema-check a CSV or JSONL file in one linear pass; Unprocessable names the first bad line.
+
+    CPU-bound: callers on the event loop run it in a worker thread.
+    """
     try:
-        return _check_csv(path) if fmt == "csv" else _check_jsonl(path)
-    except UnicodeDecodeError as exc:
-        raise Unprocessable(f"The file is not UTF-8 text (byte offset {exc.start}).") from exc
+        return _check_csv(path, limits) if fmt == "csv" else _check_jsonl(path, limits)
     except csv.Error as exc:
         raise Unprocessable(f"The CSV is malformed: {exc}.") from exc
 
@@ -166,7 +283,7 @@ def create_from_upload(
     """Check an upload, move it to `uploads_dir/<id>.<ext>` and record it; the file is removed on error."""
     try:
         fmt = detect_format(filename, received_path)
-        summary = check_file(received_path, fmt)
+        summary = check_file(received_path, fmt, UploadLimits.from_settings(settings))
         final_path = settings.uploads_dir / f"{dataset_id}.{fmt}"
         received_path.replace(final_path)
     except BaseException:

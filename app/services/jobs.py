@@ -14,19 +14,24 @@ import logging
 import math
 import shutil
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from psycopg.types.json import Json
+from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
-from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, utcnow
-from app.schemas.job_spec import FileDataset, JobSpec, Task, UploadedDataset
+from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, new_id, utcnow
+from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
+from app.services import file_roots
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -78,15 +83,9 @@ def _teacher_task_mismatch(teacher: Teacher, task: Task) -> tuple[str, str] | No
     return None
 
 
-def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id: str | None) -> JobSpec:
-    """Checks that need the database or settings: teacher, dataset, caps. Returns the spec to store.
-
-    Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
-
-    A `file` dataset's path is stored resolved (symlinks followed), so the worker reads the file checked here.
-    """
+def _cap_errors(spec: JobSpec, settings: Settings) -> list[dict[str, Any]]:
+    """The spec's violations of the settings' caps (MAX_EPOCHS, MAX_BATCH_SIZE): no database needed."""
     errors: list[dict[str, Any]] = []
-    extras: dict[str, Any] = {}
     training = spec.training_config
     if training.epochs > settings.max_epochs:
         errors.append(
@@ -104,6 +103,19 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                 "less_than_equal",
             )
         )
+    return errors
+
+
+def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id: str | None) -> JobSpec:
+    """Checks that need the database or settings: teacher, dataset, caps. Returns the spec to store.
+
+    Only the tenant's own teachers and datasets (and the global seeded teachers) can be named.
+
+    A `file` dataset's path is stored resolved (symlinks followed) and relative to the tenant's file root, so
+    the worker reads the file checked here and no response shows a server path.
+    """
+    errors = _cap_errors(spec, settings)
+    extras: dict[str, Any] = {}
     teacher = teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id)
     mismatch = _teacher_task_mismatch(teacher, spec.task) if teacher is not None else None
     if mismatch is not None:
@@ -141,25 +153,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
                     "missing_labels",
                 )
             )
-    elif isinstance(dataset, FileDataset):
-        root = settings.file_root
-        try:
-            resolved = teachers_service.resolve_under_root(dataset.path, root, what="Dataset path")
-        except Unprocessable as exc:
-            errors.append(_field_error(["dataset_config", "path"], exc.detail, "path_outside_root"))
-        else:
-            if not resolved.is_file():
-                errors.append(
-                    _field_error(
-                        ["dataset_config", "path"],
-                        f"No file at {resolved} (paths are relative to the allowed root {root})",
-                        "file_not_found",
-                    )
-                )
-            else:
-                spec = spec.model_copy(
-                    update={"dataset_config": dataset.model_copy(update={"path": str(resolved)})}
-                )
+    spec, path_errors = file_roots.check_spec_sources(
+        session, spec=spec, settings=settings, tenant_id=tenant_id
+    )
+    errors += path_errors
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)
@@ -248,6 +245,73 @@ def create(
     return job
 
 
+# A pending job and its `created` state event in one statement (autocommit: atomic on its own), inserted
+# only if the teacher is visible to the tenant (global or its own, as `teachers.get`): the create's checks
+# and writes in one round trip instead of five (BEGIN, teacher SELECT, two INSERTs, COMMIT).
+_CREATE_PENDING_SQL = """
+WITH job AS (
+    INSERT INTO jobs (id, spec, teacher_model_name, status, attempt, progress, created_at, updated_at,
+                      tenant_id)
+    SELECT %(id)s::varchar, %(spec)s::json, %(teacher)s::varchar, %(status)s::varchar, 0, 0.0,
+           %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar
+    WHERE EXISTS (
+        SELECT 1 FROM teachers
+        WHERE teachers.name = %(teacher)s::varchar
+          AND (teachers.tenant_id IS NULL OR teachers.tenant_id = %(tenant_id)s::varchar)
+          -- `_teacher_task_mismatch` in SQL: any mismatch falls back to `create`, which explains it.
+          AND CASE WHEN %(classification)s::boolean
+                   THEN NOT (teachers.type = ANY(%(text_types)s::varchar[])) AND teachers.source_kind <> 'hub'
+                   ELSE teachers.type = ANY(%(text_types)s::varchar[]) AND teachers.source_kind <> 'builtin'
+              END
+    )
+    RETURNING *
+), created AS (
+    INSERT INTO job_events (job_id, created_at, kind, attempt, message, data)
+    SELECT job.id, %(now)s::timestamptz, 'state', 0, 'created', %(event)s::json FROM job
+)
+SELECT * FROM job
+"""
+
+
+def creates_in_one_statement(request: JobCreate, settings: Settings) -> bool:
+    """Whether `create_pending_async` can create this job with nothing of `check_spec` left unchecked.
+
+    Left pending (no queue checks and locks); a derived student; data that needs no lookup or path check
+    (builtin or hub, held-out splits too: no upload, no server file); within the caps. The teacher's
+    visibility and task fit are checked in the statement itself. Anything else takes `create`.
+    """
+    dataset = request.dataset_config
+    sources = [dataset, dataset.validation, dataset.test]
+    return (
+        not request.auto_start
+        and all(source is None or isinstance(source, BuiltinSource | HubSource) for source in sources)
+        and isinstance(request.student, DerivedStudent)
+        and not _cap_errors(request, settings)
+    )
+
+
+async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: str) -> JobRead | None:
+    """Store a pending job (the common create) in one statement on the event loop; its API view.
+
+    For requests `creates_in_one_statement` accepts. None when the teacher is not visible to the tenant:
+    the caller then runs `create`, whose full check answers the 422 with the valid names.
+    """
+    spec = request.spec()
+    params = {
+        "id": new_id(),
+        "spec": Json(spec.model_dump(mode="json")),
+        "teacher": spec.teacher_model_name,
+        "status": JobStatus.pending.value,
+        "now": utcnow(),
+        "tenant_id": tenant_id,
+        "event": Json({"from": None, "to": JobStatus.pending.value}),
+        "classification": spec.task == Task.classification,
+        "text_types": sorted(_TEXT_TEACHER_TASKS),
+    }
+    row = await db.fetch_one(_CREATE_PENDING_SQL, params, retry=False)
+    return None if row is None else to_read(row)
+
+
 # ----------------------------------------------------------------------------------------------- read
 
 
@@ -267,16 +331,30 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
     return job
 
 
-def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
-    """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
-    table = Job.__table__
-    row = session.execute(select(table).where(table.c.id == job_id)).first()
+# Built once: the polled read pays neither statement construction nor a cache-key walk of a new object.
+_READ_JOB = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
+_READ_JOB_SQL = compile_for_psycopg(_READ_JOB)
+
+
+def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> JobRead:
     if row is None or (tenant_id is not None and row.tenant_id != tenant_id):
         raise NotFound(f"No job with id '{job_id}'.")
     return to_read(row)
 
 
-def _encode_cursor(job: Job) -> str:
+def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
+    row = session.execute(_READ_JOB, {"job_id": job_id}).first()
+    return _read_row(row, job_id=job_id, tenant_id=tenant_id)
+
+
+async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
+    """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
+    row = await db.fetch_one(_READ_JOB_SQL, {"job_id": job_id})
+    return _read_row(row, job_id=job_id, tenant_id=tenant_id)
+
+
+def _encode_cursor(job: Any) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -298,6 +376,84 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created_at, job_id
 
 
+# What a list page shows, and no more: the spec's three summary fields are extracted by the database, so a
+# page never loads (or decodes) the specs, metrics and results of its 50 jobs.
+_SUMMARY_COLUMNS = (
+    Job.id,
+    Job.status,
+    Job.progress,
+    Job.phase,
+    Job.teacher_model_name,
+    Job.spec["target_compression"].as_float().label("target_compression"),
+    Job.spec["distillation_method"].as_string().label("distillation_method"),
+    Job.spec["task"].as_string().label("task"),
+    Job.attempt,
+    Job.created_at,
+    Job.queued_at,
+    Job.started_at,
+    Job.finished_at,
+    Job.error,
+)
+
+
+@dataclass(frozen=True)
+class _ListShape:
+    """Which filters a list query has: each shape is one statement, built (and compiled) once."""
+
+    tenant: bool
+    statuses: bool
+    teacher: bool
+    cursor: bool
+
+
+@lru_cache(maxsize=64)
+def _list_statement(shape: _ListShape, *, status_any: bool) -> Select[Any]:
+    """The list query of `shape` with bind parameters; `status_any`: `status = ANY(array)` (one bind,
+    for the psycopg text) instead of an expanding IN (SQLAlchemy's execution)."""
+    query = select(*_SUMMARY_COLUMNS)
+    if shape.tenant:
+        query = query.where(Job.tenant_id == bindparam("tenant_id"))
+    if shape.statuses:
+        if status_any:
+            query = query.where(Job.status == func.any(bindparam("statuses")))
+        else:
+            query = query.where(Job.status.in_(bindparam("statuses", expanding=True)))
+    if shape.teacher:
+        query = query.where(Job.teacher_model_name == bindparam("teacher"))
+    if shape.cursor:
+        after_at = bindparam("after_at", type_=Job.__table__.c.created_at.type)
+        query = query.where(
+            or_(Job.created_at < after_at, and_(Job.created_at == after_at, Job.id < bindparam("after_id")))
+        )
+    return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(bindparam("limit"))
+
+
+@lru_cache(maxsize=64)
+def _list_sql(shape: _ListShape) -> tuple[str, dict[str, Any]]:
+    """`_list_statement` as psycopg text, and the values of its constant binds (the spec's JSON keys)."""
+    return compile_for_psycopg_with_constants(_list_statement(shape, status_any=True))
+
+
+def _list_query(
+    *, limit: int, cursor: str | None, statuses: Iterable[str], teacher: str | None, tenant_id: str | None
+) -> tuple[_ListShape, dict[str, Any]]:
+    status_list = list(statuses)
+    params: dict[str, Any] = {"limit": limit + 1, "tenant_id": tenant_id, "statuses": status_list}
+    params["teacher"] = teacher
+    if cursor:
+        params["after_at"], params["after_id"] = _decode_cursor(cursor)
+    shape = _ListShape(
+        tenant=tenant_id is not None, statuses=bool(status_list), teacher=bool(teacher), cursor=bool(cursor)
+    )
+    return shape, params
+
+
+def _page_of(rows: list[Any], limit: int) -> tuple[list[Any], bool, str | None]:
+    has_more = len(rows) > limit
+    page = rows[:limit]
+    return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
+
+
 def list_page(
     session: Session,
     *,
@@ -306,25 +462,36 @@ def list_page(
     statuses: Iterable[str] = (),
     teacher: str | None = None,
     tenant_id: str | None,
-) -> tuple[list[Job], bool, str | None]:
-    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (jobs, has_more, cursor)."""
-    query = select(Job)
-    if tenant_id is not None:
-        query = query.where(Job.tenant_id == tenant_id)
-    status_list = list(statuses)
-    if status_list:
-        query = query.where(Job.status.in_(status_list))
-    if teacher:
-        query = query.where(Job.teacher_model_name == teacher)
-    if cursor:
-        created_at, job_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
-        )
-    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)).all())
-    has_more = len(rows) > limit
-    page = rows[:limit]
-    return page, has_more, (_encode_cursor(page[-1]) if has_more and page else None)
+) -> tuple[list[Row[Any]], bool, str | None]:
+    """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (rows, has_more, cursor).
+
+    Rows carry the summary columns (`to_summary` turns one into a JobSummary). With the tenant's
+    (tenant_id, created_at, id) indexes (and their status and teacher variants, migration 0005) a page
+    reads its rows in index order from the cursor on: its cost does not grow with the tenant's job count.
+    """
+    shape, params = _list_query(
+        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+    )
+    rows = list(session.execute(_list_statement(shape, status_any=False), params).all())
+    return _page_of(rows, limit)
+
+
+async def list_page_async(
+    db: AsyncDb,
+    *,
+    limit: int,
+    cursor: str | None = None,
+    statuses: Iterable[str] = (),
+    teacher: str | None = None,
+    tenant_id: str,
+) -> tuple[list[Any], bool, str | None]:
+    """`list_page` on the event loop through the async pool: the same statement, compiled once per shape."""
+    shape, params = _list_query(
+        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+    )
+    sql, constants = _list_sql(shape)
+    rows = await db.fetch_all(sql, constants | params)
+    return _page_of(rows, limit)
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -482,17 +649,28 @@ def to_read(job: Job | Row[Any]) -> JobRead:
     )
 
 
-def to_summary(job: Job) -> JobSummary:
-    spec = job.spec or {}
+def to_summary(job: Any) -> JobSummary:
+    """A job in a list: from a `list_page` row (the spec's fields extracted in SQL) or an ORM instance."""
+    if isinstance(job, Job):
+        spec = job.spec or {}
+        target_compression = spec.get("target_compression")
+        distillation_method = spec.get("distillation_method")
+        task = spec.get("task")
+    else:
+        target_compression, distillation_method, task = (
+            job.target_compression,
+            job.distillation_method,
+            job.task,
+        )
     return JobSummary(
         job_id=job.id,
         status=job.status,
         progress=min(100.0, max(0.0, job.progress or 0.0)),
         phase=job.phase,
         teacher_model_name=job.teacher_model_name,
-        target_compression=spec.get("target_compression"),
-        distillation_method=spec.get("distillation_method"),
-        task=spec.get("task"),
+        target_compression=target_compression,
+        distillation_method=distillation_method,
+        task=task,
         attempt=job.attempt,
         created_at=job.created_at,
         queued_at=job.queued_at,

@@ -11,10 +11,12 @@ re-queued (keeping its `queued_at`, so it goes first) or failed after MAX_ATTEMP
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings, get_settings
@@ -47,21 +49,116 @@ def _is_postgres(session: Session) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
+@dataclass(frozen=True)
+class SlotUsage:
+    """Slots held now: in total, and per owning tenant (unowned jobs count only toward the total)."""
+
+    total: int
+    by_tenant: dict[str, int]
+
+
+def slots_held(session: Session) -> SlotUsage:
+    """Jobs holding a slot (`ACTIVE_STATUSES`: dispatched, running, cancelling), counted in one query.
+
+    The one place that decides which jobs hold a slot: the global and the per-tenant limit both read it.
+    """
+    rows = session.execute(
+        select(Job.tenant_id, func.count()).where(Job.status.in_(ACTIVE_STATUSES)).group_by(Job.tenant_id)
+    ).all()
+    by_tenant = {str(tenant_id): int(count) for tenant_id, count in rows if tenant_id is not None}
+    return SlotUsage(total=sum(int(count) for _, count in rows), by_tenant=by_tenant)
+
+
 def count_active(session: Session) -> int:
     """Jobs holding a slot: dispatched, running or cancelling."""
-    return int(
-        session.scalar(select(func.count()).select_from(Job).where(Job.status.in_(ACTIVE_STATUSES))) or 0
+    return slots_held(session).total
+
+
+# The first `:limit` queued jobs after the cursor, in line order, among tenants not at their limit (and
+# unowned jobs): per tenant with queued jobs (found by a loose index scan of ix_jobs_queue_by_tenant, one
+# probe per tenant) its own first `:limit` in line, merged. Its cost grows with the number of tenants that
+# have queued jobs, not with the queue: a full tenant's 100,000 queued rows are never visited. (The tenant
+# leads the lateral's row comparison and order so that the planner, which cannot see how skewed tenants
+# are, has only that index to serve them: walking ix_jobs_queue_order with a tenant filter is the slow
+# plan this query exists to avoid.)
+_HEADS_OF_ELIGIBLE_TENANTS = text(
+    """
+    WITH RECURSIVE queued_tenants(tenant_id) AS (
+        SELECT min(tenant_id) FROM jobs WHERE status = :queued AND tenant_id IS NOT NULL
+        UNION ALL
+        SELECT (SELECT min(j.tenant_id) FROM jobs j WHERE j.status = :queued AND j.tenant_id > q.tenant_id)
+        FROM queued_tenants q WHERE q.tenant_id IS NOT NULL
     )
+    SELECT head.id, head.queued_at FROM queued_tenants q CROSS JOIN LATERAL (
+        SELECT j.id, j.queued_at FROM jobs j
+        WHERE j.status = :queued AND j.tenant_id = q.tenant_id
+          AND (j.tenant_id, j.queued_at, j.id) > (q.tenant_id, :after_at, :after_id)
+        ORDER BY j.tenant_id, j.queued_at, j.id LIMIT :limit
+    ) AS head
+    WHERE q.tenant_id IS NOT NULL AND q.tenant_id NOT IN :skip
+    UNION ALL
+    (SELECT j.id, j.queued_at FROM jobs j
+     WHERE j.status = :queued AND j.tenant_id IS NULL AND (j.queued_at, j.id) > (:after_at, :after_id)
+     ORDER BY j.queued_at, j.id LIMIT :limit)
+    ORDER BY queued_at, id LIMIT :limit
+    """
+).bindparams(bindparam("skip", expanding=True))
+# (queued_at, id) of the last job a page considered (every queued job has a queued_at).
+_Cursor = tuple[datetime | None, str]
+# (id, tenant_id, queued_at) of a queued job.
+_QueueRow = Row[str, str | None, datetime | None]
+# Before every real queued_at: the cursor of a first page.
+_START_OF_QUEUE = (datetime(1970, 1, 1, tzinfo=UTC), "")
 
 
-def _active_by_tenant(session: Session) -> dict[str, int]:
-    """Slots each tenant holds (dispatched, running, cancelling); unowned jobs are not counted."""
-    rows = session.execute(
-        select(Job.tenant_id, func.count())
-        .where(Job.status.in_(ACTIVE_STATUSES), Job.tenant_id.is_not(None))
-        .group_by(Job.tenant_id)
-    ).all()
-    return {str(tenant_id): int(count) for tenant_id, count in rows}
+def _queued_candidates(
+    session: Session,
+    *,
+    limit: int,
+    after: _Cursor | None,
+    skip_tenants: Iterable[str],
+    postgres: bool,
+) -> tuple[list[_QueueRow], _Cursor | None]:
+    """The next `limit` queued jobs in line (queued_at, id) after `after`, leaving out `skip_tenants`.
+
+    Returns (rows of id, tenant_id, queued_at; the cursor after the last job considered). Without tenants to
+    skip this is one page of `ix_jobs_queue_order`. With some (PostgreSQL), the page is the merged heads of
+    the other tenants' queues (`_HEADS_OF_ELIGIBLE_TENANTS`), so full tenants cost nothing to skip;
+    SQLite, the embedded single-machine default, filters them while walking the queue. On PostgreSQL the
+    rows returned are locked `FOR UPDATE SKIP LOCKED`: only these rows, never the whole queue.
+    """
+    skipped = sorted(skip_tenants)
+    if postgres and skipped:
+        start_at, start_id = after or _START_OF_QUEUE
+        heads = session.execute(
+            _HEADS_OF_ELIGIBLE_TENANTS,
+            {
+                "queued": JobStatus.queued.value,
+                "after_at": start_at,
+                "after_id": start_id,
+                "limit": limit,
+                "skip": skipped,
+            },
+        ).all()
+        if not heads:
+            return [], after
+        locked = (
+            select(Job.id, Job.tenant_id, Job.queued_at)
+            .where(Job.id.in_([row.id for row in heads]), Job.status == JobStatus.queued)
+            .order_by(Job.queued_at, Job.id)
+            .with_for_update(skip_locked=True)
+        )
+        return list(session.execute(locked).all()), (heads[-1].queued_at, heads[-1].id)
+    stmt = select(Job.id, Job.tenant_id, Job.queued_at).where(Job.status == JobStatus.queued)
+    if skipped:
+        stmt = stmt.where(or_(Job.tenant_id.is_(None), Job.tenant_id.not_in(skipped)))
+    if after is not None:
+        stmt = stmt.where(tuple_(Job.queued_at, Job.id) > tuple_(*after))
+    stmt = stmt.order_by(Job.queued_at, Job.id).limit(limit)
+    if postgres:
+        stmt = stmt.with_for_update(skip_locked=True)
+    rows = list(session.execute(stmt).all())
+    return rows, ((rows[-1].queued_at, rows[-1].id) if rows else after)
 
 
 def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
@@ -69,39 +166,47 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
 
     A job whose tenant already holds TENANT_MAX_RUNNING_JOBS slots waits (later jobs of other tenants may
     pass it); the counts are read under the same lock, so both limits hold across processes.
+    The queue is read a page at a time, each page only as long as the slots still free, with the tenants
+    already at their limit left out in the query (`_queued_candidates`): a tick costs the same with 100 or
+    100,000 jobs queued, and locks only the rows it may admit.
     The caller commits, then sends one message per returned id.
     """
     postgres = _is_postgres(session)
     if postgres:
         session.execute(select(func.pg_advisory_xact_lock(ADMISSION_LOCK_KEY)))
-    free = settings.max_concurrent_jobs - count_active(session)
+    usage = slots_held(session)
+    free = settings.max_concurrent_jobs - usage.total
     if free <= 0:
         return []
-    active_by_tenant = _active_by_tenant(session)
-    stmt = select(Job.id, Job.tenant_id).where(Job.status == JobStatus.queued).order_by(Job.queued_at, Job.id)
-    if postgres:
-        stmt = stmt.with_for_update(skip_locked=True)
+    tenant_limit = settings.effective_tenant_max_running_jobs
+    held = dict(usage.by_tenant)
+    full = {tenant_id for tenant_id, count in held.items() if count >= tenant_limit}
     now = utcnow()
     admitted: list[str] = []
-    for job_id, tenant_id in session.execute(stmt).all():
-        if len(admitted) >= free:
-            break
-        if (
-            tenant_id is not None
-            and active_by_tenant.get(tenant_id, 0) >= settings.effective_tenant_max_running_jobs
-        ):
-            continue
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.queued)
-            .values(status=JobStatus.dispatched, dispatched_at=now, updated_at=now)
-            .execution_options(synchronize_session=False)
+    after: _Cursor | None = None
+    while len(admitted) < free:
+        page, after = _queued_candidates(
+            session, limit=free - len(admitted), after=after, skip_tenants=full, postgres=postgres
         )
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if not page:
+            break
+        for job_id, tenant_id, _queued_at in page:
+            if tenant_id is not None and tenant_id in full:
+                continue  # became full earlier in this page
+            result = session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.queued)
+                .values(status=JobStatus.dispatched, dispatched_at=now, updated_at=now)
+                .execution_options(synchronize_session=False)
+            )
+            if result.rowcount != 1:  # type: ignore[attr-defined]
+                continue
             admitted.append(job_id)
-            if tenant_id is not None:
-                active_by_tenant[tenant_id] = active_by_tenant.get(tenant_id, 0) + 1
             record_state_change(session, job_id=job_id, old=JobStatus.queued, new=JobStatus.dispatched)
+            if tenant_id is not None:
+                held[tenant_id] = held.get(tenant_id, 0) + 1
+                if held[tenant_id] >= tenant_limit:
+                    full.add(tenant_id)
     return admitted
 
 

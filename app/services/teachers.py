@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from sqlalchemy import ColumnElement, or_, select, true
@@ -11,16 +10,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
+from app.core.model_files import UNSAFE_MODEL_FILE, describe_unsafe, unsafe_model_files
+from app.core.paths import PathKind, PathRefused, resolve_path, shown
 from app.errors import Conflict, NotFound, Unprocessable
 from app.models import Teacher
+from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
+from app.services import file_roots
 
 logger = logging.getLogger("distillery.teachers")
-
-# A hub id: "name" or "org/name"; letters, digits, '-', '_', '.'; no '--' or '..', no leading/trailing '.-'.
-_HUB_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_HUB_ID = re.compile(rf"^(?:{_HUB_PART}/)?{_HUB_PART}$")
 
 
 def seed_default_teachers(session: Session) -> int:
@@ -108,44 +107,43 @@ def list_all(session: Session, *, tenant_id: str | None) -> list[Teacher]:
     return list(session.scalars(query).all())
 
 
-def resolve_under_root(location: str, root: Path, *, what: str) -> Path:
-    """`location` (absolute, or relative to `root`) resolved with symlinks followed; must stay under root."""
-    candidate = Path(location).expanduser()
-    if not candidate.is_absolute():
-        candidate = root / candidate
-    resolved = candidate.resolve()
-    if not resolved.is_relative_to(root):
-        raise Unprocessable(
-            f"{what} '{location}' resolves to {resolved}, outside the allowed root {root} "
-            "(set ALLOWED_FILE_ROOT to change it).",
-            allowed_root=str(root),
-        )
-    return resolved
-
-
 def register(
     session: Session, *, request: TeacherCreate, settings: Settings, tenant_id: str | None
 ) -> Teacher:
-    """Register a local directory (checked now) or a hub id (format only: no network here) for a tenant.
+    """Register a local directory (checked now, under the tenant's file root) or a hub id (format only).
+
+    A local location is stored relative to the tenant's file root; the worker resolves it there again.
 
     Names are unique across tenants (workers resolve a job's teacher by name), so a name another tenant
     registered answers 409 like any taken name, without saying whose it is.
     """
     if request.kind == "local":
-        directory = resolve_under_root(request.location, settings.file_root, what="Teacher directory")
-        if not directory.is_dir():
-            raise Unprocessable(f"Teacher directory {directory} does not exist or is not a directory.")
+        try:
+            directory, root = file_roots.resolve_for_tenant(
+                session,
+                settings=settings,
+                tenant_id=tenant_id,
+                text=request.location,
+                kind=PathKind.directory,
+                what="Teacher directory",
+            )
+        except PathRefused as exc:
+            raise _location_error(exc.message, exc.code) from exc
+        location = file_roots.stored_form(directory, root)
         if not (directory / "config.json").is_file():
-            raise Unprocessable(
-                f"Teacher directory {directory} has no config.json; save the model with save_pretrained()."
+            raise _location_error(
+                f"Teacher directory '{location}' has no config.json; save the model with save_pretrained().",
+                "teacher_invalid",
             )
-        location = str(directory)
+        unsafe = unsafe_model_files(directory)  # opcodes read, nothing unpickled; workers check again
+        if unsafe:
+            message = f"Teacher directory '{location}': {describe_unsafe(unsafe)}"
+            raise _location_error(message, UNSAFE_MODEL_FILE)
     else:
-        if not _HUB_ID.match(request.location) or ".." in request.location or "--" in request.location:
-            raise Unprocessable(
-                f"'{request.location}' is not a Hugging Face hub id; expected 'name' or 'org/name'."
-            )
-        location = request.location
+        try:
+            location = check_hub_repo_id(request.location)
+        except ValueError as exc:
+            raise _location_error(str(exc), "hub_id_invalid") from exc
     if get(session, name=request.name, tenant_id=None) is not None:
         raise Conflict(f"A teacher named '{request.name}' is already registered.")
     teacher = Teacher(
@@ -168,15 +166,33 @@ def register(
     return teacher
 
 
-def to_read(teacher: Teacher) -> TeacherRead:
-    """The API view; `available_offline` is true for built-in teachers and existing local directories."""
-    available = teacher.source_kind == TeacherSourceKind.builtin or (
-        teacher.source_kind == TeacherSourceKind.local and Path(teacher.location).is_dir()
+def _location_error(message: str, code: str) -> Unprocessable:
+    return Unprocessable(
+        f"location: {message}",
+        errors=[{"loc": ["body", "location"], "field": "location", "msg": message, "type": code}],
     )
+
+
+def to_read(teacher: Teacher, *, file_root: Path | None = None) -> TeacherRead:
+    """The API view; `available_offline`: built-in, or a local directory that exists under `file_root`.
+
+    Local locations are shown relative to the file root (rows from before the root rule: by name only).
+    """
+    location = teacher.location
+    available = teacher.source_kind == TeacherSourceKind.builtin
+    if teacher.source_kind == TeacherSourceKind.local:
+        if Path(location).is_absolute():
+            location = shown(Path(location), file_root)
+        if file_root is not None:
+            try:
+                resolve_path(teacher.location, root=file_root, kind=PathKind.directory)
+                available = True
+            except PathRefused:
+                available = False
     return TeacherRead(
         name=teacher.name,
         kind=teacher.source_kind,
-        location=teacher.location,
+        location=location,
         type=teacher.type,
         params=teacher.params,
         task=teacher.task,

@@ -38,6 +38,7 @@ class Series:
     points: str  # "x1,y1 x2,y2 ..." for <polyline points>
     count: int
     dashed: bool = False
+    dots: bool = False  # also a dot at each point (a size curve's trials)
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,10 @@ def build(results: dict[str, Any]) -> ResultsView:
         "compression_ratio",
         "Student size (share of the teacher's parameters)",
         _percent(_number(results.get("compression_ratio"))),
-        f"target {_percent(_number(results.get('target_compression')))}",
+        f"target {_percent(_number(results.get('target_compression')))}"
+        if results.get("target_retention") is None
+        else "searched: the smallest keeping "
+        f"{_percent(_number(results.get('target_retention')))} of the teacher",
     )
     add("parameter_reduction", "Parameters removed", _percent(_number(results.get("parameter_reduction"))))
     add("memory_savings", "Memory saved (weights)", _percent(_number(results.get("memory_savings"))))

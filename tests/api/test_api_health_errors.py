@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, delete
 from sqlalchemy.orm import Session
 
 from app.api.deps import get_session
+from app.core.config import Settings
 from app.core.db import session_scope
 from app.main import create_app
 from app.models import Job, JobStatus, ServiceHeartbeat
@@ -78,15 +79,16 @@ def test_health_reports_a_dead_redis_broker(make_client: Any) -> None:
 
 
 def test_database_down_is_503_problem(problem: Any) -> None:
-    engine = create_engine(
-        f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/none", pool_pre_ping=False
-    )
+    unreachable = f"postgresql+psycopg://postgres@127.0.0.1:{_free_port()}/none"
+    engine = create_engine(unreachable, pool_pre_ping=False)
 
     def unreachable_session() -> Iterator[Session]:
         with Session(engine) as session:
             yield session
 
-    app = create_app(wake_scheduler=False)
+    # The request sessions, and the app's own engines (the key lookup and the hot reads use the asyncio
+    # read engine built from its settings), point at a server that is not there.
+    app = create_app(Settings(database_url=unreachable), wake_scheduler=False)
     app.dependency_overrides[get_session] = unreachable_session
     with TestClient(app) as client:
         body = problem(client.get("/health"), 503)

@@ -138,7 +138,7 @@ def test_file_dataset_must_exist_under_the_allowed_root(
         str(outside): "outside the allowed root",
         str(folder / "escape.csv"): "outside the allowed root",  # symlink followed
         str(folder / ".." / ".." / ".." / "etc" / "passwd"): "outside the allowed root",
-        str(folder / "missing.csv"): "No file at",
+        str(folder / "missing.csv"): "No file or directory at",
     }
     for path, message in cases.items():
         body = problem(client.post("/distillation/jobs", json=spec(path) | TEXT_TEACHER), 422)
@@ -146,7 +146,7 @@ def test_file_dataset_must_exist_under_the_allowed_root(
         assert message in body["detail"], path
     relative = str(good.relative_to(get_settings().file_root))
     job = _create(client, **TEXT_TEACHER, dataset_config={"kind": "file", "path": relative})
-    assert job["spec"]["dataset_config"]["path"] == str(good.resolve())
+    assert job["spec"]["dataset_config"]["path"] == relative  # stored relative to the root, never absolute
 
 
 # --------------------------------------------------------------------------------------------- start

@@ -55,7 +55,7 @@ def test_register_local_directory_then_use_it_in_a_job(client: TestClient) -> No
     assert response.status_code == 201, response.text
     teacher = response.json()
     assert response.headers["location"] == f"/distillation/teachers/{name}"
-    assert teacher["location"] == str(folder.resolve())
+    assert teacher["location"] == relative  # relative to the file root, never the server's absolute path
     assert teacher["available_offline"] and not teacher["builtin"]
     assert teacher["task"] == "sequence-classification"
     assert name in [t["name"] for t in client.get("/distillation/teachers").json()]
@@ -80,7 +80,7 @@ def test_register_local_refuses_bad_directories(client: TestClient, problem: Any
     link.symlink_to(outside)
     cases = {
         str(no_config): "no config.json",
-        str(root / "models" / "missing"): "does not exist",
+        str(root / "models" / "missing"): "No directory at 'models/missing'",
         str(outside): "outside the allowed root",
         "../../../../etc": "outside the allowed root",
         str(link): "outside the allowed root",

@@ -101,6 +101,28 @@ BAD_INPUTS: list[Case] = [
     Case("target_compression -0.5", "POST", JOBS, 422, INVALID, _job(target_compression=-0.5)),
     Case('target_compression "0.5x" (string)', "POST", JOBS, 422, INVALID, _job(target_compression="0.5x")),
     Case("temperature 0.5", "POST", JOBS, 422, INVALID, _training(temperature=0.5), "temperature"),
+    Case(
+        "target_retention with target_compression",
+        "POST",
+        JOBS,
+        422,
+        INVALID,
+        _job(target_retention=0.99),
+        "target_retention and target_compression are exclusive",
+    ),
+    Case("target_retention 0", "POST", JOBS, 422, INVALID, _job(target_retention=0), "target_retention"),
+    Case(
+        "target_retention with a registry student",
+        "POST",
+        JOBS,
+        422,
+        INVALID,
+        _job(target_compression=None, target_retention=0.9, student={"kind": "registry", "name": "x"}),
+        "target_retention searches the size of a derived student",
+    ),
+    Case("max_trials 0", "POST", JOBS, 422, INVALID, _training(max_trials=0), "max_trials"),
+    Case("seeds repeated", "POST", JOBS, 422, INVALID, _training(seeds=[1, 1]), "seeds"),
+    Case("seeds empty", "POST", JOBS, 422, INVALID, _training(seeds=[]), "seeds"),
     Case("temperature 11", "POST", JOBS, 422, INVALID, _training(temperature=11), "temperature"),
     Case("alpha -0.1", "POST", JOBS, 422, INVALID, _training(alpha=-0.1), "alpha"),
     Case("alpha 1.5", "POST", JOBS, 422, INVALID, _training(alpha=1.5), "alpha"),
@@ -250,7 +272,7 @@ BAD_INPUTS: list[Case] = [
         "POST",
         TEACHERS,
         422,
-        UNPROCESSABLE,
+        INVALID,
         lambda _p: {"json": {"name": "h-x", "kind": "hub", "location": "org/../x", "type": "transformer"}},
     ),
     Case(
@@ -434,4 +456,5 @@ def test_symlink_inside_the_root_to_a_file_inside_is_accepted(client: TestClient
     }
     response = client.post(JOBS, json=spec)
     assert response.status_code == 201, response.text
-    assert response.json()["spec"]["dataset_config"]["path"] == str(target)  # stored resolved
+    # Stored resolved, relative to the root (no server path in any response).
+    assert response.json()["spec"]["dataset_config"]["path"] == str(target.relative_to(paths.root))

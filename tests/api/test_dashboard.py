@@ -42,7 +42,10 @@ def _key(headers: dict[str, str]) -> str:
 
 
 def _sign_in(browser: TestClient, headers: dict[str, str]) -> None:
-    response = browser.post("/signin", data={"api_key": _key(headers)}, follow_redirects=False)
+    token = _csrf(browser.get("/signin").text)
+    response = browser.post(
+        "/signin", data={"api_key": _key(headers), "csrf_token": token}, follow_redirects=False
+    )
     assert response.status_code == 303 and response.headers["location"] == "/"
 
 
@@ -60,11 +63,16 @@ def test_pages_need_sign_in_and_the_cookie_is_httponly_samesite_strict(
     form = browser.get("/signin")
     assert form.status_code == 200 and 'name="api_key"' in form.text
 
-    refused = browser.post("/signin", data={"api_key": "dk_not-a-key"}, follow_redirects=False)
+    token = _csrf(form.text)
+    refused = browser.post(
+        "/signin", data={"api_key": "dk_not-a-key", "csrf_token": token}, follow_redirects=False
+    )
     assert refused.status_code == 401 and "unknown or revoked" in refused.text
     assert "set-cookie" not in refused.headers
 
-    accepted = browser.post("/signin", data={"api_key": _key(auth_headers)}, follow_redirects=False)
+    accepted = browser.post(
+        "/signin", data={"api_key": _key(auth_headers), "csrf_token": token}, follow_redirects=False
+    )
     assert accepted.status_code == 303
     cookie = accepted.headers["set-cookie"]
     assert cookie.startswith("distillery_session=")

@@ -76,3 +76,88 @@ def test_the_headline_falls_back_to_the_best_validation_figure_of_older_results(
         {"metric": "accuracy", "student_accuracy": 0.9889, "selected_by": "last", "selected_epoch": 100}
     )
     assert new.headline.value == "98.89%" and new.headline.selected.endswith("the last epoch (epoch 100)")
+
+
+def _searched(**fields: object) -> dict[str, object]:
+    trials = [
+        {
+            "trial": 1,
+            "compression_ratio": 0.02,
+            "parameters": 15_000,
+            "validation_retention": 0.93,
+            "test_retention": 0.95,
+            "meets_target": False,
+            "epochs": 4,
+            "seconds": 1.0,
+        },
+        {
+            "trial": 2,
+            "compression_ratio": 0.08,
+            "parameters": 60_000,
+            "validation_retention": 0.97,
+            "test_retention": 0.98,
+            "meets_target": True,
+            "epochs": 4,
+            "seconds": 1.0,
+        },
+    ]
+    return {
+        "metric": "accuracy",
+        "target_retention": 0.95,
+        "target_met": True,
+        "accuracy_retention": 0.98,
+        "compressed_parameters": 60_000,
+        "trials": trials,
+        "search": {
+            "target_retention": 0.95,
+            "status": "bracketed",
+            "chosen_trial": 2,
+            "trial_epochs": 4,
+            "trials_exact": True,
+            "seconds": 2.0,
+            "teacher_validation_accuracy": 0.98,
+        },
+    } | fields
+
+
+def test_size_curve_orders_trials_by_size_draws_the_target_and_marks_the_delivered_size() -> None:
+    from app.web.search_view import build, size_curve_chart
+
+    chart = size_curve_chart(_searched())
+    assert chart is not None and chart.x_label == "student parameters (log scale)"
+    validation = next(s for s in chart.series if s.name == "validation_retention")
+    (x1, y1), (x2, y2) = [tuple(map(float, p.split(","))) for p in validation.points.split()]
+    assert x1 < x2 and y2 < y1  # bigger student further right, higher retention higher up (smaller y)
+    target = next(s for s in chart.series if s.name == "target")
+    target_y = float(target.points.split()[0].split(",")[1])
+    assert y2 < target_y < y1  # the target between the trial that misses and the one that meets it
+    assert len(chart.markers) == 1 and "60,000 parameters trained fully" in chart.markers[0].label
+    assert size_curve_chart({"metric": "accuracy"}) is None  # a job without a search draws nothing
+
+    missed = build(_searched(target_met=False, accuracy_retention=0.9))
+    assert missed.verdict is not None and "NOT met" in missed.verdict and "best size found" in missed.verdict
+    assert [chosen for chosen, _ in missed.trial_rows] == [False, True]
+    assert build({"metric": "accuracy"}).empty
+
+
+def test_seed_spread_rows_name_metric_and_unit() -> None:
+    from app.web.search_view import build
+
+    spread = {"mean": 0.5, "std": 0.1, "min": 0.4, "max": 0.6}
+    view = build(
+        {
+            "metric": "perplexity",
+            "kd_gain_unit": "perplexity",
+            "seed_summary": {
+                "seeds": [0, 1],
+                "delivered_seed": 0,
+                "student_accuracy": spread,
+                "accuracy_retention": spread,
+                "kd_gain": {"mean": -1.5, "std": 0.5, "min": -2, "max": -1},
+            },
+        }
+    )
+    rows = {row[0]: row[1:] for row in view.seed_rows}
+    assert rows["KD student perplexity"] == ["0.500", "0.100", "0.400", "0.600"]
+    assert rows["KD vs labels-only (perplexity, positive = KD better)"] == ["-1.50", "0.50", "-2.00", "-1.00"]
+    assert view.seed_title is not None and "seed 0's" in view.seed_title

@@ -33,7 +33,7 @@ class Cli:
             **os.environ,
             "DISTILLERY_URL": url,
             "DISTILLERY_API_KEY": api_key,
-            "COLUMNS": "160",
+            "COLUMNS": "80",
             "NO_COLOR": "1",
         }
         self.process = subprocess.Popen(
@@ -108,7 +108,9 @@ def _wait_status(job_id: str, status: str) -> None:
 def test_submit_watch_follows_the_job_live_and_prints_the_results(
     server: str, settings: Settings, auth_headers: dict[str, str]
 ) -> None:
-    cli = Cli(["submit", str(ROOT / "examples" / "tiny.json"), "--watch"], server, _key(auth_headers))
+    cli = Cli(
+        ["submit", str(ROOT / "examples" / "tiny.json"), "--watch", "--verbose"], server, _key(auth_headers)
+    )
     try:
         job_id = cli.wait_for(r"job ([0-9a-f-]{36}) queued").group(1)
         _wait_status(job_id, "dispatched")  # the API's start woke admission; no worker runs here
@@ -116,7 +118,7 @@ def test_submit_watch_follows_the_job_live_and_prints_the_results(
             claim = lifecycle.claim_job(session, job_id=job_id, worker="test-worker")
         assert claim is not None
         report_epoch(claim, 1, 2, accuracy=0.81, loss=0.9)
-        cli.wait_for(r"stage 1 epoch 1: .*student_accuracy 0\.81")  # printed while the job still runs
+        cli.wait_for(r"stage 1 epoch 1: .*val 0\.81")  # printed while the job still runs
         report_epoch(claim, 2, 2, accuracy=0.93, loss=0.4)
         complete(claim, 2)
         assert cli.finish() == 0, cli.output
@@ -125,8 +127,10 @@ def test_submit_watch_follows_the_job_live_and_prints_the_results(
     out = cli.output
     assert "dispatched -> running" in out and "running -> completed" in out
     assert out.index("stage 1 epoch 1") < out.index("stage 1 epoch 2") < out.index("Distillation results")
-    assert re.search(r"accuracy[\s│]+0\.9806[\s│]+0\.9556", out)  # teacher vs student
+    assert re.search(r"Test accuracy[\s│]+98\.06%[\s│]+95\.83%", out)  # teacher vs delivered student
+    assert re.search(r"█+ 100% completed ETA 0:00", out)  # the display's last frame
     assert f"job {job_id} completed" in out
+    assert max(len(line) for line in cli.lines) <= 80, out
 
 
 def test_watch_exits_3_when_the_job_fails(
@@ -137,6 +141,8 @@ def test_watch_exits_3_when_the_job_fails(
     cli = Cli(["watch", job_id], server, _key(auth_headers))
     try:
         cli.wait_for("dispatched -> running")
+        report_epoch(claim, 1, 2, accuracy=0.81, loss=0.9)
+        report_epoch(claim, 2, 2, accuracy=0.85, loss=0.7)
         with session_scope() as session:
             lifecycle.fail_job(
                 session,
@@ -149,7 +155,11 @@ def test_watch_exits_3_when_the_job_fails(
         assert cli.finish() == 3, cli.output
     finally:
         cli.kill()
-    assert "job failed (nan_loss): the loss became NaN in epoch 1" in cli.output
+    out = cli.output
+    assert "job failed (nan_loss): the loss became NaN in epoch 1" in out
+    # Without --verbose: no line per epoch, one line for the stage.
+    assert "epoch 1:" not in out and "epoch 2:" not in out
+    assert re.search(r"distill stage 1: 2 epochs, last loss 0\.7 .*val 0\.85", out), out
 
 
 def test_watch_resumes_after_the_server_restarts_without_repeating_events(
@@ -162,7 +172,7 @@ def test_watch_resumes_after_the_server_restarts_without_repeating_events(
     cli: Cli | None = None
     try:
         with live_server(SERVER_ENV, port=port) as url:
-            cli = Cli(["watch", job_id], url, _key(auth_headers))
+            cli = Cli(["watch", "--verbose", job_id], url, _key(auth_headers))
             cli.wait_for(r"stage 1 epoch 1:")
         # The server is gone; the CLI retries until the new one answers, then resumes after its last event.
         report_epoch(claim, 2, 3, accuracy=0.8, loss=0.6)

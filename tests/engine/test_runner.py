@@ -264,13 +264,13 @@ def test_engine_errors_are_specific(tmp_path: Path, data_dir: Path) -> None:
     (root / "link.csv").symlink_to(outside)
     escaped = spec_with(dataset_config={"kind": "file", "path": "link.csv"})
     _expect_engine_error(
-        "dataset_invalid", "outside the allowed root", escaped, DIGITS_CNN, tmp_path, data_dir, file_root=root
+        "path_outside_root", "outside the allowed", escaped, DIGITS_CNN, tmp_path, data_dir, file_root=root
     )
 
     missing = TeacherSource(
         name="x", kind=TeacherSourceKind.local, location=str(tmp_path / "nope"), type="local"
     )
-    _expect_engine_error("teacher_not_found", "does not exist", tiny_spec(), missing, tmp_path, data_dir)
+    _expect_engine_error("teacher_not_found", "No directory at", tiny_spec(), missing, tmp_path, data_dir)
     with pytest.raises(EngineError, match="not one of digits-cnn"):
         resolve_teacher("no-such-teacher")
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, insert, select
 
 from app.core.config import Settings
 from app.core.db import session_scope
@@ -255,3 +256,71 @@ def test_abandoned_cancels_are_finished_by_the_scheduler(db: str) -> None:
     with session_scope() as session:
         assert sorted(finish_abandoned_cancels(session, settings)) == sorted([unclaimed, dead])
     assert [_job(j).status for j in (unclaimed, live, dead)] == ["cancelled", "cancelling", "cancelled"]
+
+
+def _make_tenant_jobs(
+    tenant_id: str, count: int, *, oldest_age: float, status: str = JobStatus.queued
+) -> None:
+    """`count` jobs of `tenant_id`, queued_at from `oldest_age` seconds ago, one ms apart (bulk insert)."""
+    now = utcnow()
+    rows = [
+        {
+            "id": str(uuid.uuid4()),
+            "spec": SPEC,
+            "teacher_model_name": "digits-cnn",
+            "status": status,
+            "attempt": 0,
+            "progress": 0.0,
+            "created_at": now,
+            "updated_at": now,
+            "queued_at": now - timedelta(seconds=oldest_age) + timedelta(milliseconds=i),
+            "tenant_id": tenant_id,
+        }
+        for i in range(count)
+    ]
+    with session_scope() as session:
+        session.execute(insert(Job), rows)
+
+
+def test_a_full_tenants_long_queue_does_not_block_another_tenants_job(db: str) -> None:
+    """Many queued jobs of a tenant at its limit, all ahead in line: the next tenant's job is still admitted.
+
+    Admission reads the queue in pages as long as the free slots, so this needs the full tenant left out of
+    the query (a first page of its jobs alone would otherwise end the tick with nothing admitted).
+    """
+    settings = _settings(max_concurrent_jobs=4, tenant_max_running_jobs=1)
+    _make_tenant_jobs("tenant-busy", 1, oldest_age=1000, status=JobStatus.running)
+    _make_tenant_jobs("tenant-busy", 500, oldest_age=900)
+    (behind,) = _make_jobs([(JobStatus.queued, 1)])  # unowned, last in line
+    with session_scope() as session:
+        session.get(Job, behind).tenant_id = "tenant-other"  # type: ignore[union-attr]
+    assert _admit(settings) == [behind]
+    assert _admit(settings) == []  # busy is still at its limit; other has nothing left
+    with session_scope() as session:
+        assert session.scalar(select(func.count()).where(Job.status == JobStatus.queued)) == 500
+
+
+def test_a_tenant_that_fills_up_mid_page_lets_the_next_jobs_in_line_pass(db: str) -> None:
+    settings = _settings(max_concurrent_jobs=3, tenant_max_running_jobs=1)
+    _make_tenant_jobs("tenant-a", 3, oldest_age=300)
+    _make_tenant_jobs("tenant-b", 3, oldest_age=200)
+    _make_tenant_jobs("tenant-c", 3, oldest_age=100)
+    with session_scope() as session:
+        admitted = admit_queued_jobs(session, settings)
+        owners = [session.get(Job, job_id).tenant_id for job_id in admitted]  # type: ignore[union-attr]
+    assert owners == ["tenant-a", "tenant-b", "tenant-c"]
+
+
+def test_admission_locks_only_the_rows_it_admits(db: str, migrated_database: str) -> None:
+    """Other writers (a cancel, a second admitter) are not kept waiting on the rest of the queue."""
+    if not migrated_database.startswith("postgresql"):
+        pytest.skip("row locks: PostgreSQL only (SQLite serialises every writer with BEGIN IMMEDIATE)")
+    _make_tenant_jobs("tenant-lock", 200, oldest_age=500)
+    with session_scope() as admitting:
+        admitted = admit_queued_jobs(admitting, _settings(max_concurrent_jobs=2))
+        assert len(admitted) == 2
+        with session_scope() as other:  # while the admitting transaction is still open
+            unlocked = other.scalars(
+                select(Job.id).where(Job.status == JobStatus.queued).with_for_update(skip_locked=True)
+            ).all()
+    assert len(unlocked) == 198

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from app.core.paths import PathKind, PathRefused, resolve_path
 from app.schemas.teachers import TeacherSource
 
 
@@ -58,6 +59,20 @@ class EngineError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def resolve_local_path(
+    text: str, file_root: Path | None, *, kind: PathKind, what: str, missing_code: str
+) -> Path:
+    """The engine's side of the one path helper (`app.core.paths`): PathRefused becomes an EngineError.
+
+    `missing_code` is the job's error code when nothing is there (dataset_invalid, teacher_not_found); a path
+    outside `file_root` is `path_outside_root`, a malformed one `path_invalid`.
+    """
+    try:
+        return resolve_path(text, root=file_root, kind=kind, what=what)
+    except PathRefused as exc:
+        raise EngineError(missing_code if exc.code == "path_not_found" else exc.code, exc.message) from exc
 
 
 class JobStopped(Exception):

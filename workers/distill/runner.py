@@ -1,11 +1,13 @@
 """`run_job`: the one entry point the Celery task, the CLI runner, tests and benchmarks all call.
 
 A job is a sequence of named phases, each a function below:
-`load_data` -> `prepare_teacher` -> `prepare_student` -> `train_stages` (the optional labels-only
-baseline, then one distillation stage, or `num_stages` if progressive) -> `measure` -> `compress` ->
+`load_data` -> `prepare_teacher` -> `prepare_student` -> [`search_student_size` with target_retention]
+-> `train_stages` (the optional labels-only baseline, then one distillation stage, or `num_stages` if
+progressive; once per `training_config.seeds` with `train_other_seeds`) -> `measure` -> `compress` ->
 `export` -> `write_results`.
 Progress is one monotone figure over the whole job: `PROGRESS_TABLE` gives each phase its slice, and the
-training slice is shared by the baseline and the stages in proportion to their epochs x steps.
+training slice is shared by the search's trials, each seed's runs, the baseline and the stages in
+proportion to their expected epochs x steps (`training_spans`).
 A checkpoint (`checkpoints/last.safetensors`) is written when each run starts and after every epoch
 (throttled by `EngineConfig.checkpoint_min_interval_s`); `resume=True` continues exactly from it.
 """
@@ -13,9 +15,12 @@ A checkpoint (`checkpoints/last.safetensors`) is written when each run starts an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import logging
+import shutil
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -25,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from app.core.paths import PathKind, PathRefused, resolve_path
 from app.schemas.job_spec import (
     DerivedStudent,
     Device,
@@ -52,6 +58,7 @@ from workers.distill.contract import (
     EngineCallbacks,
     EngineError,
     JobPaths,
+    JobStopped,
     NamedStudent,
     NullCallbacks,
     Progress,
@@ -61,6 +68,7 @@ from workers.distill.kernel import TaskData, count_parameters, model_size_mb
 from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
 from workers.distill.registry import get_adapter
+from workers.distill.search import SearchOutcome, SearchSettings, Trial, run_search
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -77,9 +85,11 @@ logger = logging.getLogger(__name__)
 # sized by the work a typical job spends there. "training" is shared by the baseline and the distillation
 # stages in proportion to their epochs x steps per epoch (see `train_stages`); the teacher's slice covers
 # building or fine-tuning it (instant when it is reused).
+# "search" (target_retention) shares the training slice with the final training: see `training_spans`.
 PROGRESS_TABLE: dict[str, tuple[float, float]] = {
     "data": (0.00, 0.02),
     "teacher": (0.02, 0.15),
+    "search": (0.15, 0.92),
     "training": (0.15, 0.92),
     "evaluate": (0.92, 0.94),
     "compress": (0.94, 0.97),
@@ -196,6 +206,60 @@ class Measurements:
         return self.latency["teacher"]["batch_64"] / self.latency["student"]["batch_64"]
 
 
+def training_spans(spec: JobSpec) -> dict[str, tuple[float, float]]:
+    """The training slice shared out by expected epochs: "search" (all its trials, if any), then one span
+    per seed ("seed-<n>", the delivered seed first), each covering that seed's baseline and stages."""
+    config = spec.training_config
+    stages = config.num_stages if spec.distillation_method == DistillationMethod.progressive else 1
+    per_seed = config.epochs * (stages + (1 if config.baseline else 0))
+    seeds = config.seeds or [config.seed]
+    search = 0
+    if spec.target_retention is not None:
+        search = config.max_trials * (config.search_epochs or config.epochs) * stages
+    start, end = PROGRESS_TABLE["training"]
+    total = search + per_seed * len(seeds)
+    spans: dict[str, tuple[float, float]] = {}
+    at = start
+    for name, work in [("search", search), *((f"seed-{seed}", per_seed) for seed in seeds)]:
+        width = (end - start) * work / total
+        spans[name] = (at, at + width)
+        at += width
+    return spans
+
+
+class _RelabelledCallbacks:
+    """A sub-run's callbacks (a search trial, another seed): its progress and events carry `phase` and
+    `labels`, the run's own phase kept as `run_phase`, so curves of the delivered run stay apart."""
+
+    def __init__(
+        self,
+        inner: EngineCallbacks,
+        phase: str,
+        labels: dict[str, Any],
+        prefix: str,
+        deadline: float | None = None,
+    ) -> None:
+        self.inner = inner
+        self.phase = phase
+        self.labels = labels
+        self.prefix = prefix
+        self.deadline = deadline  # time.monotonic() past which the run is asked to stop
+        self.deadline_passed = False
+
+    def on_progress(self, progress: Progress) -> None:
+        self.inner.on_progress(dataclasses.replace(progress, phase=self.phase))
+
+    def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
+        labelled = {**data, "run_phase": data.get("phase"), "phase": self.phase, **self.labels}
+        self.inner.on_event(kind, f"{self.prefix}: {message}", labelled)
+
+    def should_stop(self) -> bool:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.deadline_passed = True
+            return True
+        return self.inner.should_stop()
+
+
 class _PhaseCallbacks:
     """Rescales a phase's own 0..1 progress into its slice [start, end] of the job."""
 
@@ -244,15 +308,16 @@ def resolve_teacher(name_or_path: str) -> TeacherSource:
     for source in DEFAULT_TEACHERS:
         if source.name == name_or_path:
             return source
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return TeacherSource(
-            name=path.name, kind=TeacherSourceKind.local, location=str(path.resolve()), type="local"
-        )
     names = ", ".join(t.name for t in DEFAULT_TEACHERS)
-    raise EngineError(
-        "teacher_not_found", f"unknown teacher '{name_or_path}': not one of {names}, nor a directory"
-    )
+    try:
+        path = resolve_path(name_or_path, root=None, kind=PathKind.directory, what="teacher directory")
+    except PathRefused as exc:
+        if exc.code != "path_not_found":
+            raise EngineError(exc.code, exc.message) from exc
+        raise EngineError(
+            "teacher_not_found", f"unknown teacher '{name_or_path}': not one of {names}, nor a directory"
+        ) from exc
+    return TeacherSource(name=path.name, kind=TeacherSourceKind.local, location=str(path), type="local")
 
 
 def named_student(
@@ -435,7 +500,21 @@ def _run_phases(
     students = prepare_student(
         ctx, named, prepared, data, file_root=file_root, trust_remote_code=trust_remote_code
     )
-    initial_metric, completed, training_seconds = train_stages(ctx, prepared, students, data, resume=resume)
+    spans = training_spans(spec)
+    train_ctx, searched = ctx, None
+    if spec.target_retention is not None:
+        searched = search_student_size(ctx, prepared, students, data, resume=resume, span=spans["search"])
+        train_ctx = dataclasses.replace(ctx, spec=searched.final_spec)
+        torch.manual_seed(spec.training_config.seed)  # the final run as a job of that size would run
+    initial_metric, completed, training_seconds = train_stages(
+        train_ctx, prepared, students, data, resume=resume, span=spans[f"seed-{spec.training_config.seed}"]
+    )
+    seed_runs = [
+        SeedRun(spec.training_config.seed, completed, training_seconds),
+        *train_other_seeds(train_ctx, prepared, students, data, resume=resume, spans=spans),
+    ]
+    delivered_run = deliver_seed(ctx, seed_runs)
+    completed = delivered_run.completed
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
@@ -443,6 +522,10 @@ def _run_phases(
     extra |= {k: data.info[k] for k in ("teacher_signal_cache", "sequence_kd") if k in data.info}
     extra |= compress(ctx, student, data)
     extra |= export(ctx, student, data)
+    if searched is not None:
+        extra |= searched.result_fields(ctx.adapter, prepared, delivered)
+    if spec.training_config.seeds is not None:
+        extra["seed_summary"] = seed_summary(ctx, prepared, seed_runs, delivered_run.seed)
     return write_results(
         ctx,
         teacher=teacher,
@@ -542,10 +625,17 @@ def _stage_student(ctx: JobContext, students: StudentFactory, record: StageRecor
 
 
 def train_stages(
-    ctx: JobContext, prepared: PreparedTeacher, students: StudentFactory, data: TaskData, *, resume: bool
+    ctx: JobContext,
+    prepared: PreparedTeacher,
+    students: StudentFactory,
+    data: TaskData,
+    *,
+    resume: bool,
+    span: tuple[float, float] | None = None,
 ) -> tuple[float, list[StageRecord], float]:
     """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
 
+    `span` is the slice of the job's progress these runs cover (default: the whole training slice).
     Returns the fresh student's test metric, the finished runs and the seconds spent training.
     """
     spec, adapter, callbacks = ctx.spec, ctx.adapter, ctx.callbacks
@@ -574,7 +664,7 @@ def train_stages(
         start_index = 0
 
     steps_per_epoch = -(-len(data.train) // config.batch_size)  # type: ignore[arg-type]
-    start, end = PROGRESS_TABLE["training"]
+    start, end = span or PROGRESS_TABLE["training"]
     progressor = Progressor(
         callbacks,
         start=start,
@@ -663,6 +753,349 @@ def train_stages(
         progressor.steps_before += plan.epochs * steps_per_epoch
         write_checkpoint(index + 1, None)
     return initial_metric, completed, time.monotonic() - training_started
+
+
+def _variant_spec(spec: JobSpec, ratio: float, **training: Any) -> JobSpec:
+    """The spec of one run of a searched or multi-seed job: a derived student of `ratio`, no search."""
+    body = spec.model_dump(mode="json")
+    body["target_retention"] = None
+    body["target_compression"] = ratio
+    body["training_config"].update(training)
+    return JobSpec.model_validate(body)
+
+
+def _validation_metric(record: StageRecord) -> float:
+    """The delivered epoch's validation metric of a finished run."""
+    return float(record.history[record.selected_epoch - 1]["student_accuracy"])
+
+
+@dataclass
+class SearchedSize:
+    """The search phase's outcome: the trials, the size chosen and the spec that trains it fully."""
+
+    outcome: SearchOutcome
+    settings: SearchSettings
+    final_spec: JobSpec
+    teacher_validation: float
+    trial_epochs: int
+    trials_exact: bool
+
+    def result_fields(
+        self, adapter: TaskAdapter, prepared: PreparedTeacher, delivered: StageRecord
+    ) -> dict[str, Any]:
+        """results.target_retention / target_met / search / trials, judged on the delivered student."""
+        retention = adapter.retention(prepared.metric, delivered.selected_test)
+        chosen = self.outcome.chosen
+        return {
+            "target_retention": self.settings.target,
+            "target_met": retention >= self.settings.target,
+            "trials": [t.record for t in self.outcome.trials],
+            "search": {
+                "target_retention": self.settings.target,
+                "status": self.outcome.status,
+                "decided_on": "validation",
+                "trial_epochs": self.trial_epochs,
+                "trials_exact": self.trials_exact,
+                "teacher_validation_accuracy": self.teacher_validation,
+                "chosen_trial": chosen.record["trial"] if chosen else None,
+                "chosen_compression_ratio": self.final_spec.target_compression,
+                "bracket": list(self.outcome.bracket),
+                "tolerance": self.settings.tolerance,
+                "max_trials": self.settings.max_trials,
+                "max_search_seconds": self.settings.max_seconds,
+                "trials_used": len(self.outcome.trials),
+                "seconds": self.outcome.seconds,
+                "final_validation_retention": adapter.retention(
+                    self.teacher_validation, _validation_metric(delivered)
+                ),
+            },
+        }
+
+
+def search_student_size(
+    ctx: JobContext,
+    prepared: PreparedTeacher,
+    students: StudentFactory,
+    data: TaskData,
+    *,
+    resume: bool,
+    span: tuple[float, float],
+) -> SearchedSize:
+    """Phase `search`: train derived students of the sizes `search.run_search` picks, each a short job of
+    its own (the spec's method and stages, no baseline, `search_epochs` epochs, its own checkpoint), and
+    measure each on validation (decides), test (reported) and latency. Resumable: finished trials are
+    kept in `search/state.json`, an unfinished one resumes from its checkpoint."""
+    spec, adapter = ctx.spec, ctx.adapter
+    config = spec.training_config
+    assert spec.target_retention is not None
+    settings = SearchSettings(
+        target=spec.target_retention,
+        max_trials=config.max_trials,
+        max_seconds=config.max_search_seconds,
+        tolerance=config.search_tolerance,
+    )
+    trial_epochs = config.search_epochs or config.epochs
+    ctx.phase("search", f"searching the smallest student keeping {settings.target:g} of the teacher")
+    teacher_validation = adapter.evaluate(prepared.model, eval_loader(data.val, data), ctx.device)
+    search_dir = ctx.paths.work_dir / "search"
+    state_path = search_dir / "state.json"
+    spec_json = spec.model_dump(mode="json")
+    done: list[Trial] = []
+    seconds_before = 0.0
+    if resume and state_path.is_file():
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+        if state.get("spec") == spec_json:
+            done = [
+                Trial(
+                    r["compression_ratio"],
+                    r["parameters"],
+                    r["validation_retention"],
+                    r,
+                    counted=not str(r.get("error") or "").startswith("cut short"),
+                )
+                for r in state["trials"]
+            ]
+            seconds_before = float(state["seconds"])
+    counted: dict[float, int] = {}
+
+    def parameters_at(ratio: float) -> int:
+        if ratio not in counted:
+            try:
+                counted[ratio] = count_parameters(
+                    adapter.build_student(prepared.model, ratio, seed=config.seed)
+                )
+            except EngineError:
+                counted[ratio] = -1  # not buildable: the probe records why
+        return counted[ratio]
+
+    start, end = span
+    width = (end - start) / settings.max_trials
+    deadline = time.monotonic() - seconds_before + settings.max_seconds
+
+    def probe(number: int, ratio: float) -> Trial:
+        started = time.monotonic()
+        record: dict[str, Any] = {"trial": number, "compression_ratio": ratio, "epochs": trial_epochs}
+        try:
+            parameters = count_parameters(adapter.build_student(prepared.model, ratio, seed=config.seed))
+        except EngineError as exc:
+            record |= {"parameters": 0, "meets_target": False, "error": exc.message}
+            record |= {"validation_retention": None, "seconds": time.monotonic() - started}
+            return Trial(ratio, 0, None, record)
+        callbacks = _RelabelledCallbacks(
+            ctx.callbacks, "search", {"trial": number}, f"trial {number}", deadline=deadline
+        )
+        trial_ctx = dataclasses.replace(
+            ctx,
+            spec=_variant_spec(spec, ratio, baseline=False, epochs=trial_epochs, seeds=None),
+            paths=JobPaths(search_dir / f"trial-{number}"),
+            callbacks=callbacks,
+            stopper=StopChecker(callbacks),
+        )
+        torch.manual_seed(config.seed)
+        trial_span = (start + (number - 1) * width, start + number * width)
+        try:
+            _, completed, _ = train_stages(
+                trial_ctx, prepared, students, data, resume=resume, span=trial_span
+            )
+        except JobStopped:
+            if not callbacks.deadline_passed or ctx.callbacks.should_stop():
+                raise  # a cancel: the trial's checkpoint is kept for the resume
+            shutil.rmtree(trial_ctx.paths.work_dir, ignore_errors=True)
+            record |= {
+                "parameters": parameters,
+                "meets_target": False,
+                "validation_retention": None,
+                "error": f"cut short at max_search_seconds ({settings.max_seconds:g} s); not counted",
+                "seconds": time.monotonic() - started,
+            }
+            return Trial(ratio, parameters, None, record, counted=False)
+        delivered = [r for r in completed if r.kind == "distill"][-1]
+        model = _freeze(_stage_student(ctx, students, delivered))
+        latency = {}
+        for batch_size in (1, 64):
+            ctx.stopper.check("while timing a trial")
+            batch = adapter.example_batch(data, batch_size)
+            latency[f"batch_{batch_size}"] = measure_latency_ms(adapter, model, batch, ctx.device)
+        validation = _validation_metric(delivered)
+        retention = adapter.retention(teacher_validation, validation)
+        record |= {
+            "parameters": parameters,
+            "validation_accuracy": validation,
+            "validation_retention": retention,
+            "test_accuracy": delivered.selected_test,
+            "test_retention": adapter.retention(prepared.metric, delivered.selected_test),
+            "meets_target": retention >= settings.target,
+            "latency_ms": latency,
+            "seconds": time.monotonic() - started,
+        }
+        shutil.rmtree(trial_ctx.paths.work_dir, ignore_errors=True)  # its record is all that is kept
+        return Trial(ratio, parameters, retention, record)
+
+    def on_trial(trial: Trial, trials: list[Trial]) -> None:
+        record = trial.record
+        retention = record.get("validation_retention")
+        verdict = "meets" if record["meets_target"] else "misses"
+        ctx.callbacks.on_event(
+            "trial",
+            f"trial {record['trial']}: ratio {trial.ratio:.4g}, {trial.parameters:,} parameters, "
+            + (
+                f"validation retention {retention:.4f} {verdict} {settings.target:g}"
+                if retention is not None
+                else f"not buildable: {record.get('error')}"
+            ),
+            {"phase": "search", **record},
+        )
+        search_dir.mkdir(parents=True, exist_ok=True)
+        elapsed = seconds_before + sum(float(t.record["seconds"]) for t in trials[len(done) :])
+        payload = {"spec": spec_json, "trials": [t.record for t in trials], "seconds": elapsed}
+        state_path.write_text(json.dumps(payload), encoding="utf-8")
+
+    outcome = run_search(
+        settings,
+        probe=probe,
+        parameters_at=parameters_at,
+        done=done,
+        on_trial=on_trial,
+        check_stop=lambda: ctx.stopper.check("between search trials"),
+        seconds_before=seconds_before,
+    )
+    # Nothing finished within the budget: the first size it started is trained fully (target_met says
+    # whether it keeps the target; the search vouches for nothing).
+    chosen = outcome.chosen or next((t for t in outcome.trials if t.parameters > 0), None)
+    if chosen is None:
+        raise EngineError(
+            "search_failed", "no student could be built at any size the search tried; see the trial events"
+        )
+    ctx.callbacks.on_event(
+        "phase",
+        f"search {outcome.status}: training ratio {chosen.ratio:.4g} "
+        f"({chosen.parameters:,} parameters) fully",
+        {
+            "phase": "search",
+            "status": outcome.status,
+            "chosen_trial": chosen.record["trial"],
+            "compression_ratio": chosen.ratio,
+            "trials": len(outcome.trials),
+        },
+    )
+    return SearchedSize(
+        outcome=outcome,
+        settings=settings,
+        final_spec=_variant_spec(spec, chosen.ratio),
+        teacher_validation=teacher_validation,
+        trial_epochs=trial_epochs,
+        trials_exact=trial_epochs == config.epochs,
+    )
+
+
+@dataclass
+class SeedRun:
+    """Another seed's finished runs (the delivered seed's are the job's own `completed`)."""
+
+    seed: int
+    completed: list[StageRecord]
+    seconds: float
+
+
+def train_other_seeds(
+    ctx: JobContext,
+    prepared: PreparedTeacher,
+    students: StudentFactory,
+    data: TaskData,
+    *,
+    resume: bool,
+    spans: dict[str, tuple[float, float]],
+) -> list[SeedRun]:
+    """`training_config.seeds` after the first: the same runs (baseline included) once per seed, each with
+    its own checkpoint under `seeds/seed-<n>`, so the spread of the figures can be reported."""
+    spec = ctx.spec
+    runs: list[SeedRun] = []
+    for seed in (spec.training_config.seeds or [])[1:]:
+        seed_ctx = dataclasses.replace(
+            ctx,
+            spec=_variant_spec(spec, float(spec.target_compression or 0.0), seed=seed, seeds=None)
+            if students.named is None
+            else spec.model_copy(
+                update={
+                    "training_config": spec.training_config.model_copy(update={"seed": seed, "seeds": None})
+                }
+            ),
+            paths=JobPaths(ctx.paths.work_dir / "seeds" / f"seed-{seed}"),
+            callbacks=_RelabelledCallbacks(ctx.callbacks, "seeds", {"seed": seed}, f"seed {seed}"),
+        )
+        torch.manual_seed(seed)
+        _, completed, seconds = train_stages(
+            seed_ctx,
+            prepared,
+            dataclasses.replace(students, seed=seed),
+            data,
+            resume=resume,
+            span=spans[f"seed-{seed}"],
+        )
+        runs.append(SeedRun(seed=seed, completed=completed, seconds=seconds))
+    return runs
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def deliver_seed(ctx: JobContext, runs: list[SeedRun]) -> SeedRun:
+    """The seed whose student is delivered: the first, or (seed_select best_validation) the one whose
+    delivered epoch scored best on validation (the first among equals)."""
+    if ctx.spec.training_config.seed_select == "first" or len(runs) == 1:
+        return runs[0]
+    sign = 1.0 if ctx.adapter.higher_is_better else -1.0
+
+    def validation(run: SeedRun) -> float:
+        return sign * _validation_metric([r for r in run.completed if r.kind == "distill"][-1])
+
+    best = max(validation(run) for run in runs)
+    return next(run for run in runs if validation(run) == best)
+
+
+def seed_summary(
+    ctx: JobContext, prepared: PreparedTeacher, runs: list[SeedRun], delivered_seed: int
+) -> dict[str, Any]:
+    """results.seed_summary: per-seed test figures of the delivered-epoch students and their spread."""
+    adapter = ctx.adapter
+    per_seed: list[dict[str, Any]] = []
+    for run in runs:
+        delivered = [r for r in run.completed if r.kind == "distill"][-1]
+        baseline = next((r for r in run.completed if r.kind == "baseline"), None)
+        entry: dict[str, Any] = {
+            "seed": run.seed,
+            "student_accuracy": delivered.selected_test,
+            "accuracy_retention": adapter.retention(prepared.metric, delivered.selected_test),
+            "validation_accuracy": _validation_metric(delivered),
+            "parameters": delivered.parameters,
+            "seconds": run.seconds,
+        }
+        if baseline is not None:
+            entry["baseline_accuracy"] = baseline.selected_test
+            entry["kd_gain"] = kd_gain(
+                student=delivered.selected_test,
+                baseline=baseline.selected_test,
+                higher_is_better=adapter.higher_is_better,
+            )[0]
+        per_seed.append(entry)
+    summary: dict[str, Any] = {
+        "seeds": [run.seed for run in runs],
+        "delivered_seed": delivered_seed,
+        "delivered_by": "first_seed"
+        if ctx.spec.training_config.seed_select == "first"
+        else "best_validation",
+        "per_seed": per_seed,
+    }
+    for name in ("student_accuracy", "accuracy_retention", "baseline_accuracy", "kd_gain"):
+        values = [float(e[name]) for e in per_seed if name in e]
+        summary[name] = _spread(values) if values else None
+    return summary
 
 
 def measure(ctx: JobContext, teacher: nn.Module, student: nn.Module, data: TaskData) -> Measurements:

@@ -1,16 +1,21 @@
 """The dashboard: server-rendered pages for people (jobs, curves, results, downloads, cancel).
 
-Sign-in puts the API key in an HttpOnly, SameSite=Strict cookie; forms that change something carry a CSRF
-token, an HMAC of that key, which a page of another site can neither read nor compute. No JavaScript or
-external assets are needed: pages refresh themselves while a job is live.
+Sign-in exchanges an API key for an opaque session id in an HttpOnly, SameSite=Strict cookie (stored
+hashed, expiring, ended by sign-out and by revoking the key). The sign-in form carries a token bound to a
+pre-session cookie, and the forms of a session a token bound to its id: a page of another site can neither
+read nor compute them; sign-in and sign-out also refuse a foreign Origin. No JavaScript or external assets
+are needed: pages refresh themselves while a job is live.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import secrets
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Form, Request, status
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
@@ -29,34 +34,61 @@ from app.services import jobs as jobs_service
 from app.services.auth import Principal
 from app.web import results_view
 from app.web.charts import history_charts
+from app.web.search_view import build as build_search_view
+from app.web.search_view import size_curve_chart
 
 router = APIRouter(include_in_schema=False)
 templates = Jinja2Templates(directory=str(Path(__file__).resolve().parents[2] / "web" / "templates"))
 
 SESSION_COOKIE = "distillery_session"
-SESSION_MAX_AGE = 8 * 3600
+# Before sign-in: a random value the sign-in form's token is bound to (login CSRF protection).
+SIGNIN_COOKIE = "distillery_signin"
+SIGNIN_MAX_AGE = 3600
 CSRF_FIELD = "csrf_token"
 REFRESH_SECONDS = 3
 # Metric events read to draw a running job's curves (one per epoch and stage).
 MAX_CURVE_EVENTS = 5000
 
 
-def csrf_token(api_key: str) -> str:
-    """The CSRF token for a signed-in browser: bound to its key, unguessable without it."""
-    return hmac.new(api_key.encode("utf-8"), b"distillery-dashboard-csrf", hashlib.sha256).hexdigest()
+def csrf_token(secret: str, purpose: bytes = b"distillery-dashboard-csrf") -> str:
+    """A form's CSRF token: an HMAC of the session id (or pre-session value), unguessable without it."""
+    return hmac.new(secret.encode("utf-8"), purpose, hashlib.sha256).hexdigest()
+
+
+def _signin_token(value: str) -> str:
+    return csrf_token(value, b"distillery-dashboard-signin")
+
+
+def _token_matches(presented: str, expected: str) -> bool:
+    return hmac.compare_digest(presented.encode("utf-8"), expected.encode("utf-8"))
+
+
+def _same_origin(request: Request) -> bool:
+    """False when the browser says the form came from another site (Origin or Sec-Fetch-Site)."""
+    if request.headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return False
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not sent by every client; the CSRF token still decides
+    netloc = urlsplit(origin).netloc.lower()
+    # Behind a reverse proxy the Host may be the upstream's; the proxy's X-Forwarded-Host then names ours (a
+    # cross-site form cannot set either header).
+    hosts = {request.headers.get("host", "").lower()}
+    hosts |= {h.strip().lower() for h in request.headers.get("x-forwarded-host", "").split(",") if h.strip()}
+    return bool(netloc) and netloc in hosts
 
 
 def _signed_in(request: Request, session: Session) -> tuple[Principal, str] | None:
-    """The principal and key of the session cookie, or None (no cookie, unknown or revoked key)."""
-    key = request.cookies.get(SESSION_COOKIE)
-    if not key:
+    """The principal and id of the session cookie; None: none, expired, signed out or key revoked."""
+    session_id = request.cookies.get(SESSION_COOKIE)
+    if not session_id:
         return None
-    principal = auth_service.authenticate(session, key=key)
+    principal = auth_service.session_principal(session, session_id=session_id)
     session.rollback()  # end the lookup's transaction (SQLite: its lock) before rendering
     if principal is None:
         return None
     bind_log_fields(tenant=principal.tenant_name)
-    return principal, key
+    return principal, session_id
 
 
 def _to_signin() -> RedirectResponse:
@@ -74,44 +106,75 @@ def _page(request: Request, name: str, context: dict[str, Any], status_code: int
     return response
 
 
+def _signin_page(
+    request: Request, *, error: str | None = None, status_code: int = status.HTTP_200_OK
+) -> HTMLResponse:
+    """The sign-in form, its token bound to the browser's pre-session cookie (set here when missing)."""
+    existing = request.cookies.get(SIGNIN_COOKIE)
+    value = existing or secrets.token_urlsafe(32)
+    response = _page(
+        request, "signin.html", {"error": error, "csrf_token": _signin_token(value)}, status_code
+    )
+    if not existing:
+        response.set_cookie(
+            SIGNIN_COOKIE,
+            value,
+            max_age=SIGNIN_MAX_AGE,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+    return response
+
+
 @router.get("/signin", response_class=HTMLResponse)
 def signin_form(request: Request) -> HTMLResponse:
-    return _page(request, "signin.html", {"error": None})
+    return _signin_page(request)
 
 
 @router.post("/signin", response_class=HTMLResponse)
 def signin(
-    request: Request, session: SessionDep, api_key: Annotated[str, Form(max_length=500)] = ""
+    request: Request,
+    session: SessionDep,
+    settings: SettingsDep,
+    api_key: Annotated[str, Form(max_length=500)] = "",
+    csrf: Annotated[str, Form(alias=CSRF_FIELD, max_length=200)] = "",
 ) -> Response:
+    pre_session = request.cookies.get(SIGNIN_COOKIE, "")
+    if not _same_origin(request) or not pre_session or not _token_matches(csrf, _signin_token(pre_session)):
+        return _forbidden(request)
     principal = auth_service.authenticate(session, key=api_key.strip())
     session.rollback()
     if principal is None:
-        return _page(
-            request,
-            "signin.html",
-            {"error": "That API key is unknown or revoked."},
-            status.HTTP_401_UNAUTHORIZED,
-        )
+        return _signin_page(request, error="That API key is unknown or revoked.", status_code=401)
+    ttl = timedelta(hours=settings.dashboard_session_hours)
+    session_id = auth_service.start_session(session, principal=principal, ttl=ttl)
     response = RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
     response.set_cookie(
         SESSION_COOKIE,
-        api_key.strip(),
-        max_age=SESSION_MAX_AGE,
+        session_id,
+        max_age=int(ttl.total_seconds()),
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
         path="/",
     )
+    response.delete_cookie(SIGNIN_COOKIE, path="/", httponly=True, samesite="strict")
     return response
 
 
 @router.post("/signout")
 def signout(
-    request: Request, session: SessionDep, csrf: Annotated[str, Form(alias=CSRF_FIELD)] = ""
+    request: Request, session: SessionDep, csrf: Annotated[str, Form(alias=CSRF_FIELD, max_length=200)] = ""
 ) -> Response:
-    signed_in = _signed_in(request, session)
-    if signed_in is not None and not hmac.compare_digest(csrf.encode(), csrf_token(signed_in[1]).encode()):
+    if not _same_origin(request):
         return _forbidden(request)
+    signed_in = _signed_in(request, session)
+    if signed_in is not None:
+        if not _token_matches(csrf, csrf_token(signed_in[1])):
+            return _forbidden(request)
+        auth_service.end_session(session, session_id=signed_in[1])
     response = _to_signin()
     response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict")
     return response
@@ -121,7 +184,11 @@ def _forbidden(request: Request) -> HTMLResponse:
     return _page(
         request,
         "error.html",
-        {"title": "Forbidden", "message": "The form's CSRF token is missing or wrong; reload the page."},
+        {
+            "title": "Forbidden",
+            "message": "The form's CSRF token is missing or wrong, or it came from another site; reload the "
+            "page.",
+        },
         status.HTTP_403_FORBIDDEN,
     )
 
@@ -165,7 +232,8 @@ def _curve_history(session: Session, job: Job) -> tuple[list[dict[str, Any]], li
     for event in events:
         data = event.data or {}
         phase = str(data.get("phase") or "")
-        if event.kind != "metric" or "epoch" not in data or phase.startswith("teacher"):
+        # Search trials and other seeds' runs have curves of their own, not the delivered run's.
+        if event.kind != "metric" or "epoch" not in data or phase.startswith(("teacher", "search", "seeds")):
             continue
         if phase.startswith("baseline"):
             baseline_by_epoch[int(data["epoch"])] = data
@@ -233,6 +301,9 @@ def _render_job(
         selected=_selected_epoch(results, history),
         selected_by=results_view.selected_by(results) if results else None,
     )
+    size_curve = size_curve_chart(results) if results else None
+    if size_curve is not None:
+        charts.append(size_curve)
     artifacts = artifacts_service.list_for_job(session, job_id=job.id)
     live = read.status not in TERMINAL_STATUSES
     return _page(
@@ -244,6 +315,7 @@ def _render_job(
             "results": results,
             "view": view,
             "charts": charts,
+            "search": build_search_view(results) if results else None,
             "artifacts": artifacts,
             "csrf_token": csrf_token(key),
             "cancellable": live and read.status != "cancelling",

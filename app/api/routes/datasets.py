@@ -60,7 +60,7 @@ async def upload_dataset(
     settings.uploads_dir.mkdir(parents=True, exist_ok=True)
     received = await receive_upload(
         request,
-        destination=settings.uploads_dir / f".{dataset_id}.part",
+        destination=datasets_service.part_path(settings, dataset_id),
         max_bytes=settings.max_upload_bytes,
     )
     dataset = await run_in_threadpool(

@@ -9,9 +9,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
-from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep, WakeSchedulerDep
+from app.api.deps import (
+    AsyncDbDep,
+    CurrentTenantDep,
+    SessionDep,
+    SettingsDep,
+    WakeSchedulerDep,
+)
 from app.core.config import Settings
-from app.core.db import begin_autocommit_read
+from app.core.db import begin_autocommit_read, get_sessionmaker
 from app.models import JobStatus
 from app.schemas.jobs import DIGITS_JOB_EXAMPLE, ArtifactRead, JobCreate, JobEventRead, JobRead, JobSummary
 from app.schemas.page import Page
@@ -88,22 +94,49 @@ _CREATE_EXAMPLES: dict[str, Any] = {
     },
 )
 async def create_job(
-    session: SessionDep,
     settings: SettingsDep,
     tenant: CurrentTenantDep,
     wake: WakeSchedulerDep,
+    db: AsyncDbDep,
     background: BackgroundTasks,
     response: Response,
     request: Annotated[JobCreate, Body(openapi_examples=_CREATE_EXAMPLES)],
     idempotency_key: IdempotencyKey = None,
 ) -> Any:
-    # One worker-thread hop for the database work; the response is validated on the event loop.
+    # The common create (pending, a dataset needing no lookup, no Idempotency-Key) is one statement on the
+    # event loop (PostgreSQL). Everything else, and an unknown teacher's 422, takes one worker-thread hop
+    # for the full checks and the transaction; the response is validated on the event loop.
+    if (
+        db is not None
+        and idempotency_key is None
+        and jobs_service.creates_in_one_statement(request, settings)
+    ):
+        read = await jobs_service.create_pending_async(db, request=request, tenant_id=tenant.tenant_id)
+        if read is not None:
+            response.headers["Location"] = f"/distillation/jobs/{read.job_id}"
+            return read
     return await run_in_threadpool(
-        _create_job, session, settings, tenant, wake, background, response, request, idempotency_key
+        _create_job, settings, tenant, wake, background, response, request, idempotency_key
     )
 
 
 def _create_job(
+    settings: Settings,
+    tenant: Principal,
+    wake: bool,
+    background: BackgroundTasks,
+    response: Response,
+    request: JobCreate,
+    idempotency_key: str | None,
+) -> Any:
+    # Its own session, opened in the thread: the one-statement path above needs none.
+    with get_sessionmaker()() as session:
+        return _create_job_in_session(
+            session, settings, tenant, wake, background, response, request, idempotency_key
+        )
+
+
+def _create_job_in_session(
     session: Session,
     settings: Settings,
     tenant: Principal,
@@ -204,20 +237,20 @@ def start_job(
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 409, 422, 503),
 )
-async def get_job(job_id: JobId, session: SessionDep, tenant: CurrentTenantDep) -> JobRead:
-    # The hot polling path: one worker-thread hop for the query (not one per dependency and one more for
-    # response validation, as a sync endpoint costs).
-    return await run_in_threadpool(_read_job, session, job_id, tenant.tenant_id)
+async def get_job(job_id: JobId, tenant: CurrentTenantDep, db: AsyncDbDep) -> JobRead:
+    # The hot polling path: on PostgreSQL one SELECT on the event loop (async read pool, no thread hop, no
+    # request session); on SQLite one worker-thread hop for the query.
+    if db is not None and job_ids.is_full(job_id):
+        return await jobs_service.read_async(db, job_id=job_id, tenant_id=tenant.tenant_id)
+    return await run_in_threadpool(_read_job, job_id, tenant.tenant_id)
 
 
-def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
-    try:
+def _read_job(job_id: str, tenant_id: str) -> JobRead:
+    with get_sessionmaker()() as session:  # closed here, in the thread, not on the event loop
         begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
         if not job_ids.is_full(job_id):  # a short id: one more SELECT, never on the full-id polling path
             job_id = job_ids.resolve(session, job_id=job_id, tenant_id=tenant_id)
         return jobs_service.read(session, job_id=job_id, tenant_id=tenant_id)
-    finally:
-        session.close()  # returns the connection here, in the thread, not on the event loop
 
 
 @router.get(
@@ -226,9 +259,9 @@ def _read_job(session: Session, job_id: str, tenant_id: str) -> JobRead:
     summary="List your jobs, newest first, a page at a time",
     responses=problem_responses(401, 422, 503),
 )
-def list_jobs(
-    session: SessionDep,
+async def list_jobs(
     tenant: CurrentTenantDep,
+    db: AsyncDbDep,
     limit: Annotated[int, Query(ge=1, le=200, description="Jobs per page")] = 50,
     cursor: Annotated[
         str | None, Query(min_length=1, max_length=512, description="next_cursor of the previous page")
@@ -241,17 +274,30 @@ def list_jobs(
         str | None, Query(min_length=1, max_length=512, description="Only jobs of this teacher")
     ] = None,
 ) -> Page[JobSummary]:
-    jobs, has_more, next_cursor = jobs_service.list_page(
-        session,
-        limit=limit,
-        cursor=cursor,
-        statuses=[s.value for s in status_filter or []],
-        teacher=teacher,
-        tenant_id=tenant.tenant_id,
+    # PostgreSQL: the query on the event loop (async pool). SQLite: one worker-thread hop for the query and
+    # the summaries (a sync endpoint pays one more to validate the response).
+    statuses = [s.value for s in status_filter or []]
+    if db is None:
+        return await run_in_threadpool(_list_jobs, tenant.tenant_id, limit, cursor, statuses, teacher)
+    jobs, has_more, next_cursor = await jobs_service.list_page_async(
+        db, limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant.tenant_id
     )
     return Page[JobSummary](
         data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
     )
+
+
+def _list_jobs(
+    tenant_id: str, limit: int, cursor: str | None, statuses: list[str], teacher: str | None
+) -> Page[JobSummary]:
+    with get_sessionmaker()() as session:
+        begin_autocommit_read(session)  # one SELECT: no BEGIN and ROLLBACK round trips around it
+        jobs, has_more, next_cursor = jobs_service.list_page(
+            session, limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+        )
+        return Page[JobSummary](
+            data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
+        )
 
 
 @router.post(

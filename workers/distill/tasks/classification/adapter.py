@@ -9,12 +9,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import JobSpec, Task
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from workers.distill.adapter import TaskAdapter
-from workers.distill.contract import ARTIFACT_CONFIG, ARTIFACT_WEIGHTS, EngineCallbacks, EngineError
+from workers.distill.contract import (
+    ARTIFACT_CONFIG,
+    ARTIFACT_WEIGHTS,
+    EngineCallbacks,
+    EngineError,
+    resolve_local_path,
+)
 from workers.distill.kernel import Batch, ModelOutputs, TaskData, count_parameters
-from workers.distill.tasks.classification.data import load_classification_data, resolve_under_root
+from workers.distill.tasks.classification.data import load_classification_data
 from workers.distill.tasks.classification.models import (
     MLP,
     DigitsCNN,
@@ -73,8 +80,12 @@ class ClassificationAdapter(TaskAdapter):
                 )
             teacher, self.teacher_built_now = get_digits_teacher(data_dir, data, callbacks)
         elif source.kind == TeacherSourceKind.local:
-            directory = resolve_under_root(
-                source.location, file_root, what="teacher directory", code="teacher_not_found"
+            directory = resolve_local_path(
+                source.location,
+                file_root,
+                kind=PathKind.directory,
+                what="teacher directory",
+                missing_code="teacher_not_found",
             )
             teacher = load_model_dir(directory)
         else:

@@ -11,8 +11,9 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import BuiltinDataset, FileDataset, JobSpec
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 from workers.distill.kernel import TaskData, TensorDictDataset
 
 VALIDATION_FRACTION = 0.1
@@ -56,21 +57,6 @@ def load_digits_data() -> TaskData:
     return _splits(features, digits.target.astype(np.int64), source="digits")
 
 
-def resolve_under_root(path_text: str, file_root: Path | None, *, what: str, code: str) -> Path:
-    """`path_text` resolved (symlinks followed); must lie under `file_root` when one is set."""
-    path = Path(path_text).expanduser()
-    if file_root is not None and not path.is_absolute():
-        path = file_root / path
-    resolved = path.resolve()
-    if file_root is not None:
-        root = file_root.expanduser().resolve()
-        if not resolved.is_relative_to(root):
-            raise EngineError(code, f"{what} '{path_text}' is outside the allowed root {root}")
-    if not resolved.exists():
-        raise EngineError(code, f"{what} '{path_text}' does not exist")
-    return resolved
-
-
 def load_table(path: Path, label_column: str) -> tuple[np.ndarray, np.ndarray]:
     """A numeric CSV or JSONL table: every column but `label_column` is a feature."""
     rows: list[dict[str, object]]
@@ -112,7 +98,9 @@ def load_classification_data(spec: JobSpec, *, file_root: Path | None) -> TaskDa
     if isinstance(config, BuiltinDataset):
         return load_digits_data()
     if isinstance(config, FileDataset):
-        path = resolve_under_root(config.path, file_root, what="dataset file", code="dataset_invalid")
+        path = resolve_local_path(
+            config.path, file_root, kind=PathKind.file, what="dataset file", missing_code="dataset_invalid"
+        )
         features, labels = load_table(path, config.label_column)
         return _splits(features, labels, source=path.name)
     if config.kind == "uploaded":

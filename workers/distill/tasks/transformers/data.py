@@ -15,10 +15,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from transformers import PreTrainedTokenizerBase
 
+from app.core.paths import PathKind
 from app.schemas.job_spec import FileDataset, HubDataset, JobSpec, Task
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 from workers.distill.kernel import IGNORE_INDEX, TensorDictDataset
-from workers.distill.tasks.transformers.models import resolve_under_root
 
 MLM_PROBABILITY = 0.15
 _MIN_PER_SPLIT = 1
@@ -58,7 +58,7 @@ class TextSplits:
 def _read_file_rows(path: Path, columns: list[str]) -> list[dict[str, Any]]:
     """Rows of a CSV (header) or JSONL file, each holding at least `columns`."""
     if not path.is_file():
-        raise EngineError("dataset_invalid", f"dataset file {path} does not exist")
+        raise EngineError("dataset_invalid", f"dataset file '{path.name}' does not exist")
     suffix = path.suffix.lower()
     try:
         with path.open(encoding="utf-8", newline="") as handle:
@@ -208,7 +208,9 @@ def read_text_splits(spec: JobSpec, *, file_root: Path | None) -> TextSplits:
     columns = [config.text_column, *([config.label_column] if classify else [])]
     chat: TextRecords | None = None
     if isinstance(config, FileDataset):
-        path = resolve_under_root(config.path, file_root)
+        path = resolve_local_path(
+            config.path, file_root, kind=PathKind.file, what="dataset file", missing_code="dataset_invalid"
+        )
         layout = _chat_format(_read_file_rows(path, []), config.text_column) if not classify else "text"
         if layout != "text" and spec.task != Task.causal_lm:
             raise EngineError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,17 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from app.core.model_files import (
+    UNSAFE_MODEL_FILE,
+    conversion_hint,
+    describe_unsafe,
+    has_safetensors,
+    unsafe_model_files,
+)
+from app.core.paths import PathKind
 from app.schemas.job_spec import Task
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from workers.distill.contract import EngineError
+from workers.distill.contract import EngineError, resolve_local_path
 
 # The auto class that gives each task its head.
 AUTO_CLASSES: dict[Task, Any] = {
@@ -46,28 +55,25 @@ class LoadedTeacher:
     missing_head_keys: list[str]
 
 
-def resolve_under_root(location: str, file_root: Path | None) -> Path:
-    """Resolve a local path (symlinks followed); with a root set, refuse anything outside it."""
-    path = Path(location)
-    if file_root is not None:
-        root = file_root.resolve()
-        resolved = (root / path).resolve() if not path.is_absolute() else path.resolve()
-        if not resolved.is_relative_to(root):
-            raise EngineError("path_not_allowed", f"'{location}' is outside the allowed root {root}")
-        return resolved
-    return path.resolve()
-
-
 def teacher_location(source: TeacherSource, file_root: Path | None) -> str:
     """Where from_pretrained should look: a checked local directory or a hub id."""
     if source.kind == TeacherSourceKind.local:
-        directory = resolve_under_root(source.location, file_root)
+        directory = resolve_local_path(
+            source.location,
+            file_root,
+            kind=PathKind.any,
+            what=f"teacher '{source.name}' directory",
+            missing_code="teacher_not_found",
+        )
         if not (directory / "config.json").is_file():
             raise EngineError(
                 "teacher_not_found",
-                f"teacher '{source.name}': {directory} has no config.json; give a save_pretrained directory "
-                "(config.json + model.safetensors)",
+                f"teacher '{source.name}': '{directory.name}' has no config.json; give a save_pretrained "
+                "directory (config.json + model.safetensors)",
             )
+        unsafe = unsafe_model_files(directory)  # read as opcodes, never unpickled
+        if unsafe:
+            raise EngineError(UNSAFE_MODEL_FILE, f"teacher '{source.name}': {describe_unsafe(unsafe)}")
         return str(directory)
     if source.kind == TeacherSourceKind.hub:
         return source.location
@@ -108,6 +114,8 @@ def load_hf_teacher(
         "output_loading_info": True,
         "weights_only": True,
     }
+    if source.kind == TeacherSourceKind.local and has_safetensors(Path(location)):
+        kwargs["use_safetensors"] = True  # a pickle beside the safetensors weights is never opened
     if task == Task.sequence_classification:
         if num_labels is None:
             raise EngineError("dataset_invalid", "sequence-classification needs labelled data")
@@ -116,6 +124,13 @@ def load_hf_teacher(
         kwargs["ignore_mismatched_sizes"] = True
     try:
         model, info = AUTO_CLASSES[task].from_pretrained(location, **kwargs)
+    except pickle.UnpicklingError as exc:  # weights-only loading refused a global (e.g. a hub pickle)
+        reason = str(exc).strip().splitlines()[-1][:300]
+        raise EngineError(
+            UNSAFE_MODEL_FILE,
+            f"teacher '{source.name}': a weight file is a pickle that the weights-only loader refused "
+            f"({reason}); {conversion_hint('the .bin file')}",
+        ) from exc
     except (OSError, ValueError, KeyError) as exc:
         raise EngineError(
             "teacher_not_found", f"teacher '{source.name}' could not be loaded from '{location}': {exc}"
