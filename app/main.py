@@ -11,17 +11,8 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from app.api.routes import (
-    admin,
-    calculator,
-    dashboard,
-    datasets,
-    health,
-    jobs,
-    metrics,
-    teacher_caches,
-    teachers,
-)
+from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers
+from app.api.routes import teacher_caches as teacher_caches_routes
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker, make_async_db
 from app.core.logging import configure_logging
@@ -115,7 +106,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         admin.router,
     ):
         app.include_router(router)
-    app.include_router(teacher_caches.router)
+    app.include_router(teacher_caches_routes.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     return app
