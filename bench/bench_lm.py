@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -131,6 +132,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write every job's figures here")
+    parser.add_argument(
+        "--teacher-dir", type=Path, default=None, help="reuse a teacher this bench trained before (same seed)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="bench-lm-"))
@@ -139,8 +143,12 @@ def main() -> None:
     (root / "adder.jsonl").write_text(
         "".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in job_rows)
     )
-    teacher_seconds = train_teacher(root / "adder", teacher_rows, steps=args.teacher_steps, seed=args.seed)
-    print(f"teacher trained on {len(teacher_rows)} other sums in {teacher_seconds:.0f} s", flush=True)
+    if args.teacher_dir is not None and (args.teacher_dir / "config.json").is_file():
+        shutil.copytree(args.teacher_dir, root / "adder")
+        print(f"teacher reused from {args.teacher_dir}", flush=True)
+    else:
+        seconds = train_teacher(root / "adder", teacher_rows, steps=args.teacher_steps, seed=args.seed)
+        print(f"teacher trained on {len(teacher_rows)} other sums in {seconds:.0f} s", flush=True)
     source = TeacherSource(name="adder", kind=TeacherSourceKind.local, location="adder", type="transformer")
     engine = EngineConfig(signal_cache_dir=root / "data", signal_cache_owner="bench")
 
