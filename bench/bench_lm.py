@@ -106,7 +106,7 @@ def job_spec(data: str, args: argparse.Namespace, **training: Any) -> JobSpec:
     config: dict[str, Any] = {
         "epochs": args.epochs, "batch_size": 32, "learning_rate": 2e-3, "temperature": 1.0, "alpha": 0.7,
         "max_seq_length": 32, "teacher_cache": "on", "teacher_cache_top_k": args.top_k, "max_new_tokens": 4,
-        "select": "best_validation", "seed": args.seed,
+        "select": "best_validation", "seed": args.job_seed if args.job_seed is not None else args.seed,
     }  # fmt: skip
     config.update(training)
     return JobSpec.model_validate(
@@ -129,7 +129,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--compression", type=float, default=0.25)
     parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="data split and teacher")
+    parser.add_argument("--job-seed", type=int, default=None, help="the jobs' training seed (default --seed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None, help="also write every job's figures here")
     parser.add_argument(
