@@ -199,9 +199,8 @@ def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> T
     """A registry entry with its local directory resolved under the tenant's root (others unchanged)."""
     if source.kind != TeacherSourceKind.local:
         return source
-    directory = _server_path(
-        source.location, root, PathKind.directory, what=f"'{source.name}' directory", code=code
-    )
+    # A directory (save_pretrained, safetensors + config) or a .pt2 program file (checked by the engine).
+    directory = _server_path(source.location, root, PathKind.any, what=f"'{source.name}' model", code=code)
     return source.model_copy(update={"location": str(directory)})
 
 

@@ -192,6 +192,12 @@ class DistillationResults(_Open):
     target_compression: float | None = Field(
         default=None, description="The spec's target ratio (None when a named student set the size)"
     )
+    splits: dict[str, dict[str, Any]] | None = Field(
+        default=None,
+        description="Where each split came from: {train|validation|test: {source, rows, given}}; given = "
+        "the client's own set (dataset_config.validation/test), else carved from the data. Every figure "
+        "is on `metric_split` (test); the delivered epoch is chosen on validation",
+    )
     student: dict[str, Any] | None = Field(
         default=None,
         description="The delivered student: kind (derived | registry | hub | local | config), parameters, "

@@ -11,11 +11,13 @@ from app.core.paths import check_path_text
 from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.job_spec import Task
 
-TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn"]
+# "program": a torch.export archive (.pt2) whose output is logits; "mlp"/"cnn": classification models.
+TeacherType = Literal["transformer", "causal_lm", "masked_lm", "cnn", "mlp", "program"]
 
 
 class TeacherCreate(BaseModel):
-    """Register a teacher: a local directory under the allowed root, or a Hugging Face hub id."""
+    """Register a model (teacher or student): a local directory or `.pt2` file under the allowed root, or a
+    Hugging Face hub id."""
 
     model_config = ConfigDict(
         extra="forbid",
@@ -42,7 +44,8 @@ class TeacherCreate(BaseModel):
     location: str = Field(
         min_length=1,
         max_length=4096,
-        description="local: a directory relative to the file root (ALLOWED_FILE_ROOT; refused when none is "
+        description="local: a save_pretrained directory, a directory of safetensors + student_config.json, "
+        "or a torch.export .pt2 file, relative to the file root (ALLOWED_FILE_ROOT; refused when none is "
         "set); hub: a hub id, 'name' or 'org/name'",
     )
     type: TeacherType

@@ -31,7 +31,7 @@ from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, new_id, utcno
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
 from app.services import datasets as datasets_service
-from app.services import file_roots
+from app.services import file_roots, job_checks
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -157,6 +157,10 @@ def check_spec(session: Session, *, spec: JobSpec, settings: Settings, tenant_id
         session, spec=spec, settings=settings, tenant_id=tenant_id
     )
     errors += path_errors
+    if not errors:  # what the client brings (student, held-out sets, tables, programs): issue 9
+        spec = job_checks.check_brought(
+            session, spec=spec, settings=settings, tenant_id=tenant_id, errors=errors
+        )
     if errors:
         detail = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
         raise Unprocessable(detail, errors=errors, **extras)

@@ -18,6 +18,7 @@ from app.schemas.hub_ids import check_hub_repo_id
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSource, TeacherSourceKind
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
 from app.services import file_roots
+from app.services.model_info import program_info
 
 logger = logging.getLogger("distillery.teachers")
 
@@ -124,18 +125,28 @@ def register(
                 settings=settings,
                 tenant_id=tenant_id,
                 text=request.location,
-                kind=PathKind.directory,
-                what="Teacher directory",
+                # A torch.export program is one .pt2 file; every other model is a directory.
+                kind=PathKind.file if request.location.endswith(".pt2") else PathKind.directory,
+                what="Teacher program" if request.location.endswith(".pt2") else "Teacher directory",
             )
         except PathRefused as exc:
             raise _location_error(exc.message, exc.code) from exc
         location = file_roots.stored_form(directory, root)
-        if not (directory / "config.json").is_file():
+        if directory.is_file():
+            if directory.suffix != ".pt2":
+                raise _location_error(
+                    f"'{location}' is a file; a model is a directory (save_pretrained, or safetensors + "
+                    "student_config.json) or a torch.export program (.pt2).",
+                    "teacher_invalid",
+                )
+            _check_program(directory, location)
+        elif not any((directory / n).is_file() for n in ("config.json", "student_config.json")):
             raise _location_error(
-                f"Teacher directory '{location}' has no config.json; save the model with save_pretrained().",
+                f"Teacher directory '{location}' has no config.json; save the model with save_pretrained() "
+                "(or give a finished job's artifacts: safetensors + student_config.json).",
                 "teacher_invalid",
             )
-        unsafe = unsafe_model_files(directory)  # opcodes read, nothing unpickled; workers check again
+        unsafe = unsafe_model_files(directory) if directory.is_dir() else {}  # opcodes read, never unpickled
         if unsafe:
             message = f"Teacher directory '{location}': {describe_unsafe(unsafe)}"
             raise _location_error(message, UNSAFE_MODEL_FILE)
@@ -166,6 +177,32 @@ def register(
     return teacher
 
 
+def _check_program(path: Path, location: str) -> None:
+    """A .pt2 must be a torch.export archive with one floating tensor input and (batch, C) logits.
+
+    Read from the program's JSON inside the archive (no torch, nothing unpickled); the worker loads it with
+    torch.export.load and checks it again against the job's data.
+    """
+    info = program_info(path)
+    if info is None:
+        raise _location_error(
+            f"'{location}' is not a torch.export archive (write it with torch.export.save(program, path)).",
+            "teacher_invalid",
+        )
+    if len(info.inputs) != 1 or not info.inputs[0][1].startswith(("float", "bfloat")):
+        described = [(["batch", *sizes[1:]], dtype) for sizes, dtype in info.inputs]
+        raise _location_error(
+            f"'{location}' takes inputs {described}; a teacher program takes one floating point tensor "
+            "(batch, ...) and returns logits.",
+            "teacher_invalid",
+        )
+    if len(info.outputs) != 1 or len(info.outputs[0]) != 2:
+        raise _location_error(
+            f"'{location}' returns {info.outputs}; a teacher program returns logits (batch, C).",
+            "teacher_invalid",
+        )
+
+
 def _location_error(message: str, code: str) -> Unprocessable:
     return Unprocessable(
         f"location: {message}",
@@ -185,7 +222,7 @@ def to_read(teacher: Teacher, *, file_root: Path | None = None) -> TeacherRead:
             location = shown(Path(location), file_root)
         if file_root is not None:
             try:
-                resolve_path(teacher.location, root=file_root, kind=PathKind.directory)
+                resolve_path(teacher.location, root=file_root, kind=PathKind.any)
                 available = True
             except PathRefused:
                 available = False

@@ -98,7 +98,7 @@ def test_bad_chat_rows_name_the_row(tmp_path: Path, row: dict[str, object], mess
 
 def test_chat_rows_refused_for_masked_lm(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "chat.jsonl", chat_rows(12))
-    with pytest.raises(EngineError, match="for task causal-lm"):
+    with pytest.raises(EngineError, match="lacks column"):  # chat rows are read for causal-lm only
         read_text_splits(_spec("chat.jsonl", task="masked-lm"), file_root=tmp_path)
 
 

@@ -23,6 +23,8 @@ from tests.security.conftest import Server, TenantFactory, upload
 
 DATA_DIR = Path(os.environ["DATA_DIR"]).resolve()
 SECRET_ROWS = b"text,label\nalice's secret review,1\nanother private line,0\n"
+# A classification job's own table must be numeric (checked at create since issue 9).
+SECRET_TABLE = b"x,label\n0.25,1\n0.75,0\n"
 SEQ = {
     "teacher_model_name": "digits-cnn",
     "task": "classification",
@@ -106,7 +108,7 @@ def test_a_shared_root_never_reaches_data_dir_and_answers_relative_paths(
     _no_server_paths(missing, root)
 
     # The legitimate use: a file under the root, stored and shown relative to it.
-    (folder / "train.csv").write_bytes(b"text,label\nfine,1\n")
+    (folder / "train.csv").write_bytes(SECRET_TABLE)
     job = _file_job(alice.client, str(folder / "train.csv"))
     assert job.status_code == 201, job.text
     assert job.json()["spec"]["dataset_config"]["path"] == f"{folder.name}/train.csv"
@@ -129,8 +131,8 @@ def test_per_tenant_roots_keep_tenants_in_their_own_folders(
     alice, mallory = two_tenants(per_tenant_server)
     (root / alice.name).mkdir()
     (root / mallory.name).mkdir()
-    (root / alice.name / "train.csv").write_bytes(SECRET_ROWS)
-    (root / "top.csv").write_bytes(SECRET_ROWS)
+    (root / alice.name / "train.csv").write_bytes(SECRET_TABLE)
+    (root / "top.csv").write_bytes(SECRET_TABLE)
 
     own = _file_job(alice.client, "train.csv")
     assert own.status_code == 201, own.text
@@ -154,7 +156,7 @@ def test_held_out_splits_and_named_students_stay_inside_the_tenant(
     victim = DATA_DIR / "datasets" / f"{dataset['dataset_id']}.csv"
     folder = root / uuid.uuid4().hex
     folder.mkdir()
-    (folder / "train.csv").write_bytes(b"text,label\nfine,1\n")
+    (folder / "train.csv").write_bytes(SECRET_TABLE)
     (folder / "student").mkdir()
     base = SEQ | {"dataset_config": {"kind": "file", "path": f"{folder.name}/train.csv"}}
 

@@ -162,7 +162,9 @@ def train_run(
         if not s_probe.hidden_states or not t_probe.hidden_states:
             raise EngineError("unsupported", "feature_distillation needs hidden states from both models")
         projector = FeatureProjector(
-            [h.shape[-1] for h in s_probe.hidden_states], [h.shape[-1] for h in t_probe.hidden_states]
+            [h.shape[-1] for h in s_probe.hidden_states],
+            [h.shape[-1] for h in t_probe.hidden_states],
+            config.layer_mapping,
         ).to(device)
 
     parameters = [p for p in student.parameters() if p.requires_grad]
@@ -321,6 +323,7 @@ def train_run(
                     projector=projector,
                     attention_mask=batch.get("attention_mask"),
                     options=loss_options,
+                    layer_mapping=config.layer_mapping,
                 )
                 weights = plan.weights
                 if chosen.skip_terms:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.distill.contract import EngineError
 from workers.distill.kernel import IGNORE_INDEX, ModelOutputs
 
 
@@ -30,6 +31,8 @@ class LossInputs:
     attention_mask: torch.Tensor | None = None  # (B, T) 1 = real token, for (B, T, H) features/attentions
     # Per-job options of task terms (TaskAdapter.loss_options), e.g. the language-model divergence.
     options: dict[str, Any] = field(default_factory=dict)
+    # training_config.layer_mapping: teacher hidden state per student hidden state (None: uniform).
+    layer_mapping: Sequence[int] | None = None
 
 
 LossFn = Callable[[LossInputs], torch.Tensor]
@@ -115,6 +118,29 @@ def hard_target_ce(inputs: LossInputs) -> torch.Tensor:
     )
 
 
+def checked_mapping(
+    mapping: Sequence[int] | None, student_layers: int, teacher_layers: int, *, what: str
+) -> list[int]:
+    """`mapping` (one teacher index per student layer) checked against the layer counts; None: uniform."""
+    if mapping is None:
+        return layer_mapping(student_layers, teacher_layers)
+    if len(mapping) != student_layers or max(mapping) >= teacher_layers:
+        raise EngineError(
+            "student_incompatible",
+            f"training_config.layer_mapping {list(mapping)} does not fit the {what}: it needs one entry per "
+            f"student layer ({student_layers}), each a teacher layer index below {teacher_layers}",
+        )
+    return list(mapping)
+
+
+def attention_mapping(mapping: Sequence[int] | None, student_maps: int, teacher_maps: int) -> list[int]:
+    """Teacher attention block per student block. A mapping given over hidden states (embeddings = 0, one
+    more entry than blocks) maps block i to the teacher block whose output is hidden state mapping[i + 1]."""
+    if mapping is not None and len(mapping) == student_maps + 1:
+        mapping = [max(0, j - 1) for j in mapping[1:]]
+    return checked_mapping(mapping, student_maps, teacher_maps, what="attention maps")
+
+
 def layer_mapping(student_layers: int, teacher_layers: int) -> list[int]:
     """Teacher layer for each student layer: i <- round((i + 1) * L_t / L_s) - 1; last maps to last."""
     return [
@@ -129,9 +155,16 @@ class FeatureProjector(nn.Module):
     Built from one probe forward pass; owned by the loop, trained by its optimizer, saved in checkpoints.
     """
 
-    def __init__(self, student_widths: Sequence[int], teacher_widths: Sequence[int]) -> None:
+    def __init__(
+        self,
+        student_widths: Sequence[int],
+        teacher_widths: Sequence[int],
+        mapping: Sequence[int] | None = None,
+    ) -> None:
         super().__init__()
-        self.mapping = layer_mapping(len(student_widths), len(teacher_widths))
+        self.mapping = checked_mapping(
+            mapping, len(student_widths), len(teacher_widths), what="hidden states"
+        )
         self.student_widths = list(student_widths)
         self.teacher_widths = [teacher_widths[j] for j in self.mapping]
         self.maps = nn.ModuleList(
@@ -180,7 +213,7 @@ def attention_kd(inputs: LossInputs) -> torch.Tensor:
     teacher_maps = inputs.teacher.attentions
     if not student_maps or not teacher_maps:
         raise ValueError("attention_kd needs attention maps from both models")
-    mapping = layer_mapping(len(student_maps), len(teacher_maps))
+    mapping = attention_mapping(inputs.layer_mapping, len(student_maps), len(teacher_maps))
     losses = []
     for i, j in enumerate(mapping):
         student = student_maps[i].float().mean(dim=1)  # (B, T, T)

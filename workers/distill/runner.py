@@ -304,19 +304,27 @@ def resolve_device(requested: Device) -> torch.device:
 
 
 def resolve_teacher(name_or_path: str) -> TeacherSource:
-    """A default-registry teacher by name, or a local directory (the CLI runner accepts paths)."""
+    """A default-registry teacher by name, or a local directory or `.pt2` program (the CLI takes paths)."""
     for source in DEFAULT_TEACHERS:
         if source.name == name_or_path:
             return source
     names = ", ".join(t.name for t in DEFAULT_TEACHERS)
     try:
-        path = resolve_path(name_or_path, root=None, kind=PathKind.directory, what="teacher directory")
+        path = resolve_path(
+            name_or_path, root=None, kind=PathKind.any, what="teacher directory or .pt2 program"
+        )
     except PathRefused as exc:
         if exc.code != "path_not_found":
             raise EngineError(exc.code, exc.message) from exc
         raise EngineError(
-            "teacher_not_found", f"unknown teacher '{name_or_path}': not one of {names}, nor a directory"
+            "teacher_not_found",
+            f"unknown teacher '{name_or_path}': not one of {names}, nor a directory or .pt2 file",
         ) from exc
+    if path.is_file() and path.suffix != ".pt2":
+        raise EngineError(
+            "teacher_not_found",
+            f"teacher '{name_or_path}' is a file; a file teacher is a torch.export program (.pt2)",
+        )
     return TeacherSource(name=path.name, kind=TeacherSourceKind.local, location=str(path), type="local")
 
 
@@ -522,6 +530,7 @@ def _run_phases(
     extra |= {k: data.info[k] for k in ("teacher_signal_cache", "sequence_kd") if k in data.info}
     extra |= compress(ctx, student, data)
     extra |= export(ctx, student, data)
+    extra["splits"] = data.info.get("splits")
     if searched is not None:
         extra |= searched.result_fields(ctx.adapter, prepared, delivered)
     if spec.training_config.seeds is not None:

@@ -20,13 +20,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
-from workers.distill.adapter import StepBatch, TaskAdapter
+from workers.distill.adapter import BuiltStudent, StepBatch, TaskAdapter
 from workers.distill.contract import (
     ARTIFACT_CONFIG,
     ARTIFACT_WEIGHTS,
     EngineCallbacks,
     EngineError,
     JobStopped,
+    NamedStudent,
     Progress,
 )
 from workers.distill.fingerprint import model_fingerprint, tensors_fingerprint
@@ -61,6 +62,7 @@ from workers.distill.tasks.transformers.models import (
     teacher_location,
 )
 from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, LogitsOnly, export_onnx
+from workers.distill.tasks.transformers.students import build_named_hf_student
 
 ONNX_FILE = "student.onnx"
 INT8_FILE = "student_int8.safetensors"
@@ -102,7 +104,11 @@ class HFTaskAdapter(TaskAdapter):
         del data_dir
         self.splits = read_text_splits(spec, file_root=file_root)
         empty = TensorDictDataset({"input_ids": torch.zeros(0, 1, dtype=torch.long)})
-        info: dict[str, Any] = {"fingerprint": self.splits.fingerprint, "tokenised": False}
+        info: dict[str, Any] = {
+            "fingerprint": self.splits.fingerprint,
+            "tokenised": False,
+            "splits": self.splits.report,
+        }
         if self.splits.label_names:
             info["label_names"] = self.splits.label_names
         return TaskData(
@@ -207,6 +213,29 @@ class HFTaskAdapter(TaskAdapter):
             # dynamic shapes because batches differ in size (the last one) and splits in length.
             student.compile(dynamic=True)
         return student
+
+    def build_named_student(
+        self,
+        student: NamedStudent,
+        teacher: nn.Module,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        file_root: Path | None,
+        trust_remote_code: bool,
+    ) -> BuiltStudent:
+        """A registry/hub/local save_pretrained model, or the teacher config with overrides (students.py)."""
+        assert isinstance(teacher, PreTrainedModel)
+        return build_named_hf_student(
+            student,
+            teacher,
+            self.task,
+            spec,
+            data,
+            file_root=file_root,
+            trust_remote_code=trust_remote_code,
+            attn_implementation=_attn_implementation(spec),
+        )
 
     # ---- forward, targets, metric ------------------------------------------------------------------
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import importlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +13,10 @@ import torch
 from sklearn.model_selection import train_test_split
 from transformers import PreTrainedTokenizerBase
 
-from app.core.paths import PathKind
-from app.schemas.job_spec import FileDataset, HubDataset, JobSpec, Task
-from workers.distill.contract import EngineError, resolve_local_path
+from app.schemas.job_spec import FileDataset, FileSource, HubDataset, HubSource, JobSpec, Task, UploadedSource
+from workers.distill.contract import EngineError
 from workers.distill.kernel import IGNORE_INDEX, TensorDictDataset
+from workers.distill.tables import read_source, split_report
 
 MLM_PROBABILITY = 0.15
 _MIN_PER_SPLIT = 1
@@ -53,61 +51,7 @@ class TextSplits:
     num_labels: int | None
     label_names: list[str] | None
     fingerprint: str  # sha256 of the data, so a fine-tuned teacher can be reused for the same data
-
-
-def _read_file_rows(path: Path, columns: list[str]) -> list[dict[str, Any]]:
-    """Rows of a CSV (header) or JSONL file, each holding at least `columns`."""
-    if not path.is_file():
-        raise EngineError("dataset_invalid", f"dataset file '{path.name}' does not exist")
-    suffix = path.suffix.lower()
-    try:
-        with path.open(encoding="utf-8", newline="") as handle:
-            if suffix in (".jsonl", ".ndjson", ".json"):
-                rows = [json.loads(line) for line in handle if line.strip()]
-            elif suffix in (".csv", ".tsv"):
-                rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-            else:
-                raise EngineError("dataset_invalid", f"{path.name}: expected .csv, .tsv or .jsonl")
-    except UnicodeDecodeError as exc:
-        raise EngineError("dataset_invalid", f"{path.name} is not UTF-8 text: {exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise EngineError("dataset_invalid", f"{path.name}: invalid JSON on a line: {exc}") from exc
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise EngineError("dataset_invalid", f"{path.name} row {number} is not an object")
-        absent = [c for c in columns if c not in row or row[c] is None]
-        if absent:
-            raise EngineError(
-                "dataset_invalid", f"{path.name} row {number} lacks column(s) {', '.join(absent)}"
-            )
-    return rows
-
-
-def _read_hub_rows(config: HubDataset, columns: list[str]) -> list[dict[str, Any]]:
-    """Rows of a Hugging Face hub dataset (needs the optional `datasets` package and network or cache)."""
-    try:
-        datasets = importlib.import_module("datasets")
-    except ModuleNotFoundError as exc:
-        raise EngineError(
-            "unsupported",
-            "hub datasets need the 'datasets' package (pip install datasets); "
-            "or upload the data as CSV/JSONL",
-        ) from exc
-    try:
-        table = datasets.load_dataset(config.name, config.subset, split=config.split)
-    except Exception as exc:  # the hub raises many types (network, missing split, auth); all are reported
-        raise EngineError(
-            "dataset_invalid", f"hub dataset '{config.name}' could not be loaded: {exc}"
-        ) from exc
-    absent = [c for c in columns if c not in table.column_names]
-    if absent:
-        raise EngineError(
-            "dataset_invalid",
-            f"hub dataset '{config.name}' lacks column(s) {', '.join(absent)}; has {table.column_names}",
-        )
-    return [
-        dict(zip(columns, values, strict=True)) for values in zip(*(table[c] for c in columns), strict=True)
-    ]
+    report: dict[str, Any] = field(default_factory=dict)  # results.splits: each split's source and rows
 
 
 def _labels_to_ints(raw: list[Any]) -> tuple[list[int], list[str] | None]:
@@ -130,14 +74,13 @@ def _labels_to_ints(raw: list[Any]) -> tuple[list[int], list[str] | None]:
     return numeric, None
 
 
-def _chat_format(rows: list[dict[str, Any]], text_column: str) -> str:
-    """'messages', 'prompt_completion' or 'text': the layout of a file's rows (chosen by its first row)."""
-    if not rows:
+def _chat_format(column_names: list[str], text_column: str) -> str:
+    """'messages', 'prompt_completion' or 'text': the layout of a split's columns."""
+    if text_column in column_names:
         return "text"
-    first = rows[0]
-    if "messages" in first and text_column not in first:
+    if "messages" in column_names:
         return "messages"
-    if "prompt" in first and "completion" in first and text_column not in first:
+    if "prompt" in column_names and "completion" in column_names:
         return "prompt_completion"
     return "text"
 
@@ -191,10 +134,51 @@ def _subset(records: TextRecords, indices: list[int]) -> TextRecords:
     )
 
 
-def read_text_splits(spec: JobSpec, *, file_root: Path | None) -> TextSplits:
-    """Read the job's texts (and labels), validate them, and split 80/10/10 deterministically.
+@dataclass
+class _RawSplit:
+    texts: list[str]
+    raw_labels: list[Any] | None
+    origin: str
+    chat: TextRecords | None = None  # chat / prompt-completion rows (causal-lm)
 
-    causal-lm files may instead hold chat rows (`messages`: [{role, content}]) or instruction rows
+
+def _read_split(
+    source: FileSource | HubSource | UploadedSource,
+    classify: bool,
+    *,
+    file_root: Path | None,
+    role: str,
+    chat_allowed: bool = False,
+) -> _RawSplit:
+    """One source's non-empty texts (and raw labels); with `chat_allowed`, chat or prompt/completion rows."""
+    text_column = source.text_column  # type: ignore[union-attr]
+    if chat_allowed:
+        table = read_source(source, None, file_root=file_root, role=role)
+        layout = _chat_format(table.column_names, text_column)
+        if layout != "text":
+            names = list(table.columns)
+            rows = [
+                dict(zip(names, values, strict=True)) for values in zip(*table.columns.values(), strict=True)
+            ]
+            try:
+                chat = _chat_records(rows, layout)
+            except EngineError as exc:
+                raise EngineError(exc.code, f"{table.origin} {exc.message}") from exc
+            return _RawSplit(chat.texts, None, table.origin, chat)
+    columns = [text_column, *([source.label_column] if classify else [])]  # type: ignore[union-attr]
+    table = read_source(source, columns, file_root=file_root, role=role)
+    texts = [str(value) for value in table.columns[columns[0]]]
+    keep = [i for i, text in enumerate(texts) if text.strip()]
+    raw = [table.columns[columns[1]][i] for i in keep] if classify else None
+    return _RawSplit([texts[i] for i in keep], raw, table.origin)
+
+
+def read_text_splits(spec: JobSpec, *, file_root: Path | None) -> TextSplits:
+    """Read the job's texts (and labels), validate them, and split them deterministically.
+
+    Without `dataset_config.validation`/`test` the data are split 80/10/10 (stratified by label); a given
+    split is used as it is and the others are carved from the data (test 10%, validation 1/9 of the rest).
+    causal-lm sources may instead hold chat rows (`messages`: [{role, content}]) or instruction rows
     (`prompt`, `completion`); the loss is then only on assistant / completion tokens.
     """
     config = spec.dataset_config
@@ -205,64 +189,95 @@ def read_text_splits(spec: JobSpec, *, file_root: Path | None) -> TextSplits:
             f"task '{spec.task}' needs a 'file' or 'hub' dataset "
             "(an 'uploaded' one is resolved by the service)",
         )
-    columns = [config.text_column, *([config.label_column] if classify else [])]
-    chat: TextRecords | None = None
-    if isinstance(config, FileDataset):
-        path = resolve_local_path(
-            config.path, file_root, kind=PathKind.file, what="dataset file", missing_code="dataset_invalid"
-        )
-        layout = _chat_format(_read_file_rows(path, []), config.text_column) if not classify else "text"
-        if layout != "text" and spec.task != Task.causal_lm:
-            raise EngineError(
-                "dataset_invalid",
-                f"{path.name}: chat ('messages') and prompt/completion rows are for task causal-lm; "
-                f"task '{spec.task}' needs a '{config.text_column}' column",
-            )
-        rows = _read_file_rows(path, columns if layout == "text" else [])
-        if layout != "text":
-            chat = _chat_records(rows, layout)
-    else:
-        rows = _read_hub_rows(config, columns)
-    texts = chat.texts if chat is not None else [str(row[config.text_column]) for row in rows]
-    keep = [i for i, text in enumerate(texts) if text.strip()]
-    texts = [texts[i] for i in keep]
-    if len(texts) < 10:
-        raise EngineError("dataset_invalid", f"need at least 10 non-empty texts, found {len(texts)}")
-    digest = hashlib.sha256()
+    chat = spec.task == Task.causal_lm
+    main = _read_split(config, classify, file_root=file_root, role="train", chat_allowed=chat)
+    given_val = (
+        _read_split(config.validation, classify, file_root=file_root, role="validation", chat_allowed=chat)
+        if config.validation is not None
+        else None
+    )
+    given_test = (
+        _read_split(config.test, classify, file_root=file_root, role="test", chat_allowed=chat)
+        if config.test is not None
+        else None
+    )
+    if len(main.texts) < 10:
+        raise EngineError("dataset_invalid", f"need at least 10 non-empty texts, found {len(main.texts)}")
+    for given, role in ((given_val, "validation"), (given_test, "test")):
+        if given is not None and not given.texts:
+            raise EngineError("dataset_invalid", f"the {role} set {given.origin} has no non-empty texts")
+
+    parts = [main, *(g for g in (given_val, given_test) if g is not None)]
     labels: list[int] | None = None
     names: list[str] | None = None
+    split_labels: list[list[int]] = []
     if classify:
-        labels, names = _labels_to_ints([rows[i][config.label_column] for i in keep])
-        if len(set(labels)) < 2:
+        # One label mapping over every split, so a class name means the same id everywhere.
+        labels, names = _labels_to_ints([value for part in parts for value in part.raw_labels or []])
+        offset = 0
+        for part in parts:
+            split_labels.append(labels[offset : offset + len(part.texts)])
+            offset += len(part.texts)
+        if len(set(split_labels[0])) < 2:
             raise EngineError("dataset_invalid", "classification needs at least 2 distinct labels")
-    for i, text in enumerate(texts):
-        digest.update(text.encode())
-        digest.update(b"\x00" + (str(labels[i]).encode() if labels else b"") + b"\x01")
+    main_labels = split_labels[0] if classify else None
 
-    indices = np.arange(len(texts))
+    digest = hashlib.sha256()
+    for index, part in enumerate(parts):
+        digest.update(f"\x02{index}".encode())
+        for i, text in enumerate(part.texts):
+            digest.update(text.encode())
+            digest.update(b"\x00" + (str(split_labels[index][i]).encode() if classify else b"") + b"\x01")
+
+    indices = np.arange(len(main.texts))
     try:
-        rest, test = train_test_split(indices, test_size=0.1, random_state=0, stratify=labels)
-        rest_labels = [labels[i] for i in rest] if labels else None
-        train, val = train_test_split(rest, test_size=1 / 9, random_state=0, stratify=rest_labels)
+        if given_test is None:
+            rest, test = train_test_split(indices, test_size=0.1, random_state=0, stratify=main_labels)
+        else:
+            rest, test = indices, np.arange(0)
+        if given_val is None:
+            rest_labels = [main_labels[i] for i in rest] if main_labels else None
+            train, val = train_test_split(rest, test_size=1 / 9, random_state=0, stratify=rest_labels)
+        else:
+            train, val = rest, np.arange(0)
     except ValueError as exc:
         raise EngineError(
             "dataset_invalid",
             f"cannot split the data into train/val/test by label (too few per class?): {exc}",
         ) from exc
 
-    kept = _subset(chat, keep) if chat is not None else TextRecords(texts=texts, labels=labels)
-
     def records(idx: np.ndarray) -> TextRecords:
         ordered = sorted(int(i) for i in idx)  # dataset order, independent of the split's shuffling
-        return _subset(kept, ordered)
+        if main.chat is not None:
+            return _subset(main.chat, ordered)
+        return TextRecords(
+            [main.texts[i] for i in ordered], [main_labels[i] for i in ordered] if main_labels else None
+        )
 
+    def given_records(part: _RawSplit) -> TextRecords:
+        if part.chat is not None:
+            return part.chat
+        position = parts.index(part)
+        return TextRecords(part.texts, split_labels[position] if classify else None)
+
+    val_records = given_records(given_val) if given_val is not None else records(val)
+    test_records = given_records(given_test) if given_test is not None else records(test)
     return TextSplits(
         train=records(train),
-        val=records(val),
-        test=records(test),
+        val=val_records,
+        test=test_records,
         num_labels=(max(labels) + 1) if labels else None,
         label_names=names,
         fingerprint=digest.hexdigest(),
+        report=split_report(
+            (main.origin, len(train)),
+            (given_val.origin if given_val else main.origin, len(val_records.texts), given_val is not None),
+            (
+                given_test.origin if given_test else main.origin,
+                len(test_records.texts),
+                given_test is not None,
+            ),
+        ),
     )
 
 
