@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import PreTrainedTokenizerFast
 
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
@@ -17,11 +18,12 @@ from tests.engine.tiny_models import (
     lm_rows,
     make_gpt2_tokenizer,
     prompt_completion_rows,
+    save_tiny_gpt2,
     train_tiny_gpt2,
     write_jsonl,
 )
 from workers.distill.config import EngineConfig
-from workers.distill.contract import JobPaths, NullCallbacks, StopChecker
+from workers.distill.contract import EngineError, JobPaths, NullCallbacks, StopChecker
 from workers.distill.kernel import IGNORE_INDEX, TensorDictDataset
 from workers.distill.loop import eval_loader
 from workers.distill.losses import LossInputs, combine_losses
@@ -288,3 +290,32 @@ def test_stored_signal_trains_like_the_in_memory_one(root: Path) -> None:
     )  # fmt: skip
     assert small is not None and refused["status"] == "not_stored"
     assert teacher_caches.entries(root / "signal-3", owner=None) == []
+
+
+def test_a_student_with_its_own_tokenizer_learns_by_sequence_kd_and_is_refused_for_logit_kd(
+    root: Path,
+) -> None:
+    own = make_gpt2_tokenizer(chat=True, extra_words=("zebra", "quartz"))  # other ids from 'zebra' on
+    save_tiny_gpt2(root / "student-own", layers=1, hidden=32, heads=4, tokenizer=own)
+    base = _spec("pc.jsonl", epochs=1).model_dump(mode="json")
+    base["student"] = {"kind": "local", "path": "student-own"}
+    base["target_compression"] = None
+    logit_kd = JobSpec.model_validate(base)
+    with pytest.raises(EngineError, match="sequence_kd") as refused:
+        run_job(
+            logit_kd, teacher=_teacher("gpt2"), paths=JobPaths(root / "own-1"), data_dir=root / "data",
+            file_root=root,
+        )  # fmt: skip
+    assert refused.value.code == "student_incompatible" and "another vocabulary" in refused.value.message
+    base["training_config"] |= {"sequence_kd": True, "max_new_tokens": 8}
+    spec = JobSpec.model_validate(base)
+    results = run_job(
+        spec, teacher=_teacher("gpt2"), paths=JobPaths(root / "own-2"), data_dir=root / "data", file_root=root
+    )  # fmt: skip
+    assert (
+        results.student_accuracy is not None and results.student_accuracy < results.initial_student_accuracy
+    )
+    assert results.sequence_kd is not None and "own" in results.sequence_kd["student_tokenizer"]
+    assert results.teacher_agreement is None  # token ids of the two tokenizers do not correspond
+    saved = PreTrainedTokenizerFast.from_pretrained(root / "own-2" / "artifacts")
+    assert "zebra" in saved.get_vocab() and saved.get_vocab() == own.get_vocab()

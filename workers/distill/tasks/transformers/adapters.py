@@ -346,9 +346,17 @@ class _TokenAdapter(HFTaskAdapter):
     metric = "perplexity"
     higher_is_better = False
 
+    cross_tokenizer = False  # a sequence_kd student with its own tokenizer: the data are in its tokens
+
     def forward(
         self, model: nn.Module, batch: Batch, *, hidden_states: bool = False, attentions: bool = False
     ) -> ModelOutputs:
+        if self.cross_tokenizer:
+            # The data are the student's tokens: the teacher only runs on them to be timed (measure), so
+            # ids beyond its vocabulary are clamped; nothing compares the two models' logits.
+            rows = model.get_input_embeddings().num_embeddings  # type: ignore[operator]
+            batch = {**batch, "input_ids": batch["input_ids"].clamp_max(int(rows) - 1)}
+            return super().forward(model, batch, hidden_states=hidden_states, attentions=attentions)
         outputs = super().forward(model, batch, hidden_states=hidden_states, attentions=attentions)
         width = len(self.tokenizer) if self.tokenizer is not None else None
         if width is not None and outputs.logits.shape[-1] > width:
@@ -377,6 +385,8 @@ class _TokenAdapter(HFTaskAdapter):
         self, teacher: nn.Module, student: nn.Module, data: TaskData, device: torch.device
     ) -> dict[str, Any]:
         """`teacher_agreement`: share of test target positions where student and teacher top tokens agree."""
+        if self.cross_tokenizer:
+            return {}  # different tokenizers: token ids do not correspond
         student.eval()
         same = 0
         count = 0
@@ -525,6 +535,34 @@ class CausalLMAdapter(_TokenAdapter):
             partial.replace(path)
         data.info["sequence_kd"] = {"key": key, "reused": reused, "teacher_seconds": stored["seconds"]}
         return [(str(prompt), str(completion)) for prompt, completion in stored["pairs"]]
+
+    def build_named_student(
+        self,
+        student: NamedStudent,
+        teacher: nn.Module,
+        spec: JobSpec,
+        data: TaskData,
+        *,
+        file_root: Path | None,
+        trust_remote_code: bool,
+    ) -> BuiltStudent:
+        """A named student; one with its own tokenizer (sequence_kd only) gets the data in its tokens.
+
+        The teacher's perplexity was measured in its own tokens before; the student's figures are in the
+        student's tokens (results.sequence_kd.student_tokenizer says so).
+        """
+        built = super().build_named_student(
+            student, teacher, spec, data, file_root=file_root, trust_remote_code=trust_remote_code
+        )
+        own = data.info.get("student_tokenizer")
+        if own is not None:
+            self._tokenise(data, own, spec)
+            self.cross_tokenizer = True
+            data.info["sequence_kd"] = {
+                **data.info.get("sequence_kd", {}),
+                "student_tokenizer": "own: student figures are per student token, the teacher's per its own",
+            }
+        return built
 
     def loss_weights(self, spec: JobSpec, *, temperature: float, alpha: float) -> dict[str, float]:
         """sequence_kd: cross-entropy on the teacher's generated targets only; else token KD + CE."""
