@@ -5,7 +5,7 @@ PIP := $(VENV)/bin/pip
 # The CPU wheel of torch that lies on this machine's disk; installed before anything can pull a CUDA build.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install run test lint format bench clean
+.PHONY: install run test lint format bench bench-gpu clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ lint: install
 format: install
 	$(VENV)/bin/ruff check --fix app workers distillery distillery_cli migrations tests bench
 	$(VENV)/bin/ruff format app workers distillery distillery_cli migrations tests bench
+
+# The GPU figures in one command and one file (needs 2+ CUDA devices; `--smoke` is the suite's CPU check).
+bench-gpu: install
+	$(PY) bench/gpu_run.py --out bench/results/gpu.json
 
 clean:
 	rm -rf $(VENV) .distillery .mypy_cache .ruff_cache .pytest_cache

@@ -11,7 +11,7 @@ from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers
+from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers, webhooks
 from app.api.routes import teacher_caches as teacher_caches_routes
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker, make_async_db
@@ -32,6 +32,7 @@ TAGS_METADATA = [
     {"name": "health", "description": "Liveness of the database, broker, scheduler and workers."},
     {"name": "metrics", "description": "Prometheus metrics for the operations team."},
     {"name": "admin", "description": "Issue and revoke tenant API keys (needs ADMIN_API_KEY)."},
+    {"name": "webhooks", "description": "Signed notifications when your jobs end or pause."},
 ]
 
 
@@ -104,6 +105,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         calculator.router,
         health.router,
         admin.router,
+        webhooks.router,
     ):
         app.include_router(router)
     app.include_router(teacher_caches_routes.router)

@@ -4,7 +4,7 @@ It is woken early through the Redis pub/sub channel `{BROKER_KEY_PREFIX}distille
 job; on the embedded stack it relies on its tick (the API and workers also admit jobs themselves after a
 start or a job's end, so latency stays low either way). Database or broker errors are logged and retried
 with exponential backoff instead of crashing; SIGTERM/SIGINT end the loop after the current tick.
-No torch is imported here.
+A second thread sends webhook deliveries (app.services.webhooks). No torch is imported here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from app.core.db import session_scope
 from app.core.logging import configure_logging
 from app.services import heartbeats
 from app.services.scheduler import run_tick
+from app.services.webhooks import WebhookSender
 
 log = logging.getLogger("distillery.scheduler")
 
@@ -96,6 +97,8 @@ def serve(settings: Settings | None = None, *, stop: threading.Event | None = No
     stop = stop or threading.Event()
     sid = heartbeats.service_id("scheduler")
     listener = WakeListener(settings, stop)
+    sender = WebhookSender(settings, stop)  # webhook deliveries, beside the tick (HTTP never delays it)
+    sender.start()
     backoff = 0.0
     log.info(
         "scheduler %s: limit %d, tick %.1fs, dispatch timeout %.0fs, heartbeat timeout %.0fs",
@@ -116,13 +119,14 @@ def serve(settings: Settings | None = None, *, stop: threading.Event | None = No
                 stop.wait(backoff)
                 continue
             backoff = 0.0
-            for what in ("admitted", "redispatched", "requeued", "failed", "cancelled"):
+            for what in ("admitted", "redispatched", "requeued", "failed", "cancelled", "paused"):
                 ids = getattr(report, what)
                 if ids:
                     log.info("%s: %s", what, ", ".join(ids))
             listener.wait(settings.tick_seconds)
     finally:
         listener.close()
+        sender.join(timeout=settings.webhook_timeout_seconds + 5)
         try:
             with session_scope() as session:
                 heartbeats.remove(session, sid=sid)

@@ -41,6 +41,8 @@ from distillery.errors import (
 )
 
 TERMINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+# Where `wait` returns: a final state, or paused (nothing moves until `resume`).
+SETTLED_STATUSES = TERMINAL_STATUSES | {"paused"}
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
@@ -320,11 +322,14 @@ class Client:
         return cast(Job, self._json("POST", path, headers=self._post_headers(idempotency_key)))
 
     def wait(self, job_id: str, *, timeout: float | None = None, poll_interval: float = 2.0) -> Job:
-        """Poll until the job is completed, failed or cancelled; returns it. TimeoutError after `timeout`."""
+        """Poll until the job is completed, failed, cancelled or paused; returns it (check its `status`).
+
+        A paused job waits for `resume`, so `wait` returns it rather than block. TimeoutError after `timeout`.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             job = self.get(job_id)
-            if job.get("status") in TERMINAL_STATUSES:
+            if job.get("status") in SETTLED_STATUSES:
                 return job
             if deadline is not None and time.monotonic() + poll_interval > deadline:
                 raise TimeoutError(f"job {job_id} still {job.get('status')} after {timeout} s")

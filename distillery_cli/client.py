@@ -26,14 +26,21 @@ from distillery_cli.jobfile import JobFileError, describe_errors, job_request_mo
 console = Console()
 err_console = Console(stderr=True)
 
-TERMINAL = {"completed", "failed", "cancelled"}
+# Where watching ends: a final state, or paused (resumed only by `distillery resume`).
+TERMINAL = {"completed", "failed", "cancelled", "paused"}
 # Exit codes say how a job ended, so scripts can branch on them.
 EXIT_OK = 0
 EXIT_REQUEST_ERROR = 1
 EXIT_BAD_JOB_FILE = 2
 EXIT_JOB_FAILED = 3
 EXIT_JOB_CANCELLED = 4
-JOB_EXIT_CODES = {"completed": EXIT_OK, "failed": EXIT_JOB_FAILED, "cancelled": EXIT_JOB_CANCELLED}
+EXIT_JOB_PAUSED = 5
+JOB_EXIT_CODES = {
+    "completed": EXIT_OK,
+    "failed": EXIT_JOB_FAILED,
+    "cancelled": EXIT_JOB_CANCELLED,
+    "paused": EXIT_JOB_PAUSED,
+}
 
 UrlOption = Annotated[
     str | None,
@@ -243,6 +250,8 @@ def _finish(job: dict[str, Any]) -> None:
     elif status == "failed":
         error = job.get("error") or {}
         err_console.print(f"[red]job failed[/red] ({error.get('code', '?')}): {error.get('message', '')}")
+    elif status == "paused":
+        console.print(f"paused; continue it with: distillery resume {job['job_id']}")
     console.print(f"job {job['job_id']} {status}")
     raise typer.Exit(JOB_EXIT_CODES.get(status, EXIT_REQUEST_ERROR))
 

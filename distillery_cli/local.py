@@ -86,6 +86,14 @@ def run(
     ] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Ignore an existing checkpoint in --out.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow hub code.")] = False,
+    world_size: Annotated[
+        int | None,
+        typer.Option(
+            "--world-size",
+            help="Ranks training the job (training_config.world_size; overrides the spec's): CPU processes "
+            "(gloo) or GPUs (nccl).",
+        ),
+    ] = None,
 ) -> None:
     """Train a distillation job locally with a progress bar; write artifacts to --out; print the results."""
     from pydantic import ValidationError
@@ -94,7 +102,11 @@ def run(
     from app.schemas.job_spec import JobSpec
 
     try:
-        spec = JobSpec.model_validate(load_job_file(job_file))
+        body = load_job_file(job_file)
+        training = body.setdefault("training_config", {})
+        if world_size is not None and isinstance(training, dict):
+            training["world_size"] = world_size
+        spec = JobSpec.model_validate(body)
     except JobFileError as exc:
         console.print(str(exc), style="red", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(2) from exc

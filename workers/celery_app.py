@@ -9,6 +9,10 @@ WORKER_CONCURRENCY (default 1) sets `-c` when not given; raise it only for CPU-o
 acknowledged late and prefetched one at a time; a worker lost mid-job is *not* redelivered by the broker:
 the scheduler re-queues the job once its heartbeat is stale, and the next attempt resumes from the last
 checkpoint. The engine (torch) is imported once in the parent before the pool forks, so each job starts fast.
+
+A worker offers `worker_devices()` devices to one job (WORKER_DEVICES, else its CUDA device count, else 1):
+it says so in its heartbeat (the scheduler admits a job of world_size n only while some live worker offers
+n) and consumes the queues of jobs of 1..n ranks (`training`, `training-2ranks`, ...), also under `-Q`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from celery import Celery, signals
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.core.celery_client import QUEUE_TRAINING, celery_config
-from app.core.config import get_settings
+from app.core.celery_client import QUEUE_TRAINING, celery_config, training_queue
+from app.core.config import Settings, get_settings
 from app.core.db import get_engine, session_scope
 from app.core.logging import configure_logging, job_id_var, tenant_var
 from app.models import Job, Tenant
@@ -56,6 +60,30 @@ def _beat_worker(sid: str, info: dict[str, Any], stop: threading.Event) -> None:
             log.warning("worker heartbeat failed (retrying in %.1f s): %s", wait, exc.__class__.__name__)
         if stop.wait(wait):
             return
+
+
+def worker_devices(settings: Settings | None = None) -> int:
+    """Devices this worker offers one job: WORKER_DEVICES, else the visible CUDA devices, else 1 (CPU)."""
+    settings = settings or get_settings()
+    if settings.worker_devices is not None:
+        return settings.worker_devices
+    import torch
+
+    return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
+
+
+def worker_queues(devices: int) -> list[str]:
+    """The queues a worker with `devices` devices consumes: jobs of 1..devices ranks."""
+    return [training_queue(size) for size in range(1, devices + 1)]
+
+
+@signals.celeryd_after_setup.connect
+def _consume_queues_of_its_size(sender: Any = None, instance: Any = None, **_kwargs: Any) -> None:
+    """Add the multi-rank queues this worker can serve (kept with `-Q training` too)."""
+    if instance is None:
+        return
+    for name in worker_queues(worker_devices())[1:]:
+        instance.app.amqp.queues.select_add(name)
 
 
 def _seed_teachers() -> None:
@@ -92,6 +120,8 @@ def _start_service_heartbeat(sender: Any = None, **_kwargs: Any) -> None:
         "concurrency": getattr(getattr(sender, "controller", None), "concurrency", None)
         or celery_app.conf.worker_concurrency,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "devices": worker_devices(),  # the largest training_config.world_size it takes
+        "queues": worker_queues(worker_devices()),
     }
     stop = threading.Event()
     thread = threading.Thread(

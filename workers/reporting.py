@@ -1,8 +1,8 @@
 """EngineCallbacks writing a job's progress, metrics and events to the database, throttled, under its lease.
 
 A background thread refreshes the job's heartbeat every HEARTBEAT_INTERVAL so the scheduler can tell a live
-job from one whose worker died; `should_stop()` answers True once the job is `cancelling` or the lease was
-taken away (re-queued after a stale heartbeat, or claimed by another worker).
+job from one whose worker died; `should_stop()` answers True once the job is `cancelling` or `pausing`, or
+the lease was taken away (re-queued after a stale heartbeat, or claimed by another worker).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.services import lifecycle
+from app.services import checkpoints, lifecycle
 from app.services.lifecycle import Claim
 from workers.distill.contract import Progress
 
@@ -109,6 +109,9 @@ class JobReporter:
             self._flush()
         if self._lease_lost.is_set():
             return
+        if kind == "checkpoint" and ("kept" in data or "removed" in data):
+            self._record_checkpoint(data)
+            return
         try:
             with session_scope() as session:
                 held = lifecycle.record_event_if_held(
@@ -128,8 +131,33 @@ class JobReporter:
                 "job %s: could not store a %s event: %s", self.claim.job_id, kind, exc.__class__.__name__
             )
 
+    def _record_checkpoint(self, data: dict[str, Any]) -> None:
+        """A kept checkpoint written or dropped: its row in `job_checkpoints` (no event: one per epoch)."""
+        try:
+            with session_scope() as session:
+                if "kept" in data:
+                    held = checkpoints.record_kept(
+                        session,
+                        job_id=self.claim.job_id,
+                        lease_token=self.claim.lease_token,
+                        data=_jsonable(data),
+                    )
+                else:
+                    held = checkpoints.record_removed(
+                        session,
+                        job_id=self.claim.job_id,
+                        lease_token=self.claim.lease_token,
+                        name=str(data["removed"]),
+                    )
+            if not held:
+                self._lease_lost.set()
+        except SQLAlchemyError as exc:
+            log.warning(
+                "job %s: could not record a checkpoint: %s", self.claim.job_id, exc.__class__.__name__
+            )
+
     def should_stop(self) -> bool:
-        """True when the job is being cancelled or this worker's lease is gone (cached ~0.5 s)."""
+        """True when the job is being cancelled or paused, or this worker's lease is gone (cached ~0.5 s)."""
         if self._lease_lost.is_set():
             return True
         checked_at, answer = self._stop_cache

@@ -2,8 +2,8 @@
 
 Thin by design: the engine (`workers.distill.runner.run_job`) trains, `workers.reporting` writes progress
 and heartbeats, `app.services.lifecycle` does every lease-guarded write. Whatever happens, a claimed job
-leaves `running`: completed, failed with `error: {code, message}`, cancelled, or (lease lost) left to the
-worker that now holds it.
+leaves `running`: completed, failed with `error: {code, message}`, cancelled, paused (its checkpoint kept
+for the resume), or (lease lost) left to the worker that now holds it.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from app.schemas.job_spec import (
     UploadedSource,
 )
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import file_roots, lifecycle, teacher_caches
+from app.services import checkpoints, estimates, file_roots, lifecycle, teacher_caches
 from app.services.datasets import get as get_dataset
 from app.services.file_roots import FILES_DISABLED_CODE, FILES_DISABLED_MESSAGE
 from app.services.lifecycle import Claim
@@ -103,6 +103,7 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                     EngineConfig.from_settings(settings), signal_cache_owner=_cache_owner(claim)
                 ),
                 student=student,
+                start_from=_parent_weights(paths),
             )
         except JobStopped:
             reporter.close()
@@ -117,6 +118,10 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     if reporter.lease_lost:
         return "lease lost; results discarded"
     artifacts = _describe_artifacts(paths.artifacts)
+    stored_results = results.model_dump(mode="json")
+    estimate = _measured_estimate(claim, stored_results)
+    if estimate is not None:
+        stored_results["estimate"] = _estimate_comparison(estimate)
     stored = _retry(
         "store results",
         lambda: _in_session(
@@ -125,8 +130,9 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 job_id=claim.job_id,
                 lease_token=claim.lease_token,
                 attempt=claim.attempt,
-                results=results.model_dump(mode="json"),
+                results=stored_results,
                 artifacts=artifacts,
+                estimate=estimate,
             )
         ),
     )
@@ -137,6 +143,34 @@ def _cache_owner(claim: Claim) -> str:
     """Whose teacher-signal caches the job reuses and creates: its tenant's (app.services.teacher_caches)."""
     with session_scope() as session:
         return teacher_caches.owner_of_job(session, job_id=claim.job_id)
+
+
+def _parent_weights(paths: JobPaths) -> Path | None:
+    """The kept checkpoint a fork starts from (copied into its folder at create), if it is one."""
+    path = paths.work_dir / checkpoints.PARENT_WEIGHTS
+    return path if path.is_file() else None
+
+
+def _measured_estimate(claim: Claim, results: dict[str, Any]) -> dict[str, Any] | None:
+    """The job's stored estimate with what this run measured (feeds later estimates); None without one."""
+    try:
+        with session_scope() as session:
+            stored = session.scalar(select(Job.estimate).where(Job.id == claim.job_id))
+        return estimates.measured(JobSpec.model_validate(claim.spec), stored, results)
+    except (SQLAlchemyError, ValidationError) as exc:
+        log.warning("job %s: estimate not compared: %s", claim.job_id, exc.__class__.__name__)
+        return None
+
+
+def _estimate_comparison(estimate: dict[str, Any]) -> dict[str, Any]:
+    """What `results.estimate` shows: expected vs actual training seconds (ratio = actual / expected)."""
+    actual = estimate.get("actual") or {}
+    return {
+        "expected_training_seconds": estimate.get("expected_training_seconds"),
+        "actual_training_seconds": actual.get("training_seconds"),
+        "ratio": actual.get("ratio"),
+        "basis": estimate.get("basis"),
+    }
 
 
 def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:
@@ -240,17 +274,18 @@ def _describe_artifacts(folder: Path) -> list[lifecycle.ArtifactFile]:
 
 
 def _stopped(claim: Claim, *, lease_lost: bool) -> str:
+    """The engine stopped on request: cancelled or paused (checkpoint kept), as the request said."""
     if lease_lost:
         return "stopped: lease lost"
-    cancelled = _retry(
-        "record cancel",
+    ended = _retry(
+        "record stop",
         lambda: _in_session(
-            lambda session: lifecycle.cancel_stopped_job(
+            lambda session: lifecycle.end_stopped_job(
                 session, job_id=claim.job_id, lease_token=claim.lease_token, attempt=claim.attempt
             )
         ),
     )
-    return "cancelled" if cancelled else "stopped: lease lost"
+    return ended or "stopped: lease lost"
 
 
 def _fail(claim: Claim, code: str, message: str) -> str:

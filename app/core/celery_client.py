@@ -56,12 +56,18 @@ def get_celery_client() -> Celery:
     return client
 
 
-def send_run_job(job_id: str) -> None:
-    """Send one `distillery.run_job` message for `job_id` to the training queue (after commit only)."""
+def training_queue(world_size: int) -> str:
+    """The queue of jobs with `world_size` ranks: `training` for one, `training-<n>ranks` for more. A
+    worker offering n devices consumes the queues of 1..n (`workers.celery_app`)."""
+    return QUEUE_TRAINING if world_size <= 1 else f"{QUEUE_TRAINING}-{world_size}ranks"
+
+
+def send_run_job(job_id: str, *, world_size: int = 1) -> None:
+    """Send one `distillery.run_job` message for `job_id` to its training queue (after commit only)."""
     get_celery_client().send_task(
         TASK_RUN_JOB,
         args=[job_id],
-        queue=QUEUE_TRAINING,
+        queue=training_queue(world_size),
         retry=True,
         retry_policy=_SEND_RETRY_POLICY,
         ignore_result=True,

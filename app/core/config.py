@@ -111,6 +111,42 @@ class Settings(BaseSettings):
         description="Seconds an API process reuses an accepted key's lookup (0: off). A key revoked "
         "through another API process is still accepted here for at most this long.",
     )
+    webhook_allow_private_networks: bool = Field(
+        default=False,
+        description="Allow webhook URLs that resolve to private, loopback or link-local addresses (off: "
+        "refused with 422 at registration and not sent, against server-side request forgery).",
+    )
+    webhook_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Seconds a webhook endpoint has to answer one delivery."
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="Wait before the first webhook retry; each further retry waits twice as long "
+        "(capped by WEBHOOK_RETRY_MAX_DELAY_SECONDS).",
+    )
+    webhook_retry_max_delay_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest wait between two webhook attempts."
+    )
+    webhook_retry_hours: float = Field(
+        default=26.0, ge=24.0, description="Hours a webhook delivery is retried before it is marked failed."
+    )
+    webhook_poll_seconds: float = Field(
+        default=1.0, gt=0, description="How often the scheduler process looks for webhook deliveries due."
+    )
+    estimate_default_flops_per_second: float = Field(
+        default=2e9,
+        gt=0,
+        description="Training FLOP/s assumed by POST /distillation/jobs/estimate before any finished job "
+        "of the same task and device type measured it.",
+    )
+    checkpoint_keep: int = Field(
+        default=3,
+        ge=2,
+        le=100,
+        description="Checkpoints kept per job: always `last` and `best`, plus the most recent epoch "
+        "checkpoints up to this many in all.",
+    )
     teacher_cache_max_bytes: int = Field(
         default=2 * 2**30,
         ge=0,
@@ -128,6 +164,19 @@ class Settings(BaseSettings):
         ge=0,
         description="Engine: bytes of reusable teacher-signal caches (top-k LM logits) under "
         "DATA_DIR/teacher_caches, over every tenant; least-recently-used caches are evicted (0: off).",
+    )
+    distributed_timeout_s: float = Field(
+        default=45.0,
+        gt=0,
+        description="Engine: a multi-process job's collective timeout in seconds (keep it below "
+        "HEARTBEAT_TIMEOUT): a hung or dead rank fails the job with distributed_failure.",
+    )
+    worker_devices: int | None = Field(
+        default=None,
+        ge=1,
+        le=1024,
+        description="Devices this worker offers one job (its largest training_config.world_size): default "
+        "the CUDA device count, or 1 on a CPU worker.",
     )
     log_format: str = Field(default="json", pattern="^(json|text)$", description="Log lines: json or text.")
     log_level: str = Field(default="INFO", description="Root log level (DEBUG, INFO, WARNING, ...).")

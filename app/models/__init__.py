@@ -63,12 +63,15 @@ class JobStatus(StrEnum):
     dispatched = "dispatched"
     running = "running"
     cancelling = "cancelling"
+    pausing = "pausing"
+    paused = "paused"
     completed = "completed"
     failed = "failed"
     cancelled = "cancelled"
 
 
-ACTIVE_STATUSES = (JobStatus.dispatched, JobStatus.running, JobStatus.cancelling)
+# Statuses holding an admission slot (pausing: the worker is still stopping at its next check).
+ACTIVE_STATUSES = (JobStatus.dispatched, JobStatus.running, JobStatus.cancelling, JobStatus.pausing)
 TERMINAL_STATUSES = (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
 
 
@@ -131,11 +134,24 @@ class Job(Base):
     # Owner (tenants.id); NULL: created before tenants existed, visible to no tenant. Migration 0002;
     # indexed by the composite list indexes below (migration 0005).
     tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    # Migration 0004: a name and up to 16 string pairs set by the client, filterable in lists.
+    name: Mapped[str | None] = mapped_column(String(256), nullable=True, index=True)
+    job_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Completed pauses: `attempt - pause_count` is what counts against MAX_ATTEMPTS (a pause is no failure).
+    pause_count: Mapped[int] = mapped_column(Integer, default=0)
+    # The estimate made at create (app.services.estimates), compared with the actual in `results`.
+    estimate: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Lineage: the job and checkpoint this one started from (`from_checkpoint`); kept if the parent goes.
+    parent_job_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    parent_checkpoint: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     events: Mapped[list[JobEvent]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
     artifacts: Mapped[list[Artifact]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", passive_deletes=True
+    )
+    checkpoints: Mapped[list[JobCheckpoint]] = relationship(
         back_populates="job", cascade="all, delete-orphan", passive_deletes=True
     )
 
@@ -181,6 +197,30 @@ class Artifact(Base):
     job: Mapped[Job] = relationship(back_populates="artifacts")
 
     __table_args__ = (Index("uq_artifacts_job_name", "job_id", "name", unique=True),)
+
+
+class JobCheckpoint(Base):
+    """A kept checkpoint of a job (`last`, `best`, `epoch-N`): resumable state plus the student's weights."""
+
+    __tablename__ = "job_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # last | best | epoch
+    run_kind: Mapped[str] = mapped_column(String(16), default="distill")  # distill | baseline
+    stage: Mapped[int] = mapped_column(Integer)
+    epoch: Mapped[int] = mapped_column(Integer)
+    metric_name: Mapped[str] = mapped_column(String(64))
+    metric_value: Mapped[float | None] = mapped_column(Float, nullable=True)
+    path: Mapped[str] = mapped_column(Text)  # resumable state (engine format)
+    weights_path: Mapped[str] = mapped_column(Text)  # student weights only (safetensors)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="checkpoints")
+
+    __table_args__ = (Index("uq_job_checkpoints_job_name", "job_id", "name", unique=True),)
 
 
 class ServiceHeartbeat(Base):
@@ -253,3 +293,48 @@ class DashboardSession(Base):
     api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# ------------------------------------------------------------------------------------------ webhooks
+
+
+class WebhookEndpoint(Base):
+    """A tenant's endpoint for job events; deliveries are signed with its `whsec_` secret."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    # Needed in clear to sign (HMAC); shown to the client once, at create.
+    secret: Mapped[str] = mapped_column(String(128))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (the outbox row), written in the transaction that ended the job."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)  # the `webhook-id` header: msg_...
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), index=True
+    )
+    tenant_id: Mapped[str] = mapped_column(String(36), index=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)  # no FK: the log outlives a deleted job
+    event_type: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)

@@ -63,6 +63,10 @@ class LMLoss(StrEnum):
     tvd = "tvd"
 
 
+# Ranks of one job on one node (torchrun's per-node ceiling in practice: 8-16 GPUs).
+MAX_WORLD_SIZE = 16
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -178,6 +182,25 @@ class TrainingConfig(_Strict):
         le=4096,
         description="Tokens generated per prompt by sequence_kd (teacher) and on-policy batches (student).",
     )
+    world_size: int = Field(
+        strict=True,
+        default=1,
+        ge=1,
+        le=MAX_WORLD_SIZE,
+        description="Processes (ranks) training this job together on one worker: one per GPU on CUDA "
+        "(nccl), CPU processes otherwise (gloo). batch_size is the global batch and must be divisible by "
+        "it. The job waits in the queue until a worker with this many devices is live.",
+    )
+
+    @model_validator(mode="after")
+    def _check_world_size(self) -> TrainingConfig:
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"training_config.batch_size ({self.batch_size}) is the global batch: it must be divisible "
+                f"by training_config.world_size ({self.world_size})"
+            )
+        return self
+
     max_trials: int = Field(
         strict=True,
         default=8,
@@ -423,6 +446,16 @@ class JobSpec(_Strict):
     training_config: TrainingConfig = Field(default_factory=TrainingConfig)
     dataset_config: DatasetConfig = Field(default_factory=BuiltinDataset)
     compression: Compression = Field(default_factory=Compression)
+
+    @model_validator(mode="after")
+    def _check_world_size(self) -> JobSpec:
+        if self.training_config.world_size > 1 and self.target_retention is not None:
+            # The size search decides by wall time per trial, which ranks would not agree on.
+            raise ValueError(
+                "target_retention (the student size search) runs in one process: leave "
+                "training_config.world_size at 1, or give target_compression instead"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_supported(self) -> JobSpec:

@@ -2,12 +2,47 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.schemas.job_spec import JobSpec
+
+# Metadata bounds (as OpenAI's jobs API): 16 pairs, keys up to 64 characters, values up to 512.
+METADATA_MAX_PAIRS = 16
+METADATA_KEY_MAX = 64
+METADATA_VALUE_MAX = 512
+METADATA_KEY_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+_REQUEST_ONLY_FIELDS = {"auto_start", "name", "metadata", "from_checkpoint"}
+
+
+def check_metadata(value: dict[str, str]) -> dict[str, str]:
+    """At most 16 pairs; keys 1-64 characters of [A-Za-z0-9_.:-]; values up to 512 characters."""
+    if len(value) > METADATA_MAX_PAIRS:
+        raise ValueError(f"at most {METADATA_MAX_PAIRS} metadata pairs, got {len(value)}")
+    for key, item in value.items():
+        if not 1 <= len(key) <= METADATA_KEY_MAX or not re.match(METADATA_KEY_PATTERN, key):
+            raise ValueError(
+                f"metadata key {key[:80]!r} must be 1-{METADATA_KEY_MAX} characters of letters, digits, "
+                "'_', '.', ':' or '-'"
+            )
+        if len(item) > METADATA_VALUE_MAX:
+            raise ValueError(f"metadata value of {key!r} is longer than {METADATA_VALUE_MAX} characters")
+    return value
+
+
+class FromCheckpoint(BaseModel):
+    """Start from a kept checkpoint of another job of the same tenant (GET .../checkpoints lists them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: str = Field(min_length=1, max_length=64, description="The job whose checkpoint to start from")
+    checkpoint: str = Field(
+        default="best", min_length=1, max_length=64, description="Its name: last, best or epoch-N"
+    )
+
 
 DIGITS_JOB_EXAMPLE: dict[str, Any] = {
     "teacher_model_name": "digits-cnn",
@@ -36,10 +71,26 @@ class JobCreate(JobSpec):
     auto_start: bool = Field(
         strict=True, default=False, description="Queue the job at once (as POST .../start does)."
     )
+    name: str | None = Field(
+        default=None, min_length=1, max_length=256, description="A name of yours for the job (filterable)."
+    )
+    metadata: dict[str, str] = Field(
+        default_factory=dict,
+        description=f"Up to {METADATA_MAX_PAIRS} string pairs of yours (keys up to {METADATA_KEY_MAX} "
+        f"characters, values up to {METADATA_VALUE_MAX}); lists filter on them with `metadata[key]=value`.",
+        examples=[{"team": "vision", "experiment": "kd-t4"}],
+    )
+    from_checkpoint: FromCheckpoint | None = Field(
+        default=None,
+        description="Start from another job's kept checkpoint: continue to more epochs, or fork with other "
+        "hyperparameters. Only the epochs after the checkpoint's are trained.",
+    )
+
+    _check_metadata = field_validator("metadata")(check_metadata)
 
     def spec(self) -> JobSpec:
         """The job spec without the request-only fields."""
-        return JobSpec.model_validate(self.model_dump(exclude={"auto_start"}))
+        return JobSpec.model_validate(self.model_dump(exclude=_REQUEST_ONLY_FIELDS))
 
 
 class JobError(BaseModel):
@@ -76,6 +127,8 @@ class JobSummary(BaseModel):
     )
 
     job_id: str
+    name: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
     status: str
     progress: float = Field(ge=0, le=100)
     phase: str | None
@@ -262,14 +315,24 @@ _COMPLETED_JOB_EXAMPLE: dict[str, Any] = {
 }
 
 
+class JobLineage(BaseModel):
+    """Where a job started from."""
+
+    job_id: str
+    checkpoint: str
+
+
 class JobRead(BaseModel):
     """One job: state, progress and ETA, timestamps, the spec, the latest metrics, results or error."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [_RUNNING_JOB_EXAMPLE, _COMPLETED_JOB_EXAMPLE]})
 
     job_id: str
+    name: str | None = Field(default=None, description="Your name for the job")
+    metadata: dict[str, str] = Field(default_factory=dict, description="Your string pairs")
     status: str = Field(
-        description="pending | queued | dispatched | running | cancelling | completed | failed | cancelled"
+        description="pending | queued | dispatched | running | pausing | paused | cancelling | completed | "
+        "failed | cancelled"
     )
     progress: float = Field(ge=0, le=100, description="Percent of the whole job, 0-100")
     phase: str | None = Field(description="What the worker is doing: teacher, distill, evaluate, ...")
@@ -288,6 +351,17 @@ class JobRead(BaseModel):
     metrics: dict[str, Any] | None = Field(description="The latest metrics the worker reported")
     results: dict[str, Any] | None = Field(description="DistillationResults once completed")
     error: JobError | None = Field(description="{code, message} once failed")
+    queue_reason: str | None = Field(
+        default=None,
+        description="Why a queued job is not admitted yet, when it asks for more devices "
+        "(training_config.world_size) than any live worker offers; null otherwise",
+    )
+    estimate: dict[str, Any] | None = Field(
+        default=None, description="The estimate made at create (POST /distillation/jobs/estimate)"
+    )
+    parent: JobLineage | None = Field(
+        default=None, description="The job and checkpoint this one started from (from_checkpoint)"
+    )
 
 
 class JobEventRead(BaseModel):

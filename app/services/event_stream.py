@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.db import get_sessionmaker
-from app.models import TERMINAL_STATUSES, Job, JobEvent
+from app.models import TERMINAL_STATUSES, Job, JobEvent, JobStatus
 from app.schemas.jobs import JobEventRead
 
 # Events per poll; a longer backlog is sent over several polls without sleeping in between.
@@ -82,10 +82,17 @@ def format_event(*, data: Any, event: str | None = None, event_id: int | None = 
     return "\n".join(lines) + "\n\n"
 
 
+# Where a job's stream ends: a final state, or paused (nothing moves until a resume).
+_STREAM_END_STATUSES = frozenset({*TERMINAL_STATUSES, JobStatus.paused})
+
+
 async def stream_job_events(
     job_id: str, *, after: int, poll_seconds: float, keepalive_seconds: float
 ) -> AsyncIterator[str]:
-    """SSE messages for `job_id`'s events with id > `after`, live, until the job is terminal.
+    """SSE messages for `job_id`'s events with id > `after`, live, until the job is terminal or paused.
+
+    A paused job does nothing until someone resumes it, so its stream ends too (`end` names the status); a
+    client that resumes the job opens a new stream (Last-Event-ID carries on where this one stopped).
 
     The job row is read before the events in the same poll, so when the row says terminal every event
     committed with (or before) that final transition is in the same read: the stream ends after them.
@@ -109,7 +116,7 @@ async def stream_job_events(
             last_snapshot = poll.job
             yield format_event(event="snapshot", data=poll.job)
             last_output = now
-        if poll.job["status"] in TERMINAL_STATUSES and len(poll.events) < BATCH_SIZE:
+        if poll.job["status"] in _STREAM_END_STATUSES and len(poll.events) < BATCH_SIZE:
             yield format_event(event="end", data={"job_id": job_id, "status": poll.job["status"]})
             return
         settled = [i for i, at in sent.items() if now - at >= LATE_COMMIT_WINDOW_SECONDS]

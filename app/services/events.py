@@ -35,12 +35,19 @@ def record_state_change(
     reason: str = "",
     **extra: Any,
 ) -> JobEvent:
-    """A `state` event for a transition `old` -> `new` (data: from, to, reason when given, extras)."""
+    """A `state` event for a transition `old` -> `new` (data: from, to, reason when given, extras).
+
+    An end or a pause also writes the tenant's webhook deliveries, in this same transaction.
+    """
+    from app.services.webhooks import enqueue_for_transition
+
     data: dict[str, Any] = {"from": old, "to": new, **extra}
     if reason:
         data["reason"] = reason
     message = f"{old} -> {new}" + (f": {reason}" if reason else "")
-    return record_event(session, job_id=job_id, kind="state", message=message, data=data, attempt=attempt)
+    event = record_event(session, job_id=job_id, kind="state", message=message, data=data, attempt=attempt)
+    enqueue_for_transition(session, job_id=job_id, new_status=new)
+    return event
 
 
 def list_events(session: Session, *, job_id: str, after: int, limit: int) -> tuple[list[JobEvent], bool]:

@@ -7,8 +7,9 @@ import socket
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from app.models import ServiceHeartbeat, utcnow
 
@@ -55,3 +56,19 @@ def list_alive(session: Session, *, kind: str, within_seconds: float) -> list[Se
         .order_by(ServiceHeartbeat.id)
     )
     return list(session.scalars(stmt))
+
+
+def offered_devices() -> ColumnElement[int]:
+    """SQL: the devices a worker's heartbeat says it offers one job (`info.devices`; 1 before it said)."""
+    return func.coalesce(ServiceHeartbeat.info["devices"].as_integer(), 1)
+
+
+def max_live_devices(session: Session, *, within_seconds: float) -> int:
+    """The most devices any live worker offers one job: the largest world_size that can run now (0: none)."""
+    cutoff = utcnow() - timedelta(seconds=within_seconds)
+    value = session.scalar(
+        select(func.max(offered_devices())).where(
+            ServiceHeartbeat.kind == "worker", ServiceHeartbeat.last_seen_at >= cutoff
+        )
+    )
+    return int(value or 0)

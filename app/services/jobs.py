@@ -20,18 +20,20 @@ from functools import lru_cache
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import Select, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import Select, and_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
-from app.core.db import AsyncDb, compile_for_psycopg, compile_for_psycopg_with_constants
+from app.core.config import Settings, get_settings
+from app.core.db import AsyncDb, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
-from app.models import TERMINAL_STATUSES, Job, JobStatus, Teacher, new_id, utcnow
+from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
-from app.schemas.jobs import JobCreate, JobError, JobRead, JobSummary
+from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
+from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
-from app.services import file_roots, job_checks
+from app.services import estimates as estimates_service
+from app.services import file_roots, heartbeats, job_checks
 from app.services import teachers as teachers_service
 from app.services.events import record_event, record_state_change
 
@@ -220,6 +222,13 @@ def create(
     `commit=False` flushes only, so the caller can commit it together with an idempotency record.
     """
     spec = check_spec(session, spec=request.spec(), settings=settings, tenant_id=tenant_id)
+    parent = (
+        checkpoints_service.resolve_parent(
+            session, source=request.from_checkpoint, spec=spec, tenant_id=tenant_id
+        )
+        if request.from_checkpoint is not None
+        else None
+    )
     if request.auto_start:
         _check_queue_room(session, settings, tenant_id)
     now = utcnow()
@@ -232,9 +241,22 @@ def create(
         created_at=now,
         updated_at=now,
         tenant_id=tenant_id,
+        name=request.name,
+        job_metadata=dict(request.metadata),
+        estimate=estimates_service.estimate(
+            session,
+            spec=spec,
+            tenant_id=tenant_id,
+            settings=settings,
+            start_epoch=parent.epoch if parent else 0,
+        ),
+        parent_job_id=parent.job_id if parent else None,
+        parent_checkpoint=parent.name if parent else None,
     )
     session.add(job)
     session.flush()
+    if parent is not None:
+        checkpoints_service.copy_parent_weights(parent, job_id=job.id, settings=settings)
     record_event(
         session, job_id=job.id, kind="state", message="created", data={"from": None, "to": "pending"}
     )
@@ -242,6 +264,7 @@ def create(
         job.status = JobStatus.queued
         job.queued_at = now
         record_state_change(session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued)
+        _note_capacity_wait(session, job, settings)
     if commit:
         session.commit()
     else:
@@ -255,9 +278,10 @@ def create(
 _CREATE_PENDING_SQL = """
 WITH job AS (
     INSERT INTO jobs (id, spec, teacher_model_name, status, attempt, progress, created_at, updated_at,
-                      tenant_id)
+                      tenant_id, name, job_metadata, pause_count)
     SELECT %(id)s::varchar, %(spec)s::json, %(teacher)s::varchar, %(status)s::varchar, 0, 0.0,
-           %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar
+           %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar, %(name)s::varchar,
+           %(job_metadata)s::json, 0
     WHERE EXISTS (
         SELECT 1 FROM teachers
         WHERE teachers.name = %(teacher)s::varchar
@@ -288,6 +312,7 @@ def creates_in_one_statement(request: JobCreate, settings: Settings) -> bool:
     sources = [dataset, dataset.validation, dataset.test]
     return (
         not request.auto_start
+        and request.from_checkpoint is None  # the parent's checks and the copy of its weights
         and all(source is None or isinstance(source, BuiltinSource | HubSource) for source in sources)
         and isinstance(request.student, DerivedStudent)
         and not _cap_errors(request, settings)
@@ -298,7 +323,9 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
     """Store a pending job (the common create) in one statement on the event loop; its API view.
 
     For requests `creates_in_one_statement` accepts. None when the teacher is not visible to the tenant:
-    the caller then runs `create`, whose full check answers the 422 with the valid names.
+    the caller then runs `create`, whose full check answers the 422 with the valid names. The estimate is
+    not made here (it reads history): the caller stores it right after (`store_estimate`), and `start`
+    makes it if it is still missing, so every job has it before it is launched.
     """
     spec = request.spec()
     params = {
@@ -308,12 +335,31 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
         "status": JobStatus.pending.value,
         "now": utcnow(),
         "tenant_id": tenant_id,
+        "name": request.name,
+        "job_metadata": Json(dict(request.metadata)),
         "event": Json({"from": None, "to": JobStatus.pending.value}),
         "classification": spec.task == Task.classification,
         "text_types": sorted(_TEXT_TEACHER_TASKS),
     }
     row = await db.fetch_one(_CREATE_PENDING_SQL, params, retry=False)
     return None if row is None else to_read(row)
+
+
+def store_estimate(settings: Settings, *, job_id: str, tenant_id: str | None) -> None:
+    """Make and store the estimate of a job created without one (the one-statement create), if missing."""
+    from app.core.db import session_scope
+
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.estimate is not None:
+                return
+            spec = JobSpec.model_validate(job.spec)
+            job.estimate = estimates_service.estimate(
+                session, spec=spec, tenant_id=tenant_id, settings=settings
+            )
+    except Exception:  # the job stands without it; `start` makes it again
+        logger.exception("could not store the estimate of job %s", job_id)
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -336,8 +382,23 @@ def get_or_raise(session: Session, *, job_id: str, tenant_id: str | None) -> Job
 
 
 # Built once: the polled read pays neither statement construction nor a cache-key walk of a new object.
-_READ_JOB = select(Job.__table__).where(Job.__table__.c.id == bindparam("job_id"))
-_READ_JOB_SQL = compile_for_psycopg(_READ_JOB)
+# A queued job's read also says the most devices a live worker offers (for `queue_reason`); other states
+# skip that subquery (CASE), so the polled read of a running job costs what it did.
+_LIVE_DEVICES = (
+    select(func.coalesce(func.max(heartbeats.offered_devices()), 0))
+    .where(ServiceHeartbeat.kind == "worker", ServiceHeartbeat.last_seen_at >= bindparam("live_since"))
+    .scalar_subquery()
+)
+_READ_JOB = select(
+    Job.__table__,
+    case((Job.__table__.c.status == JobStatus.queued.value, _LIVE_DEVICES), else_=None).label("live_devices"),
+).where(Job.__table__.c.id == bindparam("job_id"))
+_READ_JOB_SQL, _READ_JOB_CONSTANTS = compile_for_psycopg_with_constants(_READ_JOB)
+
+
+def _read_params(job_id: str) -> dict[str, Any]:
+    since = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout)
+    return {"job_id": job_id, "live_since": since}
 
 
 def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> JobRead:
@@ -348,13 +409,13 @@ def _read_row(row: Row[Any] | None, *, job_id: str, tenant_id: str | None) -> Jo
 
 def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
     """The tenant's job as a JobRead from one Core SELECT (no ORM instance): the API's most polled read."""
-    row = session.execute(_READ_JOB, {"job_id": job_id}).first()
+    row = session.execute(_READ_JOB, _read_params(job_id)).first()
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
 async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
     """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
-    row = await db.fetch_one(_READ_JOB_SQL, {"job_id": job_id})
+    row = await db.fetch_one(_READ_JOB_SQL, _READ_JOB_CONSTANTS | _read_params(job_id))
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
@@ -397,6 +458,8 @@ _SUMMARY_COLUMNS = (
     Job.started_at,
     Job.finished_at,
     Job.error,
+    Job.name,
+    Job.job_metadata,
 )
 
 
@@ -408,6 +471,8 @@ class _ListShape:
     statuses: bool
     teacher: bool
     cursor: bool
+    name: bool = False
+    metadata_keys: tuple[str, ...] = ()  # each filtered key (its value is bound as `meta_<i>`)
 
 
 @lru_cache(maxsize=64)
@@ -424,6 +489,10 @@ def _list_statement(shape: _ListShape, *, status_any: bool) -> Select[Any]:
             query = query.where(Job.status.in_(bindparam("statuses", expanding=True)))
     if shape.teacher:
         query = query.where(Job.teacher_model_name == bindparam("teacher"))
+    if shape.name:
+        query = query.where(Job.name == bindparam("name"))
+    for index, key in enumerate(shape.metadata_keys):
+        query = query.where(Job.job_metadata[key].as_string() == bindparam(f"meta_{index}"))
     if shape.cursor:
         after_at = bindparam("after_at", type_=Job.__table__.c.created_at.type)
         query = query.where(
@@ -439,15 +508,31 @@ def _list_sql(shape: _ListShape) -> tuple[str, dict[str, Any]]:
 
 
 def _list_query(
-    *, limit: int, cursor: str | None, statuses: Iterable[str], teacher: str | None, tenant_id: str | None
+    *,
+    limit: int,
+    cursor: str | None,
+    statuses: Iterable[str],
+    teacher: str | None,
+    tenant_id: str | None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> tuple[_ListShape, dict[str, Any]]:
     status_list = list(statuses)
     params: dict[str, Any] = {"limit": limit + 1, "tenant_id": tenant_id, "statuses": status_list}
     params["teacher"] = teacher
+    params["name"] = name
+    keys = tuple(sorted(metadata or {}))
+    for index, key in enumerate(keys):
+        params[f"meta_{index}"] = (metadata or {})[key]
     if cursor:
         params["after_at"], params["after_id"] = _decode_cursor(cursor)
     shape = _ListShape(
-        tenant=tenant_id is not None, statuses=bool(status_list), teacher=bool(teacher), cursor=bool(cursor)
+        tenant=tenant_id is not None,
+        statuses=bool(status_list),
+        teacher=bool(teacher),
+        cursor=bool(cursor),
+        name=name is not None,
+        metadata_keys=keys,
     )
     return shape, params
 
@@ -465,6 +550,8 @@ def list_page(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
     tenant_id: str | None,
 ) -> tuple[list[Row[Any]], bool, str | None]:
     """The tenant's jobs, newest first, keyset-paged on (created_at, id). Returns (rows, has_more, cursor).
@@ -472,9 +559,16 @@ def list_page(
     Rows carry the summary columns (`to_summary` turns one into a JobSummary). With the tenant's
     (tenant_id, created_at, id) indexes (and their status and teacher variants, migration 0005) a page
     reads its rows in index order from the cursor on: its cost does not grow with the tenant's job count.
+    `name` and every `metadata` pair must match exactly (JSON ->> on PostgreSQL, json_extract on SQLite).
     """
     shape, params = _list_query(
-        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+        limit=limit,
+        cursor=cursor,
+        statuses=statuses,
+        teacher=teacher,
+        name=name,
+        metadata=metadata,
+        tenant_id=tenant_id,
     )
     rows = list(session.execute(_list_statement(shape, status_any=False), params).all())
     return _page_of(rows, limit)
@@ -487,11 +581,19 @@ async def list_page_async(
     cursor: str | None = None,
     statuses: Iterable[str] = (),
     teacher: str | None = None,
+    name: str | None = None,
+    metadata: dict[str, str] | None = None,
     tenant_id: str,
 ) -> tuple[list[Any], bool, str | None]:
     """`list_page` on the event loop through the async pool: the same statement, compiled once per shape."""
     shape, params = _list_query(
-        limit=limit, cursor=cursor, statuses=statuses, teacher=teacher, tenant_id=tenant_id
+        limit=limit,
+        cursor=cursor,
+        statuses=statuses,
+        teacher=teacher,
+        name=name,
+        metadata=metadata,
+        tenant_id=tenant_id,
     )
     sql, constants = _list_sql(shape)
     rows = await db.fetch_all(sql, constants | params)
@@ -525,7 +627,12 @@ def start(
             f"Job {job_id} is {job.status}; only a pending job can be started.", job_status=job.status
         )
     _check_queue_room(session, settings, job.tenant_id)
-    if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, queued_at=utcnow()):
+    values: dict[str, Any] = {"queued_at": utcnow()}
+    if job.estimate is None:  # created by the one-statement path and not estimated yet
+        values["estimate"] = estimates_service.estimate(
+            session, spec=JobSpec.model_validate(job.spec), tenant_id=job.tenant_id, settings=settings
+        )
+    if not _compare_and_set(session, job, JobStatus.pending, JobStatus.queued, **values):
         session.rollback()
         session.refresh(job)
         raise Conflict(
@@ -534,6 +641,7 @@ def start(
     record_state_change(
         session, job_id=job.id, old=JobStatus.pending, new=JobStatus.queued, attempt=job.attempt
     )
+    _note_capacity_wait(session, job, settings)
     if commit:
         session.commit()
     else:
@@ -543,7 +651,8 @@ def start(
 
 
 def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
-    """pending/queued -> cancelled at once; dispatched/running -> cancelling (the worker stops it).
+    """pending/queued/paused -> cancelled at once; dispatched/running/pausing -> cancelling (the worker
+    stops it).
 
     Cancelling again is a no-op; a finished job answers 409.
     """
@@ -555,7 +664,7 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
         if current in TERMINAL_STATUSES:
             raise Conflict(f"Job {job_id} already ended ({current}); nothing to cancel.", job_status=current)
         values: dict[str, Any] = {}
-        if current in (JobStatus.pending, JobStatus.queued):
+        if current in (JobStatus.pending, JobStatus.queued, JobStatus.paused):
             target = JobStatus.cancelled
             values["finished_at"] = utcnow()
         else:
@@ -577,18 +686,106 @@ def cancel(session: Session, *, job_id: str, tenant_id: str | None) -> Job:
     raise Conflict(f"Job {job_id} kept changing state; retry the cancel.", job_status=job.status)
 
 
-def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
-    """Remove a finished job: its row (events and artifacts cascade) and its directory under jobs_dir."""
+def pause(session: Session, *, job_id: str, tenant_id: str | None, commit: bool = True) -> Job:
+    """queued/dispatched -> paused at once; running -> pausing (the worker stops at its next check, keeps
+    its checkpoint and frees the slot: -> paused). Pausing again is a no-op; other states answer 409.
+
+    A dispatched job's message is dropped by the worker's claim (it claims only `dispatched` jobs).
+    `commit=False` flushes only, so the caller can commit it together with an idempotency record.
+    """
     job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
-    if job.status not in TERMINAL_STATUSES:
+    for _ in range(_STATE_CHANGE_RETRIES):
+        current = job.status
+        if current in (JobStatus.pausing, JobStatus.paused):
+            return job
+        values: dict[str, Any] = {}
+        if current in (JobStatus.queued, JobStatus.dispatched):
+            target = JobStatus.paused
+            values["dispatched_at"] = None
+        elif current == JobStatus.running:
+            target = JobStatus.pausing
+        else:
+            hint = {
+                JobStatus.pending: "it is not queued yet (start it, or leave it pending)",
+                JobStatus.cancelling: "it is being cancelled",
+            }.get(JobStatus(current), "it already ended")
+            raise Conflict(
+                f"Job {job_id} is {current}; only a queued or running job can be paused: {hint}.",
+                job_status=current,
+            )
+        if _compare_and_set(session, job, current, target, **values):
+            record_state_change(
+                session, job_id=job.id, old=current, new=target, attempt=job.attempt, reason="pause requested"
+            )
+            if commit:
+                session.commit()
+            else:
+                session.flush()
+            session.refresh(job)
+            return job
+        # Someone changed it first (e.g. the scheduler dispatched it): read it again and decide anew. With
+        # commit=False the caller's pending work (an idempotency record) stays: no rollback, a re-read
+        # (PostgreSQL: READ COMMITTED sees the other commit; SQLite: BEGIN IMMEDIATE allows no other writer).
+        if commit:
+            session.rollback()
+        session.refresh(job)
+    raise Conflict(f"Job {job_id} kept changing state; retry the pause.", job_status=job.status)
+
+
+def resume(
+    session: Session, *, job_id: str, settings: Settings, tenant_id: str | None, commit: bool = True
+) -> Job:
+    """paused -> queued (queued_at now: it waits behind the jobs queued while it rested); the run resumes
+    from its checkpoint on whichever worker claims it. 409 while still pausing or in any other state, 429
+    when the (tenant's) queue is full."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status != JobStatus.paused:
+        hint = (
+            "its worker is still stopping; retry once it is paused"
+            if job.status == JobStatus.pausing
+            else "only a paused job can be resumed"
+        )
+        raise Conflict(f"Job {job_id} is {job.status}; {hint}.", job_status=job.status)
+    _check_queue_room(session, settings, job.tenant_id)
+    if not _compare_and_set(session, job, JobStatus.paused, JobStatus.queued, queued_at=utcnow()):
+        if commit:
+            session.rollback()
+        session.refresh(job)
         raise Conflict(
-            f"Job {job_id} is {job.status}; only a completed, failed or cancelled job can be deleted "
-            "(cancel it first).",
+            f"Job {job_id} is {job.status}; only a paused job can be resumed.", job_status=job.status
+        )
+    record_state_change(
+        session,
+        job_id=job.id,
+        old=JobStatus.paused,
+        new=JobStatus.queued,
+        attempt=job.attempt,
+        reason="resume requested",
+    )
+    if commit:
+        session.commit()
+    else:
+        session.flush()
+    session.refresh(job)
+    return job
+
+
+_DELETABLE_STATUSES = (*TERMINAL_STATUSES, JobStatus.paused)
+
+
+def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: str | None) -> None:
+    """Remove a finished or paused job: its row (events, artifacts and checkpoints cascade) and its
+    directory under jobs_dir."""
+    job = get_or_raise(session, job_id=job_id, tenant_id=tenant_id)
+    if job.status not in _DELETABLE_STATUSES:
+        raise Conflict(
+            f"Job {job_id} is {job.status}; only a completed, failed, cancelled or paused job can be "
+            "deleted (cancel or pause it first).",
             job_status=job.status,
         )
     result = session.execute(
         delete(Job)
-        .where(Job.id == job_id, Job.status.in_(list(TERMINAL_STATUSES)))
+        .where(Job.id == job_id, Job.status.in_(list(_DELETABLE_STATUSES)))
         .execution_options(synchronize_session=False)
     )
     if getattr(result, "rowcount", 0) != 1:
@@ -599,6 +796,14 @@ def delete_job(session: Session, *, job_id: str, settings: Settings, tenant_id: 
     job_dir = (settings.jobs_dir / job_id).resolve()
     if job_dir.parent == settings.jobs_dir.resolve() and job_dir.exists():
         shutil.rmtree(job_dir)
+
+
+def _note_capacity_wait(session: Session, job: Job, settings: Settings) -> None:
+    """A just-queued job larger than every live worker gets a `queue` event saying why it waits."""
+    from app.services import scheduler
+
+    session.flush()
+    scheduler.note_capacity_wait(session, job=job, settings=settings)
 
 
 def wake_scheduler(settings: Settings) -> None:
@@ -650,7 +855,26 @@ def to_read(job: Job | Row[Any]) -> JobRead:
         metrics=job.metrics,
         results=job.results,
         error=_error(job),
+        queue_reason=_queue_reason(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
+        estimate=job.estimate,
+        parent=(
+            JobLineage(job_id=job.parent_job_id, checkpoint=job.parent_checkpoint or "")
+            if job.parent_job_id
+            else None
+        ),
     )
+
+
+def _queue_reason(job: Job | Row[Any]) -> str | None:
+    """Why a queued job is not admitted yet, when it is larger than every live worker (reads only)."""
+    if job.status != JobStatus.queued:
+        return None
+    from app.services.scheduler import capacity_wait_reason
+
+    world_size = int(((job.spec or {}).get("training_config") or {}).get("world_size") or 1)
+    return capacity_wait_reason(world_size, getattr(job, "live_devices", None))
 
 
 def to_summary(job: Any) -> JobSummary:
@@ -681,4 +905,6 @@ def to_summary(job: Any) -> JobSummary:
         started_at=job.started_at,
         finished_at=job.finished_at,
         error=_error(job),
+        name=job.name,
+        metadata=job.job_metadata or {},
     )

@@ -21,8 +21,10 @@ from sqlalchemy.orm import Session
 from app.models import Artifact, Job, JobStatus, UTCDateTime, utcnow
 from app.services.events import record_event, record_state_change
 
-# Statuses in which a lease holder may still write (cancelling: it is finishing its last step).
-_HELD_STATUSES = (JobStatus.running, JobStatus.cancelling)
+# Statuses in which a lease holder may still write (cancelling/pausing: it is finishing its last step).
+_HELD_STATUSES = (JobStatus.running, JobStatus.cancelling, JobStatus.pausing)
+# Where a worker that stopped on request leaves the job: the request decides.
+_STOPPED_TO = {JobStatus.cancelling: JobStatus.cancelled, JobStatus.pausing: JobStatus.paused}
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,7 @@ class LeaseState:
 
     @property
     def should_stop(self) -> bool:
-        return not self.held or self.status == JobStatus.cancelling
+        return not self.held or self.status in (JobStatus.cancelling, JobStatus.pausing)
 
 
 @dataclass(frozen=True)
@@ -224,9 +226,12 @@ def complete_job(
     attempt: int,
     results: dict[str, Any],
     artifacts: list[ArtifactFile],
+    estimate: dict[str, Any] | None = None,
 ) -> bool:
-    """Store results and artifact rows and mark the job completed, if the lease still holds it."""
+    """Store results and artifact rows and mark the job completed, if the lease still holds it
+    (`estimate`: the job's estimate with what it measured, replacing the stored one)."""
     now = utcnow()
+    extra: dict[str, Any] = {"estimate": estimate} if estimate is not None else {}
     old = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     result = session.execute(
         _guarded(job_id, lease_token)
@@ -240,6 +245,7 @@ def complete_job(
             finished_at=now,
             heartbeat_at=now,
             updated_at=now,
+            **extra,
         )
     )
     if _rowcount(result) != 1:
@@ -292,20 +298,48 @@ def fail_job(
 
 def cancel_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt: int) -> bool:
     """A worker stopped on request: `cancelling → cancelled`, if the lease still holds it."""
+    return _end_stopped(session, job_id, lease_token, attempt, JobStatus.cancelling) is not None
+
+
+def end_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt: int) -> str | None:
+    """A worker stopped on request: `cancelling → cancelled` or `pausing → paused`, as was asked, if the
+    lease still holds it. Returns the new status, None when the lease is gone (or nothing was asked).
+
+    Paused releases the lease and the slot and keeps the checkpoint, so a resume continues from it on any
+    worker; the pause is counted so it never uses up MAX_ATTEMPTS.
+    """
+    for _ in range(3):  # a cancel may turn pausing into cancelling between the read and the write
+        status = session.execute(
+            select(Job.status).where(Job.id == job_id, Job.lease_token == lease_token)
+        ).scalar_one_or_none()
+        if status not in _STOPPED_TO:
+            return None
+        ended = _end_stopped(session, job_id, lease_token, attempt, JobStatus(status))
+        if ended is not None:
+            return ended
+    return None
+
+
+def _end_stopped(
+    session: Session, job_id: str, lease_token: str, attempt: int, current: JobStatus
+) -> str | None:
     now = utcnow()
-    result = session.execute(
-        _guarded(job_id, lease_token)
-        .where(Job.status == JobStatus.cancelling)
-        .values(status=JobStatus.cancelled, eta_seconds=None, finished_at=now, updated_at=now)
-    )
+    target = _STOPPED_TO[current]
+    values: dict[str, Any] = {"status": target, "eta_seconds": None, "updated_at": now}
+    if target == JobStatus.cancelled:
+        values["finished_at"] = now
+    else:
+        values |= {
+            "lease_token": None,
+            "worker": None,
+            "dispatched_at": None,
+            "heartbeat_at": None,
+            "pause_count": Job.pause_count + 1,
+        }
+    result = session.execute(_guarded(job_id, lease_token).where(Job.status == current).values(**values))
     if _rowcount(result) != 1:
-        return False
+        return None
     record_state_change(
-        session,
-        job_id=job_id,
-        old=JobStatus.cancelling,
-        new=JobStatus.cancelled,
-        attempt=attempt,
-        reason="stopped by worker",
+        session, job_id=job_id, old=current, new=target, attempt=attempt, reason="stopped by worker"
     )
-    return True
+    return str(target)

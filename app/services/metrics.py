@@ -219,7 +219,8 @@ class HttpMetricsMiddleware:
             finally:
                 elapsed = time.perf_counter() - started
                 route = scope.get("route")
-                template = getattr(route, "path", None) or "unmatched"
+                # path_format: the template without convertors ("{job_id}", not "{job_id:job_id}").
+                template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
                 method = scope.get("method", "GET")
                 if not response["stream"]:
                     self.histogram.labels(method, template, str(response["status"])).observe(elapsed)

@@ -6,6 +6,11 @@ queued rows are taken `FOR UPDATE SKIP LOCKED`); on SQLite every transaction is 
 `app.core.db`). Celery messages are sent only after the transaction that decided them has committed, and
 recovery never waits on the broker: a message nobody claimed is re-sent, a job whose heartbeat stopped is
 re-queued (keeping its `queued_at`, so it goes first) or failed after MAX_ATTEMPTS.
+
+Capacity: a job of `training_config.world_size` n > 1 is admitted only while some live worker offers n
+devices (its heartbeat's `info.devices`); until then it stays queued (later, smaller jobs pass it), its read
+says why (`queue_reason`) and a `queue` event said so when it was queued. An admitted job is sent to the
+queue of its size (`training_queue`), which only workers with that many devices consume.
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ from app.services.events import record_event, record_state_change
 
 log = logging.getLogger(__name__)
 
+# SQL: a job's ranks (training_config.world_size; 1 when the spec predates the field).
+JOB_WORLD_SIZE = func.coalesce(Job.spec["training_config"]["world_size"].as_integer(), 1)
+
 # pg_advisory_xact_lock key that serialises admission across processes ("dist" in ASCII).
 ADMISSION_LOCK_KEY = 0x64697374
 # Re-sends of one unclaimed message back off: DISPATCH_TIMEOUT x 2^n, n capped here.
@@ -42,6 +50,7 @@ class TickReport:
     requeued: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
+    paused: list[str] = field(default_factory=list)
     send_errors: int = 0
 
 
@@ -58,7 +67,7 @@ class SlotUsage:
 
 
 def slots_held(session: Session) -> SlotUsage:
-    """Jobs holding a slot (`ACTIVE_STATUSES`: dispatched, running, cancelling), counted in one query.
+    """Jobs holding a slot (`ACTIVE_STATUSES`: dispatched, running, cancelling, pausing), in one query.
 
     The one place that decides which jobs hold a slot: the global and the per-tenant limit both read it.
     """
@@ -70,7 +79,7 @@ def slots_held(session: Session) -> SlotUsage:
 
 
 def count_active(session: Session) -> int:
-    """Jobs holding a slot: dispatched, running or cancelling."""
+    """Jobs holding a slot: dispatched, running, cancelling or pausing."""
     return slots_held(session).total
 
 
@@ -93,12 +102,14 @@ _HEADS_OF_ELIGIBLE_TENANTS = text(
         SELECT j.id, j.queued_at FROM jobs j
         WHERE j.status = :queued AND j.tenant_id = q.tenant_id
           AND (j.tenant_id, j.queued_at, j.id) > (q.tenant_id, :after_at, :after_id)
+          AND COALESCE((j.spec->'training_config'->>'world_size')::int, 1) <= :max_world_size
         ORDER BY j.tenant_id, j.queued_at, j.id LIMIT :limit
     ) AS head
     WHERE q.tenant_id IS NOT NULL AND q.tenant_id NOT IN :skip
     UNION ALL
     (SELECT j.id, j.queued_at FROM jobs j
      WHERE j.status = :queued AND j.tenant_id IS NULL AND (j.queued_at, j.id) > (:after_at, :after_id)
+       AND COALESCE((j.spec->'training_config'->>'world_size')::int, 1) <= :max_world_size
      ORDER BY j.queued_at, j.id LIMIT :limit)
     ORDER BY queued_at, id LIMIT :limit
     """
@@ -118,8 +129,10 @@ def _queued_candidates(
     after: _Cursor | None,
     skip_tenants: Iterable[str],
     postgres: bool,
+    max_world_size: int = 1,
 ) -> tuple[list[_QueueRow], _Cursor | None]:
-    """The next `limit` queued jobs in line (queued_at, id) after `after`, leaving out `skip_tenants`.
+    """The next `limit` queued jobs in line (queued_at, id) after `after`, leaving out `skip_tenants` and
+    jobs of more than `max_world_size` ranks (no live worker could take them).
 
     Returns (rows of id, tenant_id, queued_at; the cursor after the last job considered). Without tenants to
     skip this is one page of `ix_jobs_queue_order`. With some (PostgreSQL), the page is the merged heads of
@@ -138,6 +151,7 @@ def _queued_candidates(
                 "after_id": start_id,
                 "limit": limit,
                 "skip": skipped,
+                "max_world_size": max_world_size,
             },
         ).all()
         if not heads:
@@ -149,7 +163,10 @@ def _queued_candidates(
             .with_for_update(skip_locked=True)
         )
         return list(session.execute(locked).all()), (heads[-1].queued_at, heads[-1].id)
-    stmt = select(Job.id, Job.tenant_id, Job.queued_at).where(Job.status == JobStatus.queued)
+    stmt = select(Job.id, Job.tenant_id, Job.queued_at).where(
+        Job.status == JobStatus.queued,
+        JOB_WORLD_SIZE <= max_world_size,  # noqa: SIM300 (a SQL expression, not a constant)
+    )
     if skipped:
         stmt = stmt.where(or_(Job.tenant_id.is_(None), Job.tenant_id.not_in(skipped)))
     if after is not None:
@@ -178,6 +195,8 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     free = settings.max_concurrent_jobs - usage.total
     if free <= 0:
         return []
+    # The largest job some live worker can take (jobs of one rank are always sent: any worker takes them).
+    capacity = max(1, heartbeats.max_live_devices(session, within_seconds=settings.heartbeat_timeout))
     tenant_limit = settings.effective_tenant_max_running_jobs
     held = dict(usage.by_tenant)
     full = {tenant_id for tenant_id, count in held.items() if count >= tenant_limit}
@@ -186,7 +205,12 @@ def admit_queued_jobs(session: Session, settings: Settings) -> list[str]:
     after: _Cursor | None = None
     while len(admitted) < free:
         page, after = _queued_candidates(
-            session, limit=free - len(admitted), after=after, skip_tenants=full, postgres=postgres
+            session,
+            limit=free - len(admitted),
+            after=after,
+            skip_tenants=full,
+            postgres=postgres,
+            max_world_size=capacity,
         )
         if not page:
             break
@@ -215,15 +239,55 @@ def _send(job_ids: list[str]) -> int:
     from app.core.celery_client import send_run_job
 
     errors = 0
+    world_sizes = _world_sizes(job_ids)
     for job_id in job_ids:
         try:
-            send_run_job(job_id)
+            send_run_job(job_id, world_size=world_sizes.get(job_id, 1))
         except Exception as exc:  # kombu raises many transport-specific errors; re-send covers them all
             errors += 1
             log.error(
                 "could not send job %s to the broker (will re-send after DISPATCH_TIMEOUT): %s", job_id, exc
             )
     return errors
+
+
+def _world_sizes(job_ids: list[str]) -> dict[str, int]:
+    """Each job's ranks, for routing (one query; none when there is nothing to send)."""
+    if not job_ids:
+        return {}
+    with session_scope() as session:
+        rows = session.execute(select(Job.id, JOB_WORLD_SIZE).where(Job.id.in_(job_ids))).all()
+    return {str(job_id): int(size) for job_id, size in rows}
+
+
+def capacity_wait_reason(world_size: int, live_devices: int | None) -> str | None:
+    """Why a queued job of `world_size` ranks cannot be admitted now (None: it can)."""
+    if world_size <= 1 or live_devices is None or world_size <= live_devices:
+        return None
+    largest = f"the largest offers {live_devices}" if live_devices else "no worker is live"
+    return (
+        f"waiting for a worker with {world_size} devices (training_config.world_size): {largest}; start a "
+        f"worker with WORKER_DEVICES={world_size} (CPU) or {world_size} GPUs, or lower world_size"
+    )
+
+
+def note_capacity_wait(session: Session, *, job: Job, settings: Settings) -> str | None:
+    """Record a `queue` event when a just-queued job is larger than every live worker; its reason."""
+    world_size = int(((job.spec or {}).get("training_config") or {}).get("world_size") or 1)
+    if world_size <= 1:
+        return None
+    live = heartbeats.max_live_devices(session, within_seconds=settings.heartbeat_timeout)
+    reason = capacity_wait_reason(world_size, live)
+    if reason is not None:
+        record_event(
+            session,
+            job_id=job.id,
+            kind="queue",
+            message=reason,
+            data={"world_size": world_size, "live_devices": live},
+            attempt=job.attempt,
+        )
+    return reason
 
 
 def admit_and_dispatch(settings: Settings | None = None) -> list[str]:
@@ -290,7 +354,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
     `attempt >= MAX_ATTEMPTS`. Returns (requeued ids, failed ids)."""
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
-    stmt = select(Job.id, Job.attempt, Job.worker, Job.heartbeat_at).where(
+    stmt = select(Job.id, Job.attempt, Job.pause_count, Job.worker, Job.heartbeat_at).where(
         Job.status == JobStatus.running, Job.heartbeat_at < cutoff
     )
     if _is_postgres(session):
@@ -302,7 +366,7 @@ def requeue_stale(session: Session, settings: Settings) -> tuple[list[str], list
             Job.id == row.id, Job.status == JobStatus.running, Job.heartbeat_at == row.heartbeat_at
         )
         silent = (now - row.heartbeat_at).total_seconds()
-        if row.attempt >= settings.max_attempts:
+        if row.attempt - row.pause_count >= settings.max_attempts:  # a pause's claim is no failed attempt
             error = {
                 "code": "max_attempts",
                 "message": (
@@ -399,6 +463,48 @@ def finish_abandoned_cancels(session: Session, settings: Settings) -> list[str]:
     return cancelled
 
 
+def finish_abandoned_pauses(session: Session, settings: Settings) -> list[str]:
+    """`pausing` jobs whose worker stopped beating → paused: the slot is freed, the last checkpoint kept."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=settings.heartbeat_timeout)
+    rows = session.execute(
+        select(Job.id, Job.attempt, Job.lease_token).where(
+            Job.status == JobStatus.pausing, (Job.heartbeat_at.is_(None)) | (Job.heartbeat_at < cutoff)
+        )
+    ).all()
+    paused: list[str] = []
+    for row in rows:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == row.id, Job.status == JobStatus.pausing)
+            .where(
+                Job.lease_token.is_(None) if row.lease_token is None else Job.lease_token == row.lease_token
+            )
+            .values(
+                status=JobStatus.paused,
+                lease_token=None,
+                worker=None,
+                dispatched_at=None,
+                heartbeat_at=None,
+                eta_seconds=None,
+                pause_count=Job.pause_count + 1,
+                updated_at=now,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            paused.append(row.id)
+            record_state_change(
+                session,
+                job_id=row.id,
+                old=JobStatus.pausing,
+                new=JobStatus.paused,
+                attempt=row.attempt,
+                reason="worker stopped responding",
+            )
+    return paused
+
+
 def run_tick(settings: Settings | None = None, *, scheduler_id: str | None = None) -> TickReport:
     """One scheduler pass: recover stale and abandoned jobs, re-send unclaimed ones, admit, beat."""
     settings = settings or get_settings()
@@ -406,6 +512,7 @@ def run_tick(settings: Settings | None = None, *, scheduler_id: str | None = Non
     with session_scope() as session:
         report.requeued, report.failed = requeue_stale(session, settings)
         report.cancelled = finish_abandoned_cancels(session, settings)
+        report.paused = finish_abandoned_pauses(session, settings)
     with session_scope() as session:
         report.redispatched = redispatch_unclaimed(session, settings)
     report.send_errors += _send(report.redispatched)

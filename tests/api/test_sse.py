@@ -209,3 +209,21 @@ def test_an_event_committed_after_a_higher_id_is_still_sent(
     sent = [m.data["message"] for m in received if m.id is not None]
     assert sent[-3:-1] == ["fast writer", "slow writer"] and sent[-1].startswith("pending -> cancelled")
     assert [m.id for m in received if m.data and m.data.get("message") == "slow writer"] == [slow_id]
+
+
+def test_stream_of_a_paused_job_ends_and_the_sdk_wait_returns_it(
+    server: str, settings: Settings, auth: dict[str, str], tenant: str
+) -> None:
+    import distillery
+
+    job_id = create_job(settings, tenant)
+    assert httpx.post(f"{server}/distillation/jobs/{job_id}/start", headers=auth).status_code == 202
+    paused = httpx.post(f"{server}/distillation/jobs/{job_id}/pause", headers=auth)
+    assert paused.json()["status"] == "paused", paused.text
+    messages = _collect(server, job_id, auth)  # returns: the stream ends although the job is not final
+    states = [m.data["data"]["to"] for m in messages if m.event == "state"]
+    assert states[:2] == ["pending", "queued"] and states[-1] == "paused"  # (dispatched, if admitted first)
+    assert messages[-1].event == "end" and messages[-1].data["status"] == "paused"
+    key = auth["Authorization"].removeprefix("Bearer ")
+    with distillery.Client(server, api_key=key) as client:
+        assert client.wait(job_id, timeout=10, poll_interval=0.1)["status"] == "paused"

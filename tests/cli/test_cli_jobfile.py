@@ -92,3 +92,11 @@ def test_submit_explains_the_servers_422_once_with_suggestions(
     assert re.search(
         r"teacher_model_name: Unknown teacher 'no-such-teacher'; valid teachers: .*digits-cnn", unknown.out
     )
+
+
+def test_run_takes_world_size_and_checks_it_against_the_global_batch(tmp_path: Path) -> None:
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(DIGITS_JOB | {"training_config": {"batch_size": 64}}))
+    result = distillery("run", str(path), "--world-size", "3", cwd=tmp_path, home=tmp_path)
+    assert result.code == 2
+    assert "divisible by training_config.world_size (3)" in result.out

@@ -147,9 +147,18 @@ class TaskAdapter(ABC):
 
     # ---- overridable defaults ----------------------------------------------------------------------
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> float:
         """The metric over `loader` (CPU batches); default: argmax accuracy on non-ignored targets."""
+        numerator, denominator = self.evaluate_totals(model, loader, device)
+        if denominator == 0:
+            raise ValueError("evaluation split has no labelled examples")
+        return self.metric_from_totals(numerator, denominator)
+
+    @torch.inference_mode()
+    def evaluate_totals(
+        self, model: nn.Module, loader: Iterable[Batch], device: torch.device
+    ) -> tuple[float, float]:
+        """The metric's sums over `loader`, which add up across shards: (correct, labelled targets)."""
         model.eval()
         correct = 0
         total = 0
@@ -161,9 +170,11 @@ class TaskAdapter(ABC):
             predicted = logits.argmax(dim=-1)
             correct += int((predicted[mask] == targets[mask]).sum())
             total += int(mask.sum())
-        if total == 0:
-            raise ValueError("evaluation split has no labelled examples")
-        return correct / total
+        return float(correct), float(total)
+
+    def metric_from_totals(self, numerator: float, denominator: float) -> float:
+        """The metric from summed `evaluate_totals` (a multi-process job's validation); accuracy here."""
+        return numerator / denominator if denominator else 0.0
 
     def cpu_threads(self) -> int | None:
         """Intra-op threads to train with on CPU (None: leave torch's setting). Tiny models want 1."""

@@ -144,6 +144,47 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         _pending_writes.append(future)
 
 
+def _write_weights_file(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _submit(fn: Callable[..., None], *args: Any) -> None:
+    with _pending_lock:
+        done = [future for future in _pending_writes if future.done()]
+        for future in done:
+            _pending_writes.remove(future)
+    for future in done:
+        future.result()
+    future = _CHECKPOINT_WRITER.submit(fn, *args)
+    with _pending_lock:
+        _pending_writes.append(future)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Snapshot a plain state dict now and write it as a safetensors file in the background (after the
+    checkpoints handed over before it); returns the tensor bytes."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+    _submit(_write_weights_file, path, tensors, dict(metadata))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def remove_file(path: Path) -> None:
+    """Delete `path` in the writer's order (after every write handed over before)."""
+    _submit(functools.partial(path.unlink, missing_ok=True))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A safetensors weights file and its metadata."""
+    flush_checkpoints()
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    return tensors, metadata
+
+
 def flush_checkpoints() -> None:
     """Wait until every checkpoint handed to `save_checkpoint` is on disk (re-raises a failed write)."""
     with _pending_lock:

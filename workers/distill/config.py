@@ -23,20 +23,32 @@ class EngineConfig:
     signal_cache_dir: Path | None = None
     signal_cache_max_bytes: int = 20 * 2**30
     signal_cache_owner: str = "local"
+    # A multi-process job's collective timeout (and stop grace): below HEARTBEAT_TIMEOUT's default, so a
+    # hung rank fails the job before the scheduler thinks the worker is gone.
+    distributed_timeout_s: float = 45.0
+    # Kept checkpoints per job (student weights): `last`, `best`, and the most recent epochs up to this many.
+    checkpoint_keep: int = 3
 
     def __post_init__(self) -> None:
+        if self.checkpoint_keep < 2:
+            raise ValueError("checkpoint_keep must be >= 2 (last and best)")
         if self.teacher_cache_max_bytes < 0:
             raise ValueError("teacher_cache_max_bytes must be >= 0")
         if self.checkpoint_min_interval_s < 0:
             raise ValueError("checkpoint_min_interval_s must be >= 0")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError("distributed_timeout_s must be > 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
         """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S,
-        TEACHER_SIGNAL_CACHE_MAX_BYTES); the owner is the job's, set by the caller."""
+        CHECKPOINT_KEEP, DISTRIBUTED_TIMEOUT_S, TEACHER_SIGNAL_CACHE_MAX_BYTES); the cache owner is the
+        job's, set by the caller."""
         return cls(
             teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
+            distributed_timeout_s=settings.distributed_timeout_s,
+            checkpoint_keep=settings.checkpoint_keep,
             signal_cache_dir=settings.data_dir if settings.teacher_signal_cache_max_bytes > 0 else None,
             signal_cache_max_bytes=settings.teacher_signal_cache_max_bytes,
         )

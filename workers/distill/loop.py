@@ -7,13 +7,15 @@ on CUDA only, a checkpoint each epoch that `resume` restores exactly, progress a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from workers.distill.adapter import TaskAdapter
 from workers.distill.checkpoint import flushes_checkpoints, restore_rng_state, rng_state
 from workers.distill.config import EngineConfig
 from workers.distill.contract import EngineCallbacks, EngineError, JobStopped, Progress, StopChecker
+from workers.distill.kept import StartFrom
 from workers.distill.kernel import (
     Batch,
     ModelOutputs,
@@ -35,6 +38,9 @@ from workers.distill.kernel import (
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
 from workers.distill.signal_cache import cached_teacher_signal
 from workers.distill.teacher_cache import TeacherCacheStore
+
+if TYPE_CHECKING:
+    from workers.distill.distributed import RankGroup
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +143,19 @@ def train_run(
     resume_from: dict[str, Any] | None,
     stopper: StopChecker,
     engine: EngineConfig | None = None,
+    parallel: RankGroup | None = None,
+    start_from: StartFrom | None = None,
 ) -> tuple[RunState, dict[str, Any]]:
     """Train `student` for `plan.epochs`; returns its state (best student kept) and cache info.
 
     `checkpoint(payload)` is called at the start and after every epoch with everything needed to resume;
-    `resume_from` is such a payload for this run.
+    `resume_from` is such a payload for this run. `start_from` (a fork, when not resuming) starts from a
+    kept checkpoint's weights at its epoch with a fresh optimizer, the learning-rate schedule advanced to
+    that epoch, and trains only the epochs after it. `parallel`: this process is one rank of a
+    multi-process job (its data shard, DDP, reduced losses and validation; see `workers.distill.distributed`).
     """
+    if parallel is not None:  # this rank's shard of the data, at its share of the global batch
+        spec, data = parallel.for_rank(spec, data)
     config = spec.training_config
     engine = engine or EngineConfig()
     need_teacher, need_hidden, need_attn = needs(plan.weights)
@@ -195,6 +208,33 @@ def train_run(
             best_metric=resume_from["best_metric"],
             best_epoch=resume_from["best_epoch"],
             best_state=resume_from["best_state"],
+        )
+    elif start_from is not None:
+        if start_from.epoch >= plan.epochs:
+            raise EngineError(
+                "nothing_to_train",
+                f"the checkpoint is at epoch {start_from.epoch}; training_config.epochs must be larger",
+            )
+        try:
+            student.load_state_dict(start_from.state)
+        except RuntimeError as exc:
+            raise EngineError(
+                "parent_checkpoint_incompatible",
+                f"the checkpoint's student does not fit this job's student (teacher, target_compression "
+                f"and dataset must match the parent's): {str(exc)[:300]}",
+            ) from exc
+        with warnings.catch_warnings():  # stepping the schedule alone is the point here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_from.epoch * steps_per_epoch):
+                scheduler.step()
+        for _ in range(start_from.epoch):  # the data order an uninterrupted run would see next
+            torch.randperm(len(data.train), generator=generator)  # type: ignore[arg-type]
+        state = RunState(
+            epoch=start_from.epoch,
+            history=list(start_from.history),
+            best_metric=start_from.metric,
+            best_epoch=start_from.epoch,
+            best_state=_state_copy(student),
         )
 
     last_saved = {"epoch": -1, "at": 0.0}
@@ -276,6 +316,11 @@ def train_run(
 
     plan_terms = [name for name, weight in plan.weights.items() if weight != 0]  # combine_losses' order
     loss_options = adapter.loss_options(spec)
+    forward_student = (
+        functools.partial(adapter.forward, student)
+        if parallel is None
+        else parallel.student_forward(adapter, student, projector)
+    )
     for epoch in range(state.epoch + 1, plan.epochs + 1):
         started = time.monotonic()
         student.train()
@@ -304,7 +349,7 @@ def train_run(
             )
             batch = chosen.batch
             with autocast(device):
-                student_out = adapter.forward(student, batch, hidden_states=need_hidden, attentions=need_attn)
+                student_out = forward_student(batch, hidden_states=need_hidden, attentions=need_attn)
                 teacher_out: ModelOutputs | None = None
                 if need_teacher:
                     if cache is not None and not chosen.fresh_teacher:
@@ -347,13 +392,18 @@ def train_run(
                 stopper.check(f"in {phase} stage {plan.stage} epoch {epoch}")
         if pending:
             running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
+        if parallel is not None:
+            running = parallel.mean(running)  # every rank ran `steps` steps: the global per-step mean
         names = ["total", *plan_terms]
         means = {
             name: float(value) / max(steps, 1) for name, value in zip(names, running.tolist(), strict=True)
         }
         if not math.isfinite(means["total"]):
             raise _nan_error(plan, epoch, steps, means["total"])
-        metric = adapter.evaluate(student, eval_loader(data.val, data), device)
+        if parallel is None:
+            metric = adapter.evaluate(student, eval_loader(data.val, data), device)
+        else:
+            metric = parallel.validate(adapter, student, data, device)
         if _best_is_better(adapter, metric, state.best_metric):
             state.best_metric, state.best_epoch, state.best_state = metric, epoch, _state_copy(student)
         entry = {

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -64,11 +64,15 @@ from workers.distill.contract import (
     Progress,
     StopChecker,
 )
+from workers.distill.kept import KeptCheckpoints, StartFrom
 from workers.distill.kernel import TaskData, count_parameters, model_size_mb
 from workers.distill.loop import Progressor, RunPlan, eval_loader, train_run
 from workers.distill.metrics import measure_latency_ms
 from workers.distill.registry import get_adapter
 from workers.distill.search import SearchOutcome, SearchSettings, Trial, run_search
+
+if TYPE_CHECKING:
+    from workers.distill.distributed import RankGroup
 
 __all__ = [
     "CHECKPOINT_FILE",
@@ -77,6 +81,7 @@ __all__ = [
     "named_student",
     "resolve_teacher",
     "run_job",
+    "run_job_rank",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,6 +145,7 @@ class JobContext:
     paths: JobPaths
     engine: EngineConfig
     started: float = field(default_factory=time.monotonic)
+    ranks: RankGroup | None = None  # this process is one rank of a multi-process job (world_size > 1)
 
     def phase(self, name: str, message: str, fraction: float | None = None, **data: Any) -> None:
         """Announce a phase (event + progress at `fraction`, default its table start), then check stop."""
@@ -426,15 +432,63 @@ def run_job(
     trust_remote_code: bool = False,
     config: EngineConfig | None = None,
     student: NamedStudent | None = None,
+    start_from: Path | None = None,
 ) -> DistillationResults:
     """Run one distillation job end to end; writes artifacts and returns (and stores) its results.
 
     `student` is the spec's named student already resolved (the worker resolves registry names); None
-    resolves it here with `named_student(spec)`.
+    resolves it here with `named_student(spec)`. `start_from`: a kept checkpoint (`kept.KEPT_SUFFIX`
+    file) of another job to start from, when there is no checkpoint of this job's own to resume: only the
+    epochs after it are trained.
     Raises EngineError(code, message) on failures a person can act on, JobStopped when `should_stop()`
-    answered True (the last checkpoint is kept).
+    answered True (the last checkpoint is kept). `training_config.world_size` > 1 runs the job on that many
+    rank processes (`workers.distill.distributed`); 1 runs it here, in this process.
     """
     callbacks = callbacks or NullCallbacks()
+    engine = config or EngineConfig()
+    named = student if student is not None else named_student(spec)
+    if spec.training_config.world_size > 1:
+        from workers.distill.distributed import RankJob, run_distributed
+
+        job = RankJob(
+            spec, teacher, paths, data_dir, resume, file_root, trust_remote_code, engine, named, start_from
+        )
+        return run_distributed(job, callbacks=callbacks)
+    results = run_job_rank(
+        spec,
+        teacher=teacher,
+        paths=paths,
+        data_dir=data_dir,
+        callbacks=callbacks,
+        resume=resume,
+        file_root=file_root,
+        trust_remote_code=trust_remote_code,
+        engine=engine,
+        named=named,
+        ranks=None,
+        start_from=start_from,
+    )
+    assert results is not None  # a single process is rank 0
+    return results
+
+
+def run_job_rank(
+    spec: JobSpec,
+    *,
+    teacher: TeacherSource,
+    paths: JobPaths,
+    data_dir: Path,
+    callbacks: EngineCallbacks,
+    resume: bool,
+    file_root: Path | None,
+    trust_remote_code: bool,
+    engine: EngineConfig,
+    named: NamedStudent | None,
+    ranks: RankGroup | None,
+    start_from: Path | None = None,
+) -> DistillationResults | None:
+    """The job's phases in this process: the whole job (`ranks` None), or one rank's share of it (None
+    returned on ranks other than 0, which stop after training)."""
     threads = get_adapter(spec.task).cpu_threads()
     previous_threads = torch.get_num_threads()
     if threads is not None and resolve_device(spec.training_config.device).type == "cpu":
@@ -449,8 +503,10 @@ def run_job(
             resume=resume,
             file_root=file_root,
             trust_remote_code=trust_remote_code,
-            engine=config or EngineConfig(),
-            named=student if student is not None else named_student(spec),
+            engine=engine,
+            named=named,
+            ranks=ranks,
+            start_from=start_from,
         )
     except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
         raise _oom_error(spec) from exc
@@ -484,7 +540,9 @@ def _run_phases(
     trust_remote_code: bool,
     engine: EngineConfig,
     named: NamedStudent | None,
-) -> DistillationResults:
+    ranks: RankGroup | None = None,
+    start_from: Path | None = None,
+) -> DistillationResults | None:
     if isinstance(spec.dataset_config, UploadedDataset):
         raise EngineError(
             "dataset_unresolved",
@@ -496,9 +554,10 @@ def _run_phases(
         adapter=get_adapter(spec.task),
         device=resolve_device(spec.training_config.device),
         callbacks=callbacks,
-        stopper=StopChecker(callbacks),
+        stopper=StopChecker(callbacks) if ranks is None else ranks.make_stopper(callbacks),
         paths=paths,
         engine=engine,
+        ranks=ranks,
     )
     torch.manual_seed(spec.training_config.seed)
     data = load_data(ctx, data_dir=data_dir, file_root=file_root)
@@ -515,7 +574,14 @@ def _run_phases(
         train_ctx = dataclasses.replace(ctx, spec=searched.final_spec)
         torch.manual_seed(spec.training_config.seed)  # the final run as a job of that size would run
     initial_metric, completed, training_seconds = train_stages(
-        train_ctx, prepared, students, data, resume=resume, span=spans[f"seed-{spec.training_config.seed}"]
+        train_ctx,
+        prepared,
+        students,
+        data,
+        resume=resume,
+        span=spans[f"seed-{spec.training_config.seed}"],
+        start_from=start_from,
+        keep_checkpoints=True,
     )
     seed_runs = [
         SeedRun(spec.training_config.seed, completed, training_seconds),
@@ -523,6 +589,8 @@ def _run_phases(
     ]
     delivered_run = deliver_seed(ctx, seed_runs)
     completed = delivered_run.completed
+    if ranks is not None and not ranks.leave_after_training():
+        return None  # rank 0 alone measures, compresses, exports and reports
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
@@ -641,10 +709,15 @@ def train_stages(
     *,
     resume: bool,
     span: tuple[float, float] | None = None,
+    start_from: Path | None = None,
+    keep_checkpoints: bool = False,
 ) -> tuple[float, list[StageRecord], float]:
-    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches.
+    """Phases `baseline` and `distill`: every run of the plan, resumed from the checkpoint when it matches
+    (else started from `start_from`, a kept checkpoint of another job, for a single-stage job).
 
     `span` is the slice of the job's progress these runs cover (default: the whole training slice).
+    `keep_checkpoints`: announce kept checkpoints (`kept.KeptCheckpoints`): the job's own run only, not
+    search trials or extra seeds, whose folders are their own.
     Returns the fresh student's test metric, the finished runs and the seconds spent training.
     """
     spec, adapter, callbacks = ctx.spec, ctx.adapter, ctx.callbacks
@@ -672,6 +745,31 @@ def train_stages(
         completed = []
         start_index = 0
 
+    parent: StartFrom | None = None
+    if saved is None and start_from is not None:
+        if [p.kind for p in plans] != ["distill"]:
+            raise EngineError(
+                "fork_unsupported",
+                "a job started from a checkpoint is one distillation stage: no baseline, not progressive",
+            )
+        parent = StartFrom.load(start_from)
+        callbacks.on_event(
+            "checkpoint",
+            "starting from a parent checkpoint",
+            {"epoch": parent.epoch, "stage": parent.stage, "metric": parent.metric},
+        )
+    kept = (
+        None
+        if not keep_checkpoints
+        else KeptCheckpoints(
+            ctx.paths.checkpoints,
+            keep=ctx.engine.checkpoint_keep,
+            metric=adapter.metric,
+            stages=sum(1 for p in plans if p.kind == "distill"),
+            callbacks=callbacks,
+        )
+    )
+
     steps_per_epoch = -(-len(data.train) // config.batch_size)  # type: ignore[arg-type]
     start, end = span or PROGRESS_TABLE["training"]
     progressor = Progressor(
@@ -683,6 +781,11 @@ def train_stages(
     )
 
     def write_checkpoint(run_index: int, run_payload: dict[str, Any] | None) -> None:
+        if ctx.ranks is not None and not ctx.ranks.is_main:
+            return  # rank 0 writes the job's one checkpoint
+        if run_payload is not None and kept is not None:
+            plan = plans[run_index]
+            kept.after_epoch(run_kind=plan.kind, stage=plan.stage, payload=run_payload)
         save_checkpoint(
             checkpoint_path,
             {
@@ -728,7 +831,11 @@ def train_stages(
             resume_from=resume_payload,
             stopper=ctx.stopper,
             engine=ctx.engine,
+            parallel=ctx.ranks,
+            start_from=parent if index == start_index and resume_payload is None else None,
         )
+        if ctx.ranks is not None:
+            ctx.ranks.check_replicas(student)
         final_metric = ctx.evaluate(student, data)
         final_state = {k: v.detach().to("cpu", copy=True) for k, v in student.state_dict().items()}
         assert state.best_state is not None

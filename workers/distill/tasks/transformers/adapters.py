@@ -363,9 +363,16 @@ class _TokenAdapter(HFTaskAdapter):
             outputs.logits = outputs.logits[..., :width]  # (B, T, V_padded) -> (B, T, V)
         return outputs
 
-    @torch.inference_mode()
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device) -> float:
         """exp(mean next-/masked-token NLL) over every non-ignored position of `loader`."""
+        total_nll, count = self.evaluate_totals(model, loader, device)
+        if count == 0:
+            raise ValueError("evaluation split has no target tokens")
+        return self.metric_from_totals(total_nll, count)
+
+    @torch.inference_mode()
+    def evaluate_totals(self, model: nn.Module, loader: Any, device: torch.device) -> tuple[float, float]:
+        """(summed token NLL, target tokens) over `loader`: they add up across shards."""
         model.eval()
         total_nll = 0.0
         count = 0
@@ -376,9 +383,11 @@ class _TokenAdapter(HFTaskAdapter):
             mask = targets != IGNORE_INDEX
             total_nll += float(F.cross_entropy(logits[mask], targets[mask], reduction="sum"))
             count += int(mask.sum())
-        if count == 0:
-            raise ValueError("evaluation split has no target tokens")
-        return math.exp(min(total_nll / count, 50.0))
+        return total_nll, float(count)
+
+    def metric_from_totals(self, numerator: float, denominator: float) -> float:
+        """Perplexity from summed NLL and token count."""
+        return math.exp(min(numerator / denominator, 50.0)) if denominator else math.inf
 
     @torch.inference_mode()
     def compare_with_teacher(
