@@ -12,6 +12,7 @@ from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
 from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers, webhooks
+from app.api.routes import teacher_caches as teacher_caches_routes
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker, make_async_db
 from app.core.logging import configure_logging
@@ -26,6 +27,7 @@ TAGS_METADATA = [
     {"name": "jobs", "description": "Create, start, watch, cancel and delete distillation jobs."},
     {"name": "teachers", "description": "The registry of teacher models jobs can name."},
     {"name": "datasets", "description": "Upload CSV/JSONL datasets for jobs."},
+    {"name": "teacher-caches", "description": "Reusable top-k teacher logits of your datasets (LM jobs)."},
     {"name": "calculator", "description": "The seed's back-of-the-envelope distillation calculator."},
     {"name": "health", "description": "Liveness of the database, broker, scheduler and workers."},
     {"name": "metrics", "description": "Prometheus metrics for the operations team."},
@@ -106,6 +108,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         webhooks.router,
     ):
         app.include_router(router)
+    app.include_router(teacher_caches_routes.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     return app

@@ -8,6 +8,7 @@ for the resume), or (lease lost) left to the worker that now holds it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -36,7 +37,7 @@ from app.schemas.job_spec import (
     UploadedSource,
 )
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
-from app.services import checkpoints, estimates, file_roots, lifecycle
+from app.services import checkpoints, estimates, file_roots, lifecycle, teacher_caches
 from app.services.datasets import get as get_dataset
 from app.services.file_roots import FILES_DISABLED_CODE, FILES_DISABLED_MESSAGE
 from app.services.lifecycle import Claim
@@ -98,7 +99,9 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
                 resume=True,
                 file_root=None,  # every path was resolved and checked under the tenant's root above
                 trust_remote_code=settings.trust_remote_code,
-                config=EngineConfig.from_settings(settings),
+                config=dataclasses.replace(
+                    EngineConfig.from_settings(settings), signal_cache_owner=_cache_owner(claim)
+                ),
                 student=student,
                 start_from=_parent_weights(paths),
             )
@@ -134,6 +137,12 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
         ),
     )
     return "completed" if stored else "lease lost; results discarded"
+
+
+def _cache_owner(claim: Claim) -> str:
+    """Whose teacher-signal caches the job reuses and creates: its tenant's (app.services.teacher_caches)."""
+    with session_scope() as session:
+        return teacher_caches.owner_of_job(session, job_id=claim.job_id)
 
 
 def _parent_weights(paths: JobPaths) -> Path | None:

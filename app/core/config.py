@@ -159,6 +159,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("checkpoint_min_interval_s", "distillery_checkpoint_min_interval_s"),
         description="Engine: minimum seconds between epoch checkpoints (0: every epoch).",
     )
+    teacher_signal_cache_max_bytes: int = Field(
+        default=20 * 2**30,
+        ge=0,
+        description="Engine: bytes of reusable teacher-signal caches (top-k LM logits) under "
+        "DATA_DIR/teacher_caches, over every tenant; least-recently-used caches are evicted (0: off).",
+    )
     distributed_timeout_s: float = Field(
         default=45.0,
         gt=0,

@@ -54,6 +54,16 @@ class Selection(StrEnum):
     last = "last"
 
 
+class LMLoss(StrEnum):
+    """Token-level divergence of language-model KD (teacher p, student q)."""
+
+    forward_kl = "forward_kl"
+    reverse_kl = "reverse_kl"
+    jsd = "jsd"
+    skew_kl = "skew_kl"
+    tvd = "tvd"
+
+
 # Ranks of one job on one node (torchrun's per-node ceiling in practice: 8-16 GPUs).
 MAX_WORLD_SIZE = 16
 
@@ -122,6 +132,56 @@ class TrainingConfig(_Strict):
         description="Epoch delivered (and measured in student_accuracy): 'last' (the default: it scored "
         "higher on test over 19 digits runs, see bench/README.md) or 'best_validation' (best on the "
         "validation split).",
+    )
+    # ---- language models (causal-lm, masked-lm): divergence, top-k tail, sequence-level, on-policy KD ----
+    lm_loss: LMLoss = Field(
+        default=LMLoss.forward_kl,
+        description="Token divergence for causal-lm / masked-lm: forward_kl, reverse_kl, jsd (with beta), "
+        "skew_kl (with skew), tvd.",
+    )
+    beta: float = Field(
+        strict=True,
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="lm_loss=jsd: generalised JSD weight (0 = forward KL, 1 = reverse KL), as TRL's GKD.",
+    )
+    skew: float = Field(
+        strict=True,
+        default=0.1,
+        ge=0.0,
+        lt=1.0,
+        description="lm_loss=skew_kl: KL(p || skew*p + (1-skew)*q), as DistiLLM (0 = forward KL).",
+    )
+    topk_tail: bool = Field(
+        strict=True,
+        default=False,
+        description="Top-k teacher cache: keep the mass outside the k tokens as one extra bin "
+        "(instead of renormalising the k).",
+    )
+    sequence_kd: bool = Field(
+        strict=True,
+        default=False,
+        description="causal-lm: the teacher generates a completion of each training prompt once; the student "
+        "trains on them with cross-entropy (no teacher logits: works across tokenizers).",
+    )
+    on_policy_fraction: float = Field(
+        strict=True,
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="causal-lm: fraction of batches (TRL's lambda) whose continuations the student samples "
+        "from the batch's prompts, scored by the teacher; loss on the generated tokens only.",
+    )
+    on_policy_temperature: float = Field(
+        strict=True, default=1.0, gt=0.0, le=10.0, description="Sampling temperature of on-policy generation."
+    )
+    max_new_tokens: int = Field(
+        strict=True,
+        default=32,
+        ge=1,
+        le=4096,
+        description="Tokens generated per prompt by sequence_kd (teacher) and on-policy batches (student).",
     )
     world_size: int = Field(
         strict=True,
@@ -496,4 +556,22 @@ class JobSpec(_Strict):
                     "(cached teacher outputs are of un-augmented images); use 'auto' or 'off'"
                 )
             self.training_config.teacher_cache = TeacherCache.off
+        return self
+
+    @model_validator(mode="after")
+    def _check_language_model_options(self) -> JobSpec:
+        config = self.training_config
+        language_model = self.task in (Task.causal_lm, Task.masked_lm)
+        if config.lm_loss != LMLoss.forward_kl and not language_model:
+            raise ValueError(f"training_config.lm_loss is for causal-lm and masked-lm, not '{self.task}'")
+        for name in ("sequence_kd", "on_policy_fraction"):
+            if getattr(config, name) and self.task != Task.causal_lm:
+                raise ValueError(f"training_config.{name} is for task causal-lm, not '{self.task}'")
+        if config.sequence_kd and config.on_policy_fraction:
+            raise ValueError(
+                "training_config.sequence_kd trains on teacher-generated text without teacher logits; "
+                "on_policy_fraction needs the teacher's logits: choose one"
+            )
+        if config.sequence_kd and self.distillation_method != DistillationMethod.response:
+            raise ValueError("training_config.sequence_kd needs distillation_method response_distillation")
         return self

@@ -231,6 +231,21 @@ class DistillationResults(_Open):
         default=None,
         description="sequence-classification: {file, opset, max_abs_difference vs PyTorch} or {error}",
     )
+    # ---- language models ----
+    teacher_agreement: float | None = Field(
+        default=None,
+        description="causal-lm / masked-lm: fraction of test target tokens where the delivered student's top "
+        "token is the teacher's (higher is better)",
+    )
+    teacher_signal_cache: dict[str, Any] | None = Field(
+        default=None,
+        description="The reusable top-k teacher cache: {status: hit|miss|not_stored|too_large, key, bytes, "
+        "tokens, bytes_per_token, teacher_seconds, teacher_seconds_saved}",
+    )
+    sequence_kd: dict[str, Any] | None = Field(
+        default=None,
+        description="sequence_kd: {key, reused, teacher_seconds} of the teacher-generated targets",
+    )
     target_retention: float | None = Field(
         default=None, description="The spec's retention target (the size was searched)"
     )

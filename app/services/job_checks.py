@@ -217,16 +217,27 @@ def _check_text_student(
         if teacher_vocab is not None and student_vocab is not None:
             difference = model_info.vocabulary_difference(teacher_vocab, student_vocab)
         elif student_config.get("vocab_size") != teacher_config.get("vocab_size"):
+            # Without tokenizer files only the sizes compare; the same tokenizer padded to another size
+            # (embedding rows rounded up) passes when the tokenizers can be read, and the worker slices.
             difference = (
                 f"teacher vocab_size {teacher_config.get('vocab_size')}, "
                 f"student {student_config.get('vocab_size')}"
             )
-        if difference is not None:
+        sequence_kd = spec.task == Task.causal_lm and spec.training_config.sequence_kd
+        if difference is not None and not sequence_kd:
+            hint = (
+                " Logit KD compares the two distributions token by token, so it needs one vocabulary; "
+                "set training_config.sequence_kd: true to train on the teacher's generated text instead "
+                "(no logits: the student keeps its own tokenizer)."
+                if spec.task == Task.causal_lm
+                else ""
+            )
             errors.append(
                 _error(
                     ["student"],
                     f"The student's vocabulary differs from the teacher's ({difference}); for "
-                    "distillation on text the student must read the teacher's tokens and predict over them",
+                    "distillation on text the student must read the teacher's tokens and predict over them."
+                    + hint,
                     "vocabulary_mismatch",
                 )
             )

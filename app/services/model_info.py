@@ -98,7 +98,25 @@ def vocabulary_difference(teacher: dict[str, int], student: dict[str, int]) -> s
         parts.append(f"only in the student's: {only_student[:5]}")
     if moved:
         parts.append(f"{len(moved)} tokens with other ids, e.g. {moved[:3]}")
+    first = first_differing_ids(teacher, student)
+    if first:
+        parts.append("first differing ids: " + ", ".join(f"{i} {t!r} vs {s!r}" for i, t, s in first))
     return "; ".join(parts)
+
+
+def first_differing_ids(
+    teacher: dict[str, int], student: dict[str, int], count: int = 3
+) -> list[tuple[int, str | None, str | None]]:
+    """The lowest ids whose token differs: (id, teacher's token, student's token; None where it has none)."""
+    by_id_teacher = {i: t for t, i in teacher.items()}
+    by_id_student = {i: t for t, i in student.items()}
+    found: list[tuple[int, str | None, str | None]] = []
+    for i in sorted(set(by_id_teacher) | set(by_id_student)):
+        if by_id_teacher.get(i) != by_id_student.get(i):
+            found.append((i, by_id_teacher.get(i), by_id_student.get(i)))
+            if len(found) == count:
+                break
+    return found
 
 
 @dataclass(frozen=True)

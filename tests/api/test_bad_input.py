@@ -142,6 +142,21 @@ BAD_INPUTS: list[Case] = [
     Case("learning_rate 0", "POST", JOBS, 422, INVALID, _training(learning_rate=0), "learning_rate"),
     Case("seed 2^31", "POST", JOBS, 422, INVALID, _training(seed=2**31), "seed"),
     Case("num_stages 11", "POST", JOBS, 422, INVALID, _training(num_stages=11), "num_stages"),
+    # --- language-model options (lm11)
+    Case("lm_loss 'kl2'", "POST", JOBS, 422, INVALID, _training(lm_loss="kl2"), "lm_loss"),
+    Case("lm_loss jsd for classification", "POST", JOBS, 422, INVALID, _training(lm_loss="jsd"), "lm_loss"),
+    Case("beta 1.5", "POST", JOBS, 422, INVALID, _training(beta=1.5), "beta"),
+    Case("skew 1.0", "POST", JOBS, 422, INVALID, _training(skew=1.0), "skew"),
+    Case(
+        "on_policy_fraction for classification",
+        "POST",
+        JOBS,
+        422,
+        INVALID,
+        _training(on_policy_fraction=0.5),
+        "on_policy_fraction",
+    ),
+    Case("max_new_tokens 0", "POST", JOBS, 422, INVALID, _training(max_new_tokens=0), "max_new_tokens"),
     Case("world_size 0", "POST", JOBS, 422, INVALID, _training(world_size=0), "world_size"),
     Case("world_size 17", "POST", JOBS, 422, INVALID, _training(world_size=17), "world_size"),
     Case(

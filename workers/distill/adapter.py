@@ -21,6 +21,7 @@ Contract details an adapter must honour:
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -34,6 +35,15 @@ from app.schemas.job_spec import DistillationMethod, JobSpec, Task
 from app.schemas.teachers import TeacherSource
 from workers.distill.contract import EngineCallbacks, EngineError, NamedStudent
 from workers.distill.kernel import IGNORE_INDEX, Batch, ModelOutputs, TaskData, to_device
+
+
+@dataclass
+class StepBatch:
+    """What one training step trains on (`TaskAdapter.step_batch`)."""
+
+    batch: Batch  # on the device
+    fresh_teacher: bool = False  # the batch is not the cached data: run the teacher on it
+    skip_terms: tuple[str, ...] = ()  # loss terms of the plan this step leaves out
 
 
 @dataclass
@@ -187,9 +197,50 @@ class TaskAdapter(ABC):
             weights["attention_kd"] = spec.training_config.attention_weight
         return weights
 
-    def cache_teacher_outputs(self, outputs: ModelOutputs, spec: JobSpec) -> ModelOutputs:
-        """Shrink teacher outputs before they go into the cache (default: keep them as they are)."""
+    def step_batch(
+        self,
+        batch: Batch,
+        indices: torch.Tensor,
+        *,
+        student: nn.Module,
+        data: TaskData,
+        spec: JobSpec,
+        distilling: bool,
+        rng: random.Random,
+    ) -> StepBatch:
+        """The batch a training step uses instead of `batch` (rows `indices` of the train split).
+
+        Default: the batch itself. Language models replace it with teacher-generated targets
+        (sequence-level KD) or student-sampled continuations (on-policy). `rng` is seeded per epoch.
+        """
+        del indices, student, data, spec, distilling, rng
+        return StepBatch(batch)
+
+    def compare_with_teacher(
+        self, teacher: nn.Module, student: nn.Module, data: TaskData, device: torch.device
+    ) -> dict[str, Any]:
+        """Result fields comparing the delivered student with the teacher on test (default: none)."""
+        del teacher, student, data, device
+        return {}
+
+    def reusable_teacher_signal(self, spec: JobSpec, *, hidden_states: bool, attentions: bool) -> bool:
+        """Whether this job's cached teacher outputs may go to the reusable store (default: no)."""
+        del spec, hidden_states, attentions
+        return False
+
+    def loss_options(self, spec: JobSpec) -> dict[str, Any]:
+        """Per-job options the task's loss terms read from `LossInputs.options` (default: none)."""
         del spec
+        return {}
+
+    def cache_teacher_outputs(
+        self, outputs: ModelOutputs, spec: JobSpec, *, temperature: float | None = None
+    ) -> ModelOutputs:
+        """Shrink teacher outputs before they go into the cache (default: keep them as they are).
+
+        `temperature` is the run's (a cached form may depend on it, e.g. a top-k tail's normaliser).
+        """
+        del spec, temperature
         return outputs
 
     def cache_bytes_per_example(self, outputs: ModelOutputs, batch_size: int) -> int:

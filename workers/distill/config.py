@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +18,11 @@ class EngineConfig:
     teacher_cache_max_bytes: int = 2 * 2**30
     # Minimum seconds between epoch checkpoints (0: every epoch; the last epoch and a stop always write).
     checkpoint_min_interval_s: float = 0.0
+    # The reusable teacher-signal cache (LM top-k logits): its DATA_DIR (None: off), its size bound over
+    # every owner (LRU eviction), and the owner of the caches this job creates and may reuse (its tenant).
+    signal_cache_dir: Path | None = None
+    signal_cache_max_bytes: int = 20 * 2**30
+    signal_cache_owner: str = "local"
     # A multi-process job's collective timeout (and stop grace): below HEARTBEAT_TIMEOUT's default, so a
     # hung rank fails the job before the scheduler thinks the worker is gone.
     distributed_timeout_s: float = 45.0
@@ -36,10 +42,13 @@ class EngineConfig:
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
         """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S,
-        CHECKPOINT_KEEP, DISTRIBUTED_TIMEOUT_S)."""
+        CHECKPOINT_KEEP, DISTRIBUTED_TIMEOUT_S, TEACHER_SIGNAL_CACHE_MAX_BYTES); the cache owner is the
+        job's, set by the caller."""
         return cls(
             teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
             distributed_timeout_s=settings.distributed_timeout_s,
             checkpoint_keep=settings.checkpoint_keep,
+            signal_cache_dir=settings.data_dir if settings.teacher_signal_cache_max_bytes > 0 else None,
+            signal_cache_max_bytes=settings.teacher_signal_cache_max_bytes,
         )

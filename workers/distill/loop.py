@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from workers.distill.kernel import (
     to_device,
 )
 from workers.distill.losses import FeatureProjector, LossInputs, combine_losses, needs
+from workers.distill.signal_cache import cached_teacher_signal
 from workers.distill.teacher_cache import TeacherCacheStore
 
 if TYPE_CHECKING:
@@ -267,25 +269,53 @@ def train_run(
         started = time.monotonic()
         callbacks.on_event("phase", "caching teacher outputs", {"phase": "cache", "stage": plan.stage})
         max_bytes = None if config.teacher_cache == TeacherCache.on else engine.teacher_cache_max_bytes
+        reusable = (
+            engine.signal_cache_dir is not None
+            and plan.stage <= 1
+            and adapter.reusable_teacher_signal(spec, hidden_states=need_hidden, attentions=need_attn)
+        )
         try:
-            cache = TeacherCacheStore.build(
-                teacher,
-                adapter,
-                data,
-                spec,
-                device=device,
-                hidden_states=need_hidden,
-                attentions=need_attn,
-                batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
-                max_bytes=max_bytes,
-                stopper=stopper,
-            )
+            if reusable:
+                assert engine.signal_cache_dir is not None
+                cache, signal = cached_teacher_signal(
+                    teacher,
+                    adapter,
+                    data,
+                    spec,
+                    device=device,
+                    temperature=plan.temperature,
+                    batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
+                    data_dir=engine.signal_cache_dir,
+                    owner=engine.signal_cache_owner,
+                    max_bytes=engine.signal_cache_max_bytes,
+                    memory_bytes=max_bytes,
+                    stopper=stopper,
+                )
+                data.info["teacher_signal_cache"] = signal
+                callbacks.on_event(
+                    "phase", f"teacher signal cache {signal['status']}", {"phase": "cache", **signal}
+                )
+            else:
+                cache = TeacherCacheStore.build(
+                    teacher,
+                    adapter,
+                    data,
+                    spec,
+                    device=device,
+                    hidden_states=need_hidden,
+                    attentions=need_attn,
+                    batch_size=max(config.batch_size, EVAL_BATCH_SIZE),
+                    max_bytes=max_bytes,
+                    stopper=stopper,
+                    temperature=plan.temperature,
+                )
         except (MemoryError, torch.cuda.OutOfMemoryError) as exc:
             logger.warning("teacher cache did not fit (%s): recomputing teacher outputs each step", exc)
             cache = None
         cache_info = {"used": cache is not None, "seconds": time.monotonic() - started}
 
     plan_terms = [name for name, weight in plan.weights.items() if weight != 0]  # combine_losses' order
+    loss_options = adapter.loss_options(spec)
     forward_student = (
         functools.partial(adapter.forward, student)
         if parallel is None
@@ -297,6 +327,7 @@ def train_run(
         if projector is not None:
             projector.train()
         running = torch.zeros(1 + len(plan_terms), device=device)  # per-epoch sums of [total, *terms]
+        step_rng = random.Random(f"{config.seed}/{plan.stage}/{epoch}")  # per epoch: a resume replays it
         pending: list[torch.Tensor] = []  # detached per-step losses, summed in chunks (one op per chunk)
         steps = 0
         for step, (indices, cpu_batch) in enumerate(
@@ -307,11 +338,21 @@ def train_run(
                 batch = to_device(
                     {k: v.pin_memory() for k, v in cpu_batch.items()}, device, non_blocking=True
                 )
+            chosen = adapter.step_batch(
+                batch,
+                indices,
+                student=student,
+                data=data,
+                spec=spec,
+                distilling=plan.kind == "distill",
+                rng=step_rng,
+            )
+            batch = chosen.batch
             with autocast(device):
                 student_out = forward_student(batch, hidden_states=need_hidden, attentions=need_attn)
                 teacher_out: ModelOutputs | None = None
                 if need_teacher:
-                    if cache is not None:
+                    if cache is not None and not chosen.fresh_teacher:
                         teacher_out = cache.lookup(indices, student_out)
                     else:
                         assert teacher is not None
@@ -326,16 +367,21 @@ def train_run(
                     temperature=plan.temperature,
                     projector=projector,
                     attention_mask=batch.get("attention_mask"),
+                    options=loss_options,
                     layer_mapping=config.layer_mapping,
                 )
-                total, terms = combine_losses(plan.weights, inputs)
+                weights = plan.weights
+                if chosen.skip_terms:
+                    weights = {k: 0.0 if k in chosen.skip_terms else w for k, w in weights.items()}
+                total, terms = combine_losses(weights, inputs)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             scheduler.step()
             steps = step
             pending.append(total.detach())
-            pending.extend(v.detach() for v in terms.values())
+            # A step's own weights may skip a term: it counts 0 so every step adds len(plan_terms) values.
+            pending.extend(terms[n].detach() if n in terms else total.new_zeros(()) for n in plan_terms)
             if len(pending) >= 512:
                 running += torch.stack(pending).view(-1, running.numel()).sum(dim=0)
                 pending.clear()

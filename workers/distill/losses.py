@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ class LossInputs:
     temperature: float
     projector: FeatureProjector | None = None
     attention_mask: torch.Tensor | None = None  # (B, T) 1 = real token, for (B, T, H) features/attentions
+    # Per-job options of task terms (TaskAdapter.loss_options), e.g. the language-model divergence.
+    options: dict[str, Any] = field(default_factory=dict)
     # training_config.layer_mapping: teacher hidden state per student hidden state (None: uniform).
     layer_mapping: Sequence[int] | None = None
 

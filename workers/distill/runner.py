@@ -594,7 +594,9 @@ def _run_phases(
     delivered = [r for r in completed if r.kind == "distill"][-1]
     student = _freeze(_stage_student(ctx, students, delivered))
     measured = measure(ctx, prepared.model, student, data)
-    extra = compress(ctx, student, data)
+    extra = ctx.adapter.compare_with_teacher(prepared.model, student, data, ctx.device)
+    extra |= {k: data.info[k] for k in ("teacher_signal_cache", "sequence_kd") if k in data.info}
+    extra |= compress(ctx, student, data)
     extra |= export(ctx, student, data)
     extra["splits"] = data.info.get("splits")
     if searched is not None:

@@ -40,6 +40,7 @@ class TeacherCacheStore:
         batch_size: int,
         max_bytes: int | None,
         stopper: StopChecker,
+        temperature: float | None = None,
     ) -> TeacherCacheStore | None:
         """Run the teacher over the train split in order; None when the estimate exceeds `max_bytes`."""
         pieces: dict[str, list[torch.Tensor]] = {}
@@ -52,7 +53,7 @@ class TeacherCacheStore:
                     outputs = adapter.forward(
                         teacher, batch, hidden_states=hidden_states, attentions=attentions
                     )
-                outputs = adapter.cache_teacher_outputs(outputs, spec)
+                outputs = adapter.cache_teacher_outputs(outputs, spec, temperature=temperature)
                 if not pieces and max_bytes is not None:
                     estimate = adapter.cache_bytes_per_example(outputs, indices.numel()) * total
                     if estimate > max_bytes:
@@ -83,7 +84,9 @@ class TeacherCacheStore:
             else:
                 rows = [entry[int(i)] for i in indices]
                 length = _sequence_length(like, rows[0].dim())
-                flat[key] = torch.stack([_fit(row, length) for row in rows])
+                assert like is not None  # _sequence_length refuses None
+                # On the student's device (a cache read from disk may live elsewhere).
+                flat[key] = torch.stack([_fit(row, length) for row in rows]).to(like.logits.device)
         return _unflatten(flat, self.layout)
 
 

@@ -87,8 +87,13 @@ def load_pretrained_student(
     file_root: Path | None,
     trust_remote_code: bool,
     attn_implementation: str,
+    own_tokenizer: bool = False,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """A registry/hub/local student with the task's head; its tokenizer (when it has one) must match."""
+    """A registry/hub/local student with the task's head; its tokenizer (when it has one) must match.
+
+    `own_tokenizer` (causal-lm with sequence_kd: no logits are compared): another tokenizer is kept in
+    data.info["student_tokenizer"] instead, and the adapter re-tokenises the data with it.
+    """
     location = _student_location(named, file_root)
     kwargs: dict[str, Any] = {
         "trust_remote_code": trust_remote_code,
@@ -118,11 +123,16 @@ def load_pretrained_student(
     teacher_tokenizer = data.info.get("tokenizer")
     if student_tokenizer is not None and teacher_tokenizer is not None:
         difference = _vocabulary_difference(teacher_tokenizer, student_tokenizer)
-        if difference is not None:
+        if difference is not None and own_tokenizer:
+            data.info["student_tokenizer"] = student_tokenizer
+            notes["tokenizer"] = f"its own ({difference})"
+        elif difference is not None:
             raise EngineError(
                 "student_incompatible",
                 f"student '{named.name}' has another vocabulary than the teacher ({difference}); the "
-                "student must read the teacher's tokens and, for token-level KD, predict over them",
+                "student must read the teacher's tokens and, for token-level KD, predict over them; "
+                "for causal-lm, training_config.sequence_kd trains on the teacher's generated text instead "
+                "(no logits) and takes a student with its own tokenizer",
             )
     if model.config.pad_token_id is None and teacher.config.pad_token_id is not None:
         model.config.pad_token_id = teacher.config.pad_token_id
@@ -196,7 +206,13 @@ def check_student(
 ) -> dict[str, Any]:
     """Compatibility checks before training; returns the notes for the results."""
     s_config, t_config = student.config, teacher.config
-    if int(s_config.vocab_size) != int(t_config.vocab_size):
+    tokenizer = data.info.get("tokenizer")
+    real = len(tokenizer) if tokenizer is not None else None
+    # The same tokenizer with embedding rows padded differently (rounded up): logits are cut to the
+    # tokenizer's `real` ids in the adapter's forward, so only ids no token has differ.
+    padded_alike = real is not None and min(int(s_config.vocab_size), int(t_config.vocab_size)) >= real
+    own_tokenizer = data.info.get("student_tokenizer") is not None  # sequence_kd: no logits compared
+    if int(s_config.vocab_size) != int(t_config.vocab_size) and not padded_alike and not own_tokenizer:
         raise EngineError(
             "student_incompatible",
             f"the student's vocabulary has {s_config.vocab_size} tokens, the teacher's "
@@ -264,6 +280,7 @@ def build_named_hf_student(
             file_root=file_root,
             trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation,
+            own_tokenizer=task == Task.causal_lm and spec.training_config.sequence_kd,
         )
     notes |= check_student(model, teacher, task, spec, data)
     return BuiltStudent(model=model.cpu(), notes=notes)
