@@ -302,7 +302,9 @@ def test_a_trial_running_past_max_search_seconds_is_cut_short_and_not_counted(
     tmp_path: Path, data_dir: Path, recording: Any
 ) -> None:
     callbacks = recording()
-    spec = _spec(target_retention=0.9, training_config={"epochs": 8, "max_search_seconds": 0.2})
+    # 60 epochs of a 15k-parameter student take well over the 0.2 s budget even on a quiet machine (8 took
+    # 0.21 s there, finishing just past the budget), so the first trial is always cut inside.
+    spec = _spec(target_retention=0.9, training_config={"epochs": 60, "max_search_seconds": 0.2})
     results = run_job(
         spec, teacher=DIGITS_CNN, paths=JobPaths(tmp_path), data_dir=data_dir, callbacks=callbacks
     )
@@ -311,10 +313,10 @@ def test_a_trial_running_past_max_search_seconds_is_cut_short_and_not_counted(
     assert len(results.trials) == 1 and results.trials[0].error is not None
     assert "cut short at max_search_seconds" in results.trials[0].error
     assert not results.trials[0].meets_target and search.chosen_trial is None
-    assert len([d for d in callbacks.metrics() if d["phase"] == "search"]) < 8  # stopped inside the trial
+    assert len([d for d in callbacks.metrics() if d["phase"] == "search"]) < 60  # stopped inside the trial
     # The size it had started is trained fully and judged on test, never called a success unmeasured.
     assert results.compressed_parameters == results.trials[0].parameters
-    assert [h.epoch for h in results.training_history] == list(range(1, 9))
+    assert [h.epoch for h in results.training_history] == list(range(1, 61))
     assert results.target_met == (results.accuracy_retention >= 0.9)
 
 
