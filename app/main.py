@@ -6,11 +6,12 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
+from app.api.deps import reject_unknown_query_params
 from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers, webhooks
 from app.api.routes import teacher_caches as teacher_caches_routes
 from app.core.config import Settings, get_settings
@@ -106,9 +107,10 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         health.router,
         admin.router,
         webhooks.router,
+        teacher_caches_routes.router,
     ):
-        app.include_router(router)
-    app.include_router(teacher_caches_routes.router)
+        # The API refuses query parameters an operation does not take, as it refuses unknown body fields.
+        app.include_router(router, dependencies=[Depends(reject_unknown_query_params)])
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     return app

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings, get_settings
 from app.core.db import AsyncDb, get_sessionmaker
 from app.core.logging import bind as bind_log_fields
-from app.errors import Forbidden, Unauthorized
+from app.errors import Forbidden, Unauthorized, Unprocessable
 from app.services import auth as auth_service
 from app.services.auth import Principal
 
@@ -133,3 +133,54 @@ def require_admin(
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+# Query parameter names each route declares (aliases; `name[key]` aliases stand for a `name[` prefix).
+_DECLARED_QUERY: dict[int, tuple[frozenset[str], tuple[str, ...]]] = {}
+
+
+def _declared_query(route: object) -> tuple[frozenset[str], tuple[str, ...]]:
+    known = _DECLARED_QUERY.get(id(route))
+    if known is None:
+        names: set[str] = set()
+        prefixes: list[str] = []
+        stack = [route.dependant]  # type: ignore[attr-defined]
+        while stack:
+            dependant = stack.pop()
+            stack.extend(dependant.dependencies)
+            for param in dependant.query_params:
+                if param.alias.endswith("[key]"):
+                    prefixes.append(param.alias.removesuffix("key]"))
+                else:
+                    names.add(param.alias)
+        known = _DECLARED_QUERY[id(route)] = (frozenset(names), tuple(prefixes))
+    return known
+
+
+async def reject_unknown_query_params(request: Request) -> None:
+    """422 for a query parameter the operation does not take: a misspelt filter (`?stauts=`) must not
+    silently answer everything, just as unknown body fields are refused."""
+    if not request.query_params:
+        return
+    route = request.scope.get("route")
+    if getattr(route, "dependant", None) is None:
+        return
+    names, prefixes = _declared_query(route)
+    unknown = [
+        k for k in request.query_params if k not in names and not (prefixes and k.startswith(prefixes))
+    ]
+    if unknown:
+        valid = ", ".join(sorted(names | {f"{p}key]" for p in prefixes})) or "none"
+        shown = ", ".join(repr(k[:64]) for k in unknown[:5])
+        raise Unprocessable(
+            f"Unknown query parameter(s) {shown}; this operation takes: {valid}",
+            errors=[
+                {
+                    "loc": ["query", k[:100]],
+                    "field": k[:100],
+                    "msg": "unknown query parameter",
+                    "type": "extra_forbidden",
+                }
+                for k in unknown[:20]
+            ],
+        )

@@ -27,7 +27,9 @@ JOBS = 10
 KILLS = 3
 # Events the scheduler/API write (they carry the job's current attempt number); the rest come from a holder.
 _SCHEDULER_KINDS = ("state", "dispatch", "claim")
-SPEC = tiny_spec(epochs=16, batch_size=16)  # a few seconds each, so kills land mid-job
+# Long enough that the victim, restarted three times (a few seconds each), still finds jobs left to claim: at
+# 16 epochs a quiet machine's steady worker finished all ten (~1.4 s each) before the third restart.
+SPEC = tiny_spec(epochs=64, batch_size=16)
 
 
 def _held_by(node: str) -> str | None:
