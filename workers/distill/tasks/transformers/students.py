@@ -18,6 +18,7 @@ from app.core.model_files import UNSAFE_MODEL_FILE, describe_unsafe, unsafe_mode
 from app.core.paths import PathKind
 from app.schemas.job_spec import JobSpec, Task
 from app.schemas.teachers import TeacherSourceKind
+from app.services.model_info import vocabulary_difference
 from workers.distill.adapter import BuiltStudent
 from workers.distill.contract import EngineError, NamedStudent, resolve_local_path
 from workers.distill.kernel import TaskData, TensorDictDataset, count_parameters
@@ -32,21 +33,8 @@ FROZEN_FIELDS = ("vocab_size", "model_type", "architectures", "pad_token_id", "n
 
 
 def _vocabulary_difference(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> str | None:
-    """None when both tokenizers map the same tokens to the same ids; else a short description."""
-    t_vocab, s_vocab = teacher.get_vocab(), student.get_vocab()
-    if t_vocab == s_vocab:
-        return None
-    only_teacher = sorted(set(t_vocab) - set(s_vocab))
-    only_student = sorted(set(s_vocab) - set(t_vocab))
-    moved = sorted(tok for tok in set(t_vocab) & set(s_vocab) if t_vocab[tok] != s_vocab[tok])
-    parts = [f"teacher {len(t_vocab)} tokens, student {len(s_vocab)}"]
-    if only_teacher:
-        parts.append(f"only in the teacher's: {only_teacher[:5]}")
-    if only_student:
-        parts.append(f"only in the student's: {only_student[:5]}")
-    if moved:
-        parts.append(f"{len(moved)} tokens with other ids, e.g. {moved[:3]}")
-    return "; ".join(parts)
+    """None when both tokenizers map the same tokens to the same ids; else the create-time check's wording."""
+    return vocabulary_difference(teacher.get_vocab(), student.get_vocab())
 
 
 def _student_location(named: NamedStudent, file_root: Path | None) -> str:
