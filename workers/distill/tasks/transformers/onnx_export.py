@@ -54,17 +54,32 @@ def export_onnx(model: nn.Module, path: Path, example: dict[str, torch.Tensor]) 
     batch = torch.export.Dim("batch", min=1, max=4096)
     seq = torch.export.Dim("seq", min=2, max=8192)
     dynamic = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    return export_checked_onnx(wrapper, inputs, path, dynamic_shapes=dynamic)
+
+
+def export_checked_onnx(
+    wrapper: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    path: Path,
+    *,
+    dynamic_shapes: dict[str, dict[int, Any]],
+) -> float:
+    """`torch.onnx.export` of `wrapper` (CPU, eval; named tensor inputs -> `logits`), then max |onnx - torch|
+    on `inputs`. Shared by every task that ships ONNX.
+
+    Raises EngineError('export_failed') when the exporter fails or the outputs differ beyond tolerance.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 wrapper,
-                (inputs["input_ids"], inputs["attention_mask"]),
+                tuple(inputs.values()),
                 str(path),
-                input_names=["input_ids", "attention_mask"],
+                input_names=list(inputs),
                 output_names=["logits"],
-                dynamic_shapes=dynamic,
+                dynamic_shapes=dynamic_shapes,
                 opset_version=ONNX_OPSET,
                 dynamo=True,
                 external_data=False,
@@ -73,7 +88,7 @@ def export_onnx(model: nn.Module, path: Path, example: dict[str, torch.Tensor]) 
     except (RuntimeError, ValueError, TypeError, ImportError) as exc:
         raise EngineError("export_failed", f"ONNX export failed: {exc}") from exc
     with torch.no_grad():
-        expected = wrapper(**inputs).float().numpy()  # (B, C)
+        expected = wrapper(*inputs.values()).float().numpy()  # (B, C)
     difference = float(np.abs(run_onnx(path, inputs) - expected).max())
     if not difference <= ONNX_TOLERANCE * max(1.0, float(np.abs(expected).max())):
         raise EngineError("export_failed", f"ONNX logits differ from PyTorch by {difference:.3g}")

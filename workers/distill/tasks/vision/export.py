@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
-from workers.distill.contract import EngineError
-from workers.distill.tasks.transformers.onnx_export import ONNX_OPSET, ONNX_TOLERANCE, run_onnx
+from workers.distill.tasks.transformers.onnx_export import export_checked_onnx
 
 ONNX_FILE = "student.onnx"
 MAX_BATCH = 4096
@@ -46,27 +43,4 @@ def export_onnx(wrapper: PixelLogits, path: Path, example: dict[str, torch.Tenso
     Raises EngineError('export_failed') when the exporter fails or the outputs differ beyond tolerance.
     """
     pixels = example["pixel_values"].cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(
-                wrapper,
-                (pixels,),
-                str(path),
-                input_names=["pixel_values"],
-                output_names=["logits"],
-                dynamic_shapes=_dynamic_batch(),
-                opset_version=ONNX_OPSET,
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-    except (RuntimeError, ValueError, TypeError, ImportError) as exc:
-        raise EngineError("export_failed", f"ONNX export failed: {exc}") from exc
-    with torch.no_grad():
-        expected = wrapper(pixels).float().numpy()  # (B, K)
-    difference = float(np.abs(run_onnx(path, {"pixel_values": pixels}) - expected).max())
-    if not difference <= ONNX_TOLERANCE * max(1.0, float(np.abs(expected).max())):
-        raise EngineError("export_failed", f"ONNX logits differ from PyTorch by {difference:.3g}")
-    return difference
+    return export_checked_onnx(wrapper, {"pixel_values": pixels}, path, dynamic_shapes=_dynamic_batch())
