@@ -171,7 +171,8 @@ class _JobView:
 
     def _count_epoch(self, data: dict[str, Any]) -> None:
         phase = str(data.get("phase") or "distill")
-        key = (phase, int(data.get("stage") or 1))
+        stage = data.get("stage")
+        key = (phase, 1 if stage is None else int(stage))  # the baseline run is stage 0: not "or 1"
         if key != self._stage:
             self.end_stage()
             self._stage = key

@@ -187,3 +187,19 @@ def test_the_metrics_line_is_the_current_phases_without_duplicates() -> None:
     view.update_from_event("phase", {"phase": "evaluate", "accuracy": 0.9833})
     lines = render(view, 80)
     assert len(lines) == 1 and "0.9833" not in lines[0]
+
+
+def test_the_baseline_stage_summary_keeps_its_stage_number() -> None:
+    from rich.live import Live
+
+    from distillery_cli.client import _JobView
+
+    console = Console(record=True, width=80, force_terminal=False)
+    with Live(console=console, auto_refresh=False) as live:
+        view = _JobView(live)
+        for epoch in (1, 2):
+            metric = {"phase": "baseline", "stage": 0, "epoch": epoch, "total_loss": 0.5}
+            view.log_event("metric", {"data": metric})
+        view.log_event("phase", {"message": "distill stage 1: ratio 0.005", "data": {"phase": "distill"}})
+    text = console.export_text()
+    assert "baseline stage 0: 2 epochs" in text, text
