@@ -67,13 +67,51 @@ async def get_wake_scheduler(request: Request) -> bool:
 WakeSchedulerDep = Annotated[bool, Depends(get_wake_scheduler)]
 
 
-# auto_error=False: a missing or malformed header becomes our 401 problem+json, not FastAPI's 403.
-_tenant_bearer = HTTPBearer(
-    auto_error=False,
-    scheme_name="ApiKey",
-    description="A tenant API key: `Authorization: Bearer dk_...` (issued by POST /admin/keys; "
-    "`distillery up` stores a local one in DATA_DIR/api_key).",
-)
+class TenantKey(HTTPBearer):
+    """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
+
+    A security scheme (so /docs shows it and its Authorize button) that is the whole dependency: the
+    header parse and the lookup in one call, with no sub-dependencies for FastAPI to resolve on every
+    request. A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop;
+    otherwise the lookup runs on the event loop too (PostgreSQL's async read pool), or in the thread pool
+    (SQLite). No request session is opened for it: the hot reads need none.
+    """
+
+    def __init__(self) -> None:
+        # auto_error=False: a missing or malformed header becomes our 401 problem+json, not FastAPI's 403.
+        super().__init__(
+            auto_error=False,
+            scheme_name="ApiKey",
+            description="A tenant API key: `Authorization: Bearer dk_...` (issued by POST /admin/keys; "
+            "`distillery up` stores a local one in DATA_DIR/api_key).",
+        )
+
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        credentials = await super().__call__(request)
+        if credentials is None:
+            raise Unauthorized(
+                "Send an API key as `Authorization: Bearer <key>`: the local stack (`distillery up`) prints "
+                "one and stores it in DATA_DIR/api_key; an operator issues others with POST /admin/keys."
+            )
+        key = credentials.credentials
+        ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
+        principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
+        if principal is None:
+            db = await get_async_db(request)
+            if db is not None:
+                principal = await auth_service.authenticate_async(db, key=key, ttl_seconds=ttl_seconds)
+            else:
+                principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
+        if principal is None:
+            raise Unauthorized(
+                "The API key sent is unknown or has been revoked; check which key your client sends "
+                "(`distillery config` shows it) or ask an operator for a new one."
+            )
+        bind_log_fields(tenant=principal.tenant_name)
+        return principal
+
+
+get_current_tenant = TenantKey()
 _admin_bearer = HTTPBearer(
     auto_error=False, scheme_name="AdminKey", description="The ADMIN_API_KEY setting, as a bearer token."
 )
@@ -84,38 +122,6 @@ def _authenticate(key: str, ttl_seconds: float) -> Principal | None:
     releases the write lock before an upload streams."""
     with get_sessionmaker()() as session:
         return auth_service.authenticate_cached(session, key=key, ttl_seconds=ttl_seconds)
-
-
-async def get_current_tenant(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_tenant_bearer)],
-    db: AsyncDbDep,
-) -> Principal:
-    """The tenant of the bearer key; 401 (with WWW-Authenticate) when missing, unknown or revoked.
-
-    A key accepted in the last AUTH_CACHE_SECONDS is answered from memory, on the event loop; otherwise the
-    lookup runs on the event loop too (PostgreSQL's async read pool), or in the thread pool (SQLite).
-    No request session is opened for it: the hot reads need none.
-    """
-    if credentials is None:
-        raise Unauthorized(
-            "Send an API key as `Authorization: Bearer <key>`: the local stack (`distillery up`) prints one "
-            "and stores it in DATA_DIR/api_key; an operator issues others with POST /admin/keys."
-        )
-    key = credentials.credentials
-    ttl_seconds = (await get_app_settings(request)).auth_cache_seconds
-    principal = auth_service.cached_principal(key) if ttl_seconds > 0 else None
-    if principal is None and db is not None:
-        principal = await auth_service.authenticate_async(db, key=key, ttl_seconds=ttl_seconds)
-    elif principal is None:
-        principal = await run_in_threadpool(_authenticate, key, ttl_seconds)
-    if principal is None:
-        raise Unauthorized(
-            "The API key sent is unknown or has been revoked; check which key your client sends "
-            "(`distillery config` shows it) or ask an operator for a new one."
-        )
-    bind_log_fields(tenant=principal.tenant_name)
-    return principal
 
 
 CurrentTenantDep = Annotated[Principal, Depends(get_current_tenant)]

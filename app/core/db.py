@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core.batching import KeyedBatcher
 from app.core.config import get_settings
 
 
@@ -136,6 +137,23 @@ class AsyncDb:
             name="api-reads",
             kwargs={"autocommit": True, "options": "-c TimeZone=UTC", "row_factory": namedtuple_row},
         )
+
+        self._batchers: dict[str, KeyedBatcher[Any, Any]] = {}
+        # Services' small per-database memos (e.g. the estimate's history by version): on the pool, so an
+        # app on another database (tests build several) never sees them.
+        self.memo: dict[str, Any] = {}
+
+    def batcher(
+        self, name: str, fetch: Callable[[Sequence[Any]], Awaitable[dict[Any, Any]]]
+    ) -> KeyedBatcher[Any, Any]:
+        """The pool's coalescing reader called `name` (made with `fetch` on first use; see app.core.batching).
+
+        One statement in flight per reader: the pool's other connections stay free for the other reads and
+        writes, and a burst of polls becomes one statement per round trip instead of one per request."""
+        batcher = self._batchers.get(name)
+        if batcher is None:
+            batcher = self._batchers[name] = KeyedBatcher(fetch, max_in_flight=1)
+        return batcher
 
     async def open(self) -> None:
         await self._pool.open(wait=False)

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -108,6 +109,10 @@ class Dataset(Base):
     tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
 
 
+# Completed jobs whose estimate is history for the next ones (a partial index predicate, migration 0006).
+ESTIMATE_HISTORY_WHERE = "status = 'completed' AND estimate IS NOT NULL"
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -163,6 +168,13 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_jobs_tenant_status_created", "tenant_id", "status", "created_at", "id"),
         Index("ix_jobs_tenant_teacher_created", "tenant_id", "teacher_model_name", "created_at", "id"),
+        # The estimate's history: the newest completed jobs that measured it (migration 0006).
+        Index(
+            "ix_jobs_estimate_history",
+            "finished_at",
+            postgresql_where=text(ESTIMATE_HISTORY_WHERE),
+            sqlite_where=text(ESTIMATE_HISTORY_WHERE),
+        ),
     )
 
 

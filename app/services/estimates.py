@@ -15,14 +15,15 @@ from __future__ import annotations
 import itertools
 import math
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import JSON, select, text
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import Job, JobStatus, ServiceHeartbeat
+from app.models import ESTIMATE_HISTORY_WHERE, ServiceHeartbeat
 from app.schemas.job_spec import (
     BuiltinDataset,
     Device,
@@ -54,12 +55,13 @@ _UNITS: dict[str, tuple[str, Any]] = {
 _COUNT_LINES_MAX_BYTES = 64 * 1024 * 1024
 
 
-def _dataset_rows(session: Session, spec: JobSpec, tenant_id: str | None) -> tuple[int | None, str]:
-    """Examples in the whole dataset and where the number comes from."""
+def _dataset_rows(session: Session | None, spec: JobSpec, tenant_id: str | None) -> tuple[int | None, str]:
+    """Examples in the whole dataset and where the number comes from (`session`: for uploads only)."""
     dataset = spec.dataset_config
     if isinstance(dataset, BuiltinDataset):
         return _DIGITS_ROWS, "builtin digits"
     if isinstance(dataset, UploadedDataset):
+        assert session is not None
         uploaded = datasets_service.get(session, dataset_id=dataset.dataset_id, tenant_id=tenant_id)
         return (uploaded.num_rows, "uploaded dataset") if uploaded else (None, "unknown upload")
     if isinstance(dataset, FileDataset):
@@ -88,13 +90,9 @@ def _device_type(session: Session, spec: JobSpec) -> str:
 
 def _history(session: Session) -> list[dict[str, Any]]:
     """`estimate` of recent completed jobs that measured their throughput."""
-    rows = session.scalars(
-        select(Job.estimate)
-        .where(Job.status == JobStatus.completed, Job.estimate.is_not(None))
-        .order_by(Job.finished_at.desc())
-        .limit(_HISTORY_JOBS)
-    ).all()
-    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("actual"), dict)]
+    # The predicate as literal SQL, so that the planner always matches the partial index to it.
+    rows = session.scalars(text(HISTORY_SQL).columns(estimate=JSON)).all()
+    return usable_history(rows)
 
 
 def _known_teacher_params(history: list[dict[str, Any]], teacher: str) -> int | None:
@@ -212,13 +210,73 @@ def estimate(
     only the later epochs), with the basis stated."""
     history = _history(session)
     teacher = teachers_service.get(session, name=spec.teacher_model_name, tenant_id=tenant_id)
-    teacher_params = teacher.params if teacher is not None and teacher.params else None
+    return compute(
+        spec,
+        history=history,
+        registered_teacher_params=teacher.params if teacher is not None else None,
+        dataset_rows=_dataset_rows(session, spec, tenant_id),
+        device=_device_type(session, spec),
+        settings=settings,
+        start_epoch=start_epoch,
+    )
+
+
+# ------------------------------------------------------------------ the create's estimate, on the event loop
+# The one-statement create (app.services.jobs.create_pending_async) makes the estimate without a session:
+# from the registered teacher size, whether a worker has GPUs, and the history of finished jobs, all three
+# read by the create's own statement. The history (up to 200 rows of JSON) is kept in memory per version:
+# the finished_at of the newest completed job, which changes whenever another one completes.
+
+# Both served by the partial index ix_jobs_estimate_history (its predicate, word for word).
+HISTORY_VERSION_SQL = f"SELECT max(finished_at) FROM jobs WHERE {ESTIMATE_HISTORY_WHERE}"
+HISTORY_SQL = (
+    f"SELECT estimate FROM jobs WHERE {ESTIMATE_HISTORY_WHERE} "
+    f"ORDER BY finished_at DESC LIMIT {_HISTORY_JOBS}"
+)
+# A worker offering GPUs, as `_device_type` reads the heartbeats.
+ANY_GPU_WORKER_SQL = (
+    "EXISTS (SELECT 1 FROM service_heartbeats WHERE kind = 'worker' "
+    "AND coalesce(info->>'cuda_visible_devices', '') NOT IN ('', '-1', 'none'))"
+)
+
+
+def usable_history(estimates: Iterable[Any]) -> list[dict[str, Any]]:
+    """The stored estimates that carry a measured `actual` (what `_history` keeps)."""
+    return [r for r in estimates if isinstance(r, dict) and isinstance(r.get("actual"), dict)]
+
+
+def device_for(spec: JobSpec, *, any_gpu_worker: bool) -> str:
+    """`_device_type` from what the create's statement read."""
+    requested = spec.training_config.device
+    if requested != Device.auto:
+        return str(requested)
+    return "cuda" if any_gpu_worker else "cpu"
+
+
+def dataset_rows_without_lookup(spec: JobSpec) -> tuple[int | None, str]:
+    """`_dataset_rows` of a dataset that needs no database read (builtin, hub): the one-statement create's."""
+    if isinstance(spec.dataset_config, UploadedDataset):
+        raise ValueError("an uploaded dataset's size is read from the database")
+    return _dataset_rows(None, spec, None)
+
+
+def compute(
+    spec: JobSpec,
+    *,
+    history: list[dict[str, Any]],
+    registered_teacher_params: int | None,
+    dataset_rows: tuple[int | None, str],
+    device: str,
+    settings: Settings,
+    start_epoch: int = 0,
+) -> dict[str, Any]:
+    """The estimate of `spec` from what was read: no I/O (the sync and the event-loop paths share it)."""
+    teacher_params = registered_teacher_params or None
     params_source = "registry"
     if teacher_params is None:
         teacher_params = _known_teacher_params(history, spec.teacher_model_name)
         params_source = "measured by a finished job"
-    rows, rows_source = _dataset_rows(session, spec, tenant_id)
-    device = _device_type(session, spec)
+    rows, rows_source = dataset_rows
     result: dict[str, Any] = {
         "task": str(spec.task),
         "device_type": device,

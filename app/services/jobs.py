@@ -13,14 +13,14 @@ import json
 import logging
 import math
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import Select, and_, bindparam, case, delete, func, or_, select, update
+from sqlalchemy import ARRAY, Select, String, and_, any_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -296,13 +296,13 @@ def create(
 # A pending job and its `created` state event in one statement (autocommit: atomic on its own), inserted
 # only if the teacher is visible to the tenant (global or its own, as `teachers.get`): the create's checks
 # and writes in one round trip instead of five (BEGIN, teacher SELECT, two INSERTs, COMMIT).
-_CREATE_PENDING_SQL = """
+_CREATE_PENDING_SQL = f"""
 WITH job AS (
     INSERT INTO jobs (id, spec, teacher_model_name, status, attempt, progress, created_at, updated_at,
-                      tenant_id, name, job_metadata, pause_count)
+                      tenant_id, name, job_metadata, pause_count, estimate)
     SELECT %(id)s::varchar, %(spec)s::json, %(teacher)s::varchar, %(status)s::varchar, 0, 0.0,
            %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar, %(name)s::varchar,
-           %(job_metadata)s::json, 0
+           %(job_metadata)s::json, 0, %(estimate)s::json
     WHERE EXISTS (
         SELECT 1 FROM teachers
         WHERE teachers.name = %(teacher)s::varchar
@@ -320,8 +320,24 @@ WITH job AS (
     INSERT INTO job_events (job_id, created_at, kind, attempt, message, data)
     SELECT job.id, %(now)s::timestamptz, 'state', 0, 'created', %(event)s::json FROM job
 )
-SELECT * FROM job
+SELECT job.*,
+       -- What the estimate is made from, as of this statement: checks the one it stored.
+       (SELECT teachers.params FROM teachers WHERE teachers.name = %(teacher)s::varchar)
+           AS est_teacher_params,
+       {estimates_service.ANY_GPU_WORKER_SQL} AS est_any_gpu_worker,
+       ({estimates_service.HISTORY_VERSION_SQL}) AS est_history_version
+FROM job
 """
+_SET_ESTIMATE_SQL = "UPDATE jobs SET estimate = %(estimate)s::json WHERE id = %(id)s::varchar RETURNING *"
+
+
+@dataclass(frozen=True)
+class _EstimateInputs:
+    """What a create's estimate is made from (besides the spec), as its statement read them."""
+
+    teacher_params: int | None
+    any_gpu_worker: bool
+    history_version: datetime | None
 
 
 def creates_in_one_statement(request: JobCreate, settings: Settings) -> bool:
@@ -342,18 +358,28 @@ def creates_in_one_statement(request: JobCreate, settings: Settings) -> bool:
     )
 
 
-async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: str) -> JobRead | None:
-    """Store a pending job (the common create) in one statement on the event loop; its API view.
+async def create_pending_async(
+    db: AsyncDb, *, request: JobCreate, tenant_id: str, settings: Settings
+) -> JobRead | None:
+    """Store a pending job (the common create) in one statement on the event loop, estimate included; its
+    API view.
 
     For requests `creates_in_one_statement` accepts. None when the teacher is not visible to the tenant:
     the caller then runs `create`, whose full check answers the 422 with the valid names. The estimate is
-    not made here (it reads history): the caller stores it right after (`store_estimate`), and `start`
-    makes it if it is still missing, so every job has it before it is launched.
+    made beforehand from what the previous create of this teacher read (the registered teacher size,
+    whether a worker has GPUs, the history's version); the statement reads them again as it inserts, and
+    when they changed (or on the first create) the estimate is made again from those and stored by a
+    second statement. So the stored estimate is always the one the state at insert time gives.
     """
     spec = request.spec()
+    seen: dict[tuple[str, str], _EstimateInputs] = db.memo.setdefault("jobs.estimate_inputs", {})
+    key = (tenant_id, spec.teacher_model_name)
+    guess = seen.get(key)
+    spec_json = json.dumps(spec.model_dump(mode="json"))
+    estimate = None if guess is None else await _estimate_async(db, spec, spec_json, guess, settings)
     params = {
         "id": new_id(),
-        "spec": Json(spec.model_dump(mode="json")),
+        "spec": spec_json,
         "teacher": spec.teacher_model_name,
         "status": JobStatus.pending.value,
         "now": utcnow(),
@@ -366,26 +392,62 @@ async def create_pending_async(db: AsyncDb, *, request: JobCreate, tenant_id: st
         "image": spec.task == Task.image_classification,
         "image_type": IMAGE_TEACHER_TYPE,
         "image_types": [IMAGE_TEACHER_TYPE, "program"],
+        "estimate": estimate,
     }
     row = await db.fetch_one(_CREATE_PENDING_SQL, params, retry=False)
-    return None if row is None else to_read(row)
+    if row is None:
+        return None
+    inputs = _EstimateInputs(row.est_teacher_params, bool(row.est_any_gpu_worker), row.est_history_version)
+    if len(seen) >= _ESTIMATE_INPUTS_KEPT and key not in seen:
+        seen.clear()
+    seen[key] = inputs
+    if inputs != guess:
+        try:
+            estimate = await _estimate_async(db, spec, spec_json, inputs, settings)
+            row = await db.fetch_one(_SET_ESTIMATE_SQL, {"id": row.id, "estimate": estimate}) or row
+        except Exception:  # the job stands without it; `start` makes it
+            logger.exception("could not store the estimate of job %s", row.id)
+    return to_read(row)
 
 
-def store_estimate(settings: Settings, *, job_id: str, tenant_id: str | None) -> None:
-    """Make and store the estimate of a job created without one (the one-statement create), if missing."""
-    from app.core.db import session_scope
+# (tenant, teacher) pairs whose estimate inputs a pool remembers; past it, it starts again.
+_ESTIMATE_INPUTS_KEPT = 4096
 
-    try:
-        with session_scope() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.estimate is not None:
-                return
-            spec = JobSpec.model_validate(job.spec)
-            job.estimate = estimates_service.estimate(
-                session, spec=spec, tenant_id=tenant_id, settings=settings
-            )
-    except Exception:  # the job stands without it; `start` makes it again
-        logger.exception("could not store the estimate of job %s", job_id)
+
+async def _estimate_async(
+    db: AsyncDb, spec: JobSpec, spec_json: str, inputs: _EstimateInputs, settings: Settings
+) -> str:
+    """`estimates.estimate` from `inputs`, as JSON: the history of finished jobs is kept per version, and
+    the estimate of the same spec from the same inputs is made once (clients repeat their jobs)."""
+    made: dict[tuple[_EstimateInputs, str], str] = db.memo.setdefault("jobs.estimates", {})
+    found = made.get((inputs, spec_json))
+    if found is not None:
+        return found
+    history: list[dict[str, Any]] = []
+    if inputs.history_version is not None:
+        kept = db.memo.get("estimates.history")
+        if kept is not None and kept[0] == inputs.history_version:
+            history = kept[1]
+        else:
+            rows = await db.fetch_all(estimates_service.HISTORY_SQL, {})
+            history = estimates_service.usable_history(r.estimate for r in rows)
+            db.memo["estimates.history"] = (inputs.history_version, history)
+    estimate = estimates_service.compute(
+        spec,
+        history=history,
+        registered_teacher_params=inputs.teacher_params,
+        dataset_rows=estimates_service.dataset_rows_without_lookup(spec),
+        device=estimates_service.device_for(spec, any_gpu_worker=inputs.any_gpu_worker),
+        settings=settings,
+    )
+    if len(made) >= _ESTIMATES_KEPT:
+        made.clear()
+    made[(inputs, spec_json)] = found = json.dumps(estimate)
+    return found
+
+
+# Estimates a pool keeps made (by inputs and spec); past it, it starts again.
+_ESTIMATES_KEPT = 1024
 
 
 # ----------------------------------------------------------------------------------------------- read
@@ -439,9 +501,26 @@ def read(session: Session, *, job_id: str, tenant_id: str | None) -> JobRead:
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
+# The same read for several jobs at once: concurrent polls share one statement (`KeyedBatcher`).
+_READ_JOBS = select(
+    Job.__table__,
+    case((Job.__table__.c.status == JobStatus.queued.value, _LIVE_DEVICES), else_=None).label("live_devices"),
+).where(Job.__table__.c.id == any_(bindparam("job_ids", type_=ARRAY(String))))
+_READ_JOBS_SQL, _READ_JOBS_CONSTANTS = compile_for_psycopg_with_constants(_READ_JOBS)
+
+
+async def _fetch_jobs(db: AsyncDb, job_ids: Sequence[str]) -> dict[str, Any]:
+    since = utcnow() - timedelta(seconds=get_settings().heartbeat_timeout)
+    params = _READ_JOBS_CONSTANTS | {"job_ids": list(job_ids), "live_since": since}
+    return {row.id: row for row in await db.fetch_all(_READ_JOBS_SQL, params)}
+
+
 async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
-    """`read` on the event loop, through the async read pool (one autocommit SELECT, no thread hop)."""
-    row = await db.fetch_one(_READ_JOB_SQL, _READ_JOB_CONSTANTS | _read_params(job_id))
+    """`read` on the event loop, through the async read pool (autocommit, no thread hop). Concurrent reads
+    are coalesced: while a statement is out, the jobs asked for meanwhile are read by the next one, together
+    (each still read after its request arrived; see app.core.batching)."""
+    batcher = db.batcher("jobs.read", lambda ids: _fetch_jobs(db, ids))
+    row = await batcher.get(job_id)
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import select, update
 
 from app.core.db import session_scope
 from app.models import Job, Teacher, utcnow
+from app.services import heartbeats
 
 DIGITS: dict[str, Any] = {
     "teacher_model_name": "digits-cnn",
@@ -138,6 +139,37 @@ def test_create_stores_the_estimate_on_the_job(client: TestClient) -> None:
     # ... and a queued create (the full path) in its own transaction.
     queued = client.post("/distillation/jobs", json=DIGITS | {"auto_start": True}).json()
     assert queued["estimate"]["expected_training_seconds"] == expected
+
+
+def test_each_create_stores_the_estimate_of_the_state_it_was_made_in(client: TestClient) -> None:
+    """The one-statement create makes its estimate from what the previous create read, and its statement
+    checks those inputs: a job finishing, a teacher re-sized or a GPU worker appearing in between is in
+    the next job's estimate, never the previous state's."""
+
+    def create() -> dict[str, Any]:
+        job = client.post("/distillation/jobs", json=DIGITS | {"training_config": {"epochs": 4}}).json()
+        stored = client.get(f"/distillation/jobs/{job['job_id']}").json()["estimate"]
+        assert stored == job["estimate"]  # the answer is what was stored
+        return dict(stored)
+
+    first = create()
+    assert first["history_jobs"] == 0 and first["device_type"] == "cpu"
+    assert create() == first  # nothing changed: the same estimate, from the remembered inputs
+    _finished(device="cpu", flops_per_second=2e11)
+    after_one = create()
+    assert after_one["history_jobs"] == 1 and after_one["flops_per_second"] == 2e11
+    _finished(device="cpu", flops_per_second=4e11)
+    assert create()["flops_per_second"] == pytest.approx(3e11)  # the median of both
+    with session_scope() as session:
+        session.execute(update(Teacher).where(Teacher.name == "digits-cnn").values(params=500_000))
+    assert create()["teacher_parameters"] == 500_000
+    with session_scope() as session:
+        heartbeats.beat(session, kind="worker", sid="gpu-worker-1", info={"cuda_visible_devices": "0"})
+    try:
+        assert create()["device_type"] == "cuda"
+    finally:
+        with session_scope() as session:
+            heartbeats.remove(session, sid="gpu-worker-1")
 
 
 def test_start_makes_a_missing_estimate(client: TestClient) -> None:

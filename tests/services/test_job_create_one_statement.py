@@ -76,10 +76,14 @@ def test_one_statement_create_stores_what_create_stores(async_db: AsyncDb, tenan
     async def create() -> tuple[Any, Any]:
         await async_db.open()
         try:
-            made = await jobs_service.create_pending_async(async_db, request=request, tenant_id=tenant_id)
+            made = await jobs_service.create_pending_async(
+                async_db, request=request, tenant_id=tenant_id, settings=get_settings()
+            )
             # Another tenant's teacher is invisible: nothing is stored, the caller runs the full check.
             hidden = JobCreate(teacher_model_name="others-private-teacher")
-            refused = await jobs_service.create_pending_async(async_db, request=hidden, tenant_id=tenant_id)
+            refused = await jobs_service.create_pending_async(
+                async_db, request=hidden, tenant_id=tenant_id, settings=get_settings()
+            )
             return made, refused
         finally:
             await async_db.close()
@@ -87,8 +91,8 @@ def test_one_statement_create_stores_what_create_stores(async_db: AsyncDb, tenan
     made, refused = asyncio.run(create())
     assert refused is None
     assert made is not None and made.status == JobStatus.pending
-    assert made.estimate is None  # made right after the answer (the route's background task), as here:
-    jobs_service.store_estimate(get_settings(), job_id=made.job_id, tenant_id=tenant_id)
+    # The estimate is made and stored by the create itself, from what its statement read.
+    assert made.estimate is not None and made.estimate["train_rows"] == 1294
     columns, events = _stored(made.job_id)
     expected, expected_events = _stored(reference_id)
     for volatile in ("id", "created_at", "updated_at"):
@@ -98,8 +102,8 @@ def test_one_statement_create_stores_what_create_stores(async_db: AsyncDb, tenan
     assert events == expected_events == [("state", "created", {"from": None, "to": "pending"}, 0)]
     with session_scope() as session:
         via_orm = jobs_service.read(session, job_id=made.job_id, tenant_id=tenant_id)
-        # The response is the stored job (but for the estimate written after it).
-        assert via_orm.model_copy(update={"estimate": None, "updated_at": made.updated_at}) == made
+        # The response is the stored job, estimate included.
+        assert via_orm == made
         owners = session.scalars(select(Job.tenant_id)).all()
     assert sorted(owners) == [tenant_id, tenant_id]  # and nothing for the refused request
     assert other_id not in owners
@@ -149,7 +153,9 @@ def test_the_statement_fits_image_teachers_to_image_tasks_only(
         await async_db.open()
         try:
             return [
-                await jobs_service.create_pending_async(async_db, request=r, tenant_id=tenant_id)
+                await jobs_service.create_pending_async(
+                    async_db, request=r, tenant_id=tenant_id, settings=get_settings()
+                )
                 for r in (image_job, wrong_task, wrong_teacher)
             ]
         finally:

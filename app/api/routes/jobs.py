@@ -143,12 +143,11 @@ async def create_job(
         and idempotency_key is None
         and jobs_service.creates_in_one_statement(request, settings)
     ):
-        read = await jobs_service.create_pending_async(db, request=request, tenant_id=tenant.tenant_id)
+        read = await jobs_service.create_pending_async(
+            db, request=request, tenant_id=tenant.tenant_id, settings=settings
+        )
         if read is not None:
             response.headers["Location"] = f"/distillation/jobs/{read.job_id}"
-            background.add_task(
-                jobs_service.store_estimate, settings, job_id=read.job_id, tenant_id=tenant.tenant_id
-            )
             return read
     return await run_in_threadpool(
         _create_job, settings, tenant, wake, background, response, request, idempotency_key
