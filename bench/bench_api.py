@@ -520,7 +520,11 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[8, 50])
     parser.add_argument("--before", type=Path, help="an older checkout to serve and measure beside ours")
     parser.add_argument("--quick", action="store_true", help="1 round of 5 s runs: direction only")
-    parser.add_argument("--profile", type=Path, help="py-spy our server in round 1, raw stacks into this dir")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy ours and the in-memory server in round 1: raw stacks into this dir",
+    )
     parser.add_argument(
         "--only", nargs="+", choices=["GET", "POST", "LIST"], help="run only these cases (while iterating)"
     )
@@ -589,9 +593,9 @@ def main() -> None:
                 for case in plan:
                     for name in case.targets:
                         profile = None
-                        if args.profile and round_index == 0 and name == "ours":
+                        if args.profile and round_index == 0 and name in ("ours", "memory"):
                             slug = re.sub(r"[^A-Za-z0-9]+", "_", f"{case.endpoint}_c{case.connections}")
-                            profile = (pids[name], args.profile / f"{slug}.txt")
+                            profile = (pids[name], args.profile / f"{name}_{slug}.txt")
                         result = run_case(case, targets[name], tmp, spec, args.duration, profile)
                         results.append(result)
                         print(

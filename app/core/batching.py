@@ -1,11 +1,12 @@
 """Read coalescing on the event loop: concurrent reads by key share one statement (the DataLoader pattern).
 
 A hot read (the polled job) costs one database round trip per request, and on a small machine that round trip
-(a send, a wake-up, a receive, the driver's bookkeeping) costs more CPU than the rest of the request. While
-`max_in_flight` statements are outstanding, further requests wait for the next statement, which reads every
-key asked for in the meantime (`WHERE id = ANY(...)`, each key once). Under light load nothing waits: a
-request finding a free slot sends its statement at once, alone. Under load the statements carry several keys
-and the round trips per request fall with the concurrency.
+(a send, a wake-up, a receive, the driver's bookkeeping) costs more CPU than the rest of the request. A
+statement is sent at the end of the event loop's turn in which its first request asked (the requests that
+arrived together run in that turn, and share it); while `max_in_flight` statements are outstanding, further
+requests wait for the next statement, which reads every key asked for in the meantime (`WHERE id = ANY(...)`,
+each key once). Under light load nothing waits: a lone request's statement goes out in the same turn. Under
+load the statements carry several keys and the round trips per request fall with the concurrency.
 
 Every answer is read by a statement that started after its request arrived, so nothing is served from
 memory and no write that committed before the request can be missed: the database stays the source of
@@ -45,16 +46,26 @@ class KeyedBatcher(Generic[K, V]):
         self._max_batch = max_batch
         self._waiting: dict[K, list[asyncio.Future[V | None]]] = {}
         self._in_flight = 0
+        self._scheduled = False
         # Figures for tests and benchmarks: statements sent, and keys they carried.
         self.statements = 0
         self.keys_read = 0
 
     async def get(self, key: K) -> V | None:
-        future: asyncio.Future[V | None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[V | None] = loop.create_future()
         self._waiting.setdefault(key, []).append(future)
-        if self._in_flight < self._max_in_flight:
-            self._start()
+        if self._in_flight < self._max_in_flight and not self._scheduled:
+            # Sent at the end of this turn of the loop: the requests whose bytes arrived together (and so
+            # run in this same turn) share it, for no wait at all.
+            self._scheduled = True
+            loop.call_soon(self._start_scheduled)
         return await future
+
+    def _start_scheduled(self) -> None:
+        self._scheduled = False
+        while self._waiting and self._in_flight < self._max_in_flight:
+            self._start()
 
     def _start(self) -> None:
         keys = list(itertools.islice(self._waiting, self._max_batch))  # the oldest waiting first

@@ -30,6 +30,7 @@ from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
 from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, Teacher, new_id, utcnow
 from app.schemas.job_spec import BuiltinSource, DerivedStudent, HubSource, JobSpec, Task, UploadedDataset
 from app.schemas.jobs import JobCreate, JobError, JobLineage, JobRead, JobSummary
+from app.schemas.page import Page
 from app.schemas.teachers_api import IMAGE_TEACHER_TYPE
 from app.services import checkpoints as checkpoints_service
 from app.services import datasets as datasets_service
@@ -733,7 +734,7 @@ def start(
         )
     _check_queue_room(session, settings, job.tenant_id)
     values: dict[str, Any] = {"queued_at": utcnow()}
-    if job.estimate is None:  # created by the one-statement path and not estimated yet
+    if job.estimate is None:  # a create whose estimate could not be stored (see create_pending_async)
         values["estimate"] = estimates_service.estimate(
             session, spec=JobSpec.model_validate(job.spec), tenant_id=job.tenant_id, settings=settings
         )
@@ -982,8 +983,19 @@ def _queue_reason(job: Job | Row[Any]) -> str | None:
     return capacity_wait_reason(world_size, getattr(job, "live_devices", None))
 
 
+def summary_page(jobs: Iterable[Any], *, has_more: bool, next_cursor: str | None) -> Page[JobSummary]:
+    """A list page: every summary validated in one call (not one model construction per job)."""
+    return Page[JobSummary].model_validate(
+        {"data": [_summary_fields(j) for j in jobs], "has_more": has_more, "next_cursor": next_cursor}
+    )
+
+
 def to_summary(job: Any) -> JobSummary:
     """A job in a list: from a `list_page` row (the spec's fields extracted in SQL) or an ORM instance."""
+    return JobSummary.model_validate(_summary_fields(job))
+
+
+def _summary_fields(job: Any) -> dict[str, Any]:
     if isinstance(job, Job):
         spec = job.spec or {}
         target_compression = spec.get("target_compression")
@@ -995,21 +1007,26 @@ def to_summary(job: Any) -> JobSummary:
             job.distillation_method,
             job.task,
         )
-    return JobSummary(
-        job_id=job.id,
-        status=job.status,
-        progress=min(100.0, max(0.0, job.progress or 0.0)),
-        phase=job.phase,
-        teacher_model_name=job.teacher_model_name,
-        target_compression=target_compression,
-        distillation_method=distillation_method,
-        task=task,
-        attempt=job.attempt,
-        created_at=job.created_at,
-        queued_at=job.queued_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        error=_error(job),
-        name=job.name,
-        metadata=job.job_metadata or {},
-    )
+    error = job.error
+    if error:  # as `_error`: code and message as strings, the rest kept
+        error = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))} | {
+            k: v for k, v in error.items() if k not in ("code", "message")
+        }
+    return {
+        "job_id": job.id,
+        "status": job.status,
+        "progress": min(100.0, max(0.0, job.progress or 0.0)),
+        "phase": job.phase,
+        "teacher_model_name": job.teacher_model_name,
+        "target_compression": target_compression,
+        "distillation_method": distillation_method,
+        "task": task,
+        "attempt": job.attempt,
+        "created_at": job.created_at,
+        "queued_at": job.queued_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "error": error or None,
+        "name": job.name,
+        "metadata": job.job_metadata or {},
+    }

@@ -19,6 +19,7 @@ from app.api.deps import (
     SessionDep,
     SettingsDep,
     WakeSchedulerDep,
+    get_async_db,
 )
 from app.core.config import Settings
 from app.core.db import begin_autocommit_read, get_sessionmaker
@@ -307,9 +308,11 @@ def start_job(
     summary="A job's status, progress, ETA, metrics and results",
     responses=problem_responses(401, 404, 409, 422, 503),
 )
-async def get_job(job_id: JobId, tenant: CurrentTenantDep, db: AsyncDbDep) -> JobRead:
+async def get_job(request: Request, job_id: JobId, tenant: CurrentTenantDep) -> JobRead:
     # The hot polling path: on PostgreSQL one SELECT on the event loop (async read pool, no thread hop, no
-    # request session); on SQLite one worker-thread hop for the query.
+    # request session; concurrent polls share it), on SQLite one worker-thread hop for the query. The pool
+    # is taken from the request, not as a dependency: one dependency less to resolve per poll.
+    db = await get_async_db(request)
     if db is not None and job_ids.is_full(job_id):
         return await jobs_service.read_async(db, job_id=job_id, tenant_id=tenant.tenant_id)
     return await run_in_threadpool(_read_job, job_id, tenant.tenant_id)
@@ -374,9 +377,7 @@ async def list_jobs(
         metadata=metadata,
         tenant_id=tenant.tenant_id,
     )
-    return Page[JobSummary](
-        data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
-    )
+    return jobs_service.summary_page(jobs, has_more=has_more, next_cursor=next_cursor)
 
 
 _METADATA_PARAM = re.compile(r"^metadata\[(.*)\]$")
@@ -440,9 +441,7 @@ def _list_jobs(
             metadata=metadata,
             tenant_id=tenant_id,
         )
-        return Page[JobSummary](
-            data=[jobs_service.to_summary(j) for j in jobs], has_more=has_more, next_cursor=next_cursor
-        )
+        return jobs_service.summary_page(jobs, has_more=has_more, next_cursor=next_cursor)
 
 
 @router.post(
