@@ -19,11 +19,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, select, text
+from sqlalchemy import JSON, text
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.models import ESTIMATE_HISTORY_WHERE, ServiceHeartbeat
+from app.models import ESTIMATE_HISTORY_WHERE
 from app.schemas.job_spec import (
     BuiltinDataset,
     Device,
@@ -79,13 +79,10 @@ def _dataset_rows(session: Session | None, spec: JobSpec, tenant_id: str | None)
 
 
 def _device_type(session: Session, spec: JobSpec) -> str:
-    """The device the job will train on: asked for, or (auto) cuda when a live worker has GPUs."""
-    requested = spec.training_config.device
-    if requested != Device.auto:
-        return str(requested)
-    infos = session.scalars(select(ServiceHeartbeat.info).where(ServiceHeartbeat.kind == "worker")).all()
-    gpus = [str(i.get("cuda_visible_devices") or "") for i in infos if isinstance(i, dict)]
-    return "cuda" if any(g and g not in ("-1", "none") for g in gpus) else "cpu"
+    """The device the job will train on: asked for, or (auto) cuda when a worker's heartbeat offers GPUs."""
+    if spec.training_config.device != Device.auto:
+        return device_for(spec, any_gpu_worker=False)
+    return device_for(spec, any_gpu_worker=bool(session.scalar(text(f"SELECT {ANY_GPU_WORKER_SQL}"))))
 
 
 def _history(session: Session) -> list[dict[str, Any]]:
@@ -233,7 +230,8 @@ HISTORY_SQL = (
     f"SELECT estimate FROM jobs WHERE {ESTIMATE_HISTORY_WHERE} "
     f"ORDER BY finished_at DESC LIMIT {_HISTORY_JOBS}"
 )
-# A worker offering GPUs, as `_device_type` reads the heartbeats.
+# Whether a worker's heartbeat offers GPUs (CUDA_VISIBLE_DEVICES set, and not to "-1" or "none"): read by
+# `_device_type` and by the one-statement create's own statement.
 ANY_GPU_WORKER_SQL = (
     "EXISTS (SELECT 1 FROM service_heartbeats WHERE kind = 'worker' "
     "AND coalesce(info->>'cuda_visible_devices', '') NOT IN ('', '-1', 'none'))"
@@ -246,7 +244,7 @@ def usable_history(estimates: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def device_for(spec: JobSpec, *, any_gpu_worker: bool) -> str:
-    """`_device_type` from what the create's statement read."""
+    """The device a job trains on: the one asked for, or (auto) cuda when a worker offers GPUs."""
     requested = spec.training_config.device
     if requested != Device.auto:
         return str(requested)

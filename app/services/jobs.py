@@ -24,6 +24,7 @@ from sqlalchemy import ARRAY, Select, String, and_, any_, bindparam, case, delet
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
+from app.core.batching import KeyedBatcher
 from app.core.config import Settings, get_settings
 from app.core.db import AsyncDb, compile_for_psycopg_with_constants
 from app.errors import Conflict, NotFound, QuotaExceeded, Unprocessable
@@ -516,12 +517,16 @@ async def _fetch_jobs(db: AsyncDb, job_ids: Sequence[str]) -> dict[str, Any]:
     return {row.id: row for row in await db.fetch_all(_READ_JOBS_SQL, params)}
 
 
+def read_batcher(db: AsyncDb) -> KeyedBatcher[str, Any]:
+    """The pool's coalescing reader of job rows (by id)."""
+    return db.batcher("jobs.read", lambda ids: _fetch_jobs(db, ids))
+
+
 async def read_async(db: AsyncDb, *, job_id: str, tenant_id: str | None) -> JobRead:
     """`read` on the event loop, through the async read pool (autocommit, no thread hop). Concurrent reads
     are coalesced: while a statement is out, the jobs asked for meanwhile are read by the next one, together
     (each still read after its request arrived; see app.core.batching)."""
-    batcher = db.batcher("jobs.read", lambda ids: _fetch_jobs(db, ids))
-    row = await batcher.get(job_id)
+    row = await read_batcher(db).get(job_id)
     return _read_row(row, job_id=job_id, tenant_id=tenant_id)
 
 
@@ -927,13 +932,18 @@ def wake_scheduler(settings: Settings) -> None:
 # ----------------------------------------------------------------------------------------------- views
 
 
-def _error(job: Job | Row[Any]) -> JobError | None:
+def _error_fields(job: Any) -> dict[str, Any] | None:
+    """A stored error as the API shows it: code and message as strings, its other fields kept."""
     if not job.error:
         return None
-    return JobError.model_validate(
-        {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", ""))}
-        | {k: v for k, v in job.error.items() if k not in ("code", "message")}
-    )
+    return {"code": str(job.error.get("code", "error")), "message": str(job.error.get("message", ""))} | {
+        k: v for k, v in job.error.items() if k not in ("code", "message")
+    }
+
+
+def _error(job: Job | Row[Any]) -> JobError | None:
+    fields = _error_fields(job)
+    return None if fields is None else JobError.model_validate(fields)
 
 
 def to_read(job: Job | Row[Any]) -> JobRead:
@@ -1007,11 +1017,6 @@ def _summary_fields(job: Any) -> dict[str, Any]:
             job.distillation_method,
             job.task,
         )
-    error = job.error
-    if error:  # as `_error`: code and message as strings, the rest kept
-        error = {"code": str(error.get("code", "error")), "message": str(error.get("message", ""))} | {
-            k: v for k, v in error.items() if k not in ("code", "message")
-        }
     return {
         "job_id": job.id,
         "status": job.status,
@@ -1026,7 +1031,7 @@ def _summary_fields(job: Any) -> dict[str, Any]:
         "queued_at": job.queued_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,
-        "error": error or None,
+        "error": _error_fields(job),
         "name": job.name,
         "metadata": job.job_metadata or {},
     }

@@ -167,6 +167,8 @@ def test_each_create_stores_the_estimate_of_the_state_it_was_made_in(client: Tes
         heartbeats.beat(session, kind="worker", sid="gpu-worker-1", info={"cuda_visible_devices": "0"})
     try:
         assert create()["device_type"] == "cuda"
+        # The estimate endpoint (the session path) reads the same rule.
+        assert _estimate(client, training_config={"epochs": 4})["device_type"] == "cuda"
     finally:
         with session_scope() as session:
             heartbeats.remove(session, sid="gpu-worker-1")

@@ -127,7 +127,7 @@ def test_batched_reads_are_tenant_checked_and_see_every_committed_write(clean_da
             # In the same statements as the owner's reads, the other tenant's job is still "no such job".
             assert all(a.progress == 10.0 for a in answers[0::2])  # type: ignore[union-attr]
             assert all(isinstance(a, NotFound) for a in answers[1::2])
-            batcher = db.batcher("jobs.read", lambda ids: asyncio.sleep(0, {}))
+            batcher = jobs_service.read_batcher(db)
             assert batcher.statements < 30 and batcher.keys_read < 30
             # A write committed before a read is seen by it, even with other reads in flight.
             in_flight = [jobs_service.read_async(db, job_id=my_job, tenant_id=mine) for _ in range(5)]
