@@ -192,9 +192,6 @@ class HttpMetricsMiddleware:
         self.app = app
         self.histogram = histogram
         self._sequence = 0
-        # The histogram's child per (method, route, status), bound once: `labels()` takes a lock and
-        # builds its key on every call.
-        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -226,31 +223,18 @@ class HttpMetricsMiddleware:
                 template = getattr(route, "path_format", None) or getattr(route, "path", None) or "unmatched"
                 method = scope.get("method", "GET")
                 if not response["stream"]:
-                    labels = (method, template, response["status"])
-                    child = self._children.get(labels)
-                    if child is None:
-                        child = self._children[labels] = self.histogram.labels(
-                            method, template, str(response["status"])
-                        )
-                    child.observe(elapsed)
-                if log.isEnabledFor(logging.INFO):
-                    # makeRecord + handle: `info` would also walk the stack for the caller's file and line,
-                    # which the access line does not show.
-                    log.handle(
-                        log.makeRecord(
-                            log.name,
-                            logging.INFO,
-                            __file__,
-                            0,
-                            "%s %s %s %.1f ms",
-                            (method, template, response["status"], elapsed * 1000),
-                            None,
-                            extra={
-                                "method": method,
-                                "route": template,
-                                "path": scope.get("path"),
-                                "status": response["status"],
-                                "duration_ms": round(elapsed * 1000, 2),
-                            },
-                        )
-                    )
+                    self.histogram.labels(method, template, str(response["status"])).observe(elapsed)
+                log.info(
+                    "%s %s %s %.1f ms",
+                    method,
+                    template,
+                    response["status"],
+                    elapsed * 1000,
+                    extra={
+                        "method": method,
+                        "route": template,
+                        "path": scope.get("path"),
+                        "status": response["status"],
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
