@@ -7,17 +7,16 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
-from app.api.deps import reject_unknown_query_params
 from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers, webhooks
 from app.api.routes import teacher_caches as teacher_caches_routes
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker, make_async_db
-from app.core.logging import configure_logging
+from app.core.logging import DeferredLog, configure_logging
 from app.errors import install_exception_handlers
 from app.services.datasets import remove_stale_parts
 from app.services.metrics import HttpMetricsMiddleware, build_registry
@@ -93,6 +92,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
             app.state.async_db = None
             if async_db is not None:
                 await async_db.close()
+            app.state.access_log.flush()  # the last requests' lines, before the process goes
 
     # /docs (Swagger UI) and /redoc load their scripts and styles from the fastapi-offline package, served
     # here under DOCS_ASSETS_URL: no CDN, so the manual works on a machine without internet.
@@ -115,7 +115,12 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     # One registry per app (tests build several); the database figures are read at scrape time.
     registry, http_latency = build_registry(lambda: get_sessionmaker()())
     app.state.metrics_registry = registry
-    app.add_middleware(HttpMetricsMiddleware, histogram=http_latency)
+    # The access lines, batched a moment after their requests (see DeferredLog); flushed at shutdown.
+    access_log = DeferredLog(
+        logging.getLogger("distillery.http"), batch_seconds=app_settings.access_log_batch_seconds
+    )
+    app.state.access_log = access_log
+    app.add_middleware(HttpMetricsMiddleware, histogram=http_latency, access_log=access_log)
     for router in (
         jobs.router,
         teachers.router,
@@ -126,8 +131,8 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
         webhooks.router,
         teacher_caches_routes.router,
     ):
-        # The API refuses query parameters an operation does not take, as it refuses unknown body fields.
-        app.include_router(router, dependencies=[Depends(reject_unknown_query_params)])
+        # Their routes refuse query parameters an operation does not take (deps.CheckedQueryRoute).
+        app.include_router(router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
     return app

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.core.logging import request_scope
+from app.core.logging import DeferredLog, current_fields, request_scope
 from app.models import TERMINAL_STATUSES, Job, JobStatus, ServiceHeartbeat, utcnow
 
 log = logging.getLogger("distillery.http")
@@ -188,9 +188,10 @@ class HttpMetricsMiddleware:
     request's log context (request id, job id from the path). Event streams are left out of the latency
     histogram: their duration is the job's, not the server's."""
 
-    def __init__(self, app: ASGIApp, *, histogram: Histogram) -> None:
+    def __init__(self, app: ASGIApp, *, histogram: Histogram, access_log: DeferredLog) -> None:
         self.app = app
         self.histogram = histogram
+        self.access_log = access_log
         self._sequence = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -224,17 +225,15 @@ class HttpMetricsMiddleware:
                 method = scope.get("method", "GET")
                 if not response["stream"]:
                     self.histogram.labels(method, template, str(response["status"])).observe(elapsed)
-                log.info(
+                self.access_log.add(
                     "%s %s %s %.1f ms",
-                    method,
-                    template,
-                    response["status"],
-                    elapsed * 1000,
-                    extra={
+                    (method, template, response["status"], elapsed * 1000),
+                    {
                         "method": method,
                         "route": template,
                         "path": scope.get("path"),
                         "status": response["status"],
                         "duration_ms": round(elapsed * 1000, 2),
-                    },
+                    }
+                    | current_fields(),
                 )

@@ -152,10 +152,12 @@ def test_each_request_is_logged_as_json_with_its_route_job_id_and_tenant(
     client: TestClient, auth_headers: dict[str, str]
 ) -> None:
     job_id = client.post("/distillation/jobs", json=DIGITS_JOB).json()["job_id"]
+    client.app.state.access_log.flush()  # the POST's line, to the handler it was meant for
     stream = io.StringIO()
     handler = configure_logging(fmt="json", level="INFO", stream=stream)
     try:
         assert client.get(f"/distillation/jobs/{job_id}").status_code == 200
+        client.app.state.access_log.flush()  # lines are written a moment after their requests: now
     finally:
         logging.getLogger().removeHandler(handler)
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]

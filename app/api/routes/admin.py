@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import AdminDep, SessionDep
+from app.api.deps import AdminDep, CheckedQueryRoute, SessionDep
 from app.models import ApiKey, Tenant
 from app.schemas.admin import ApiKeyCreate, ApiKeyCreated, ApiKeyRead
 from app.schemas.problem import problem_responses
 from app.services import auth as auth_service
 
-router = APIRouter(prefix="/admin", tags=["admin"])
+router = APIRouter(prefix="/admin", tags=["admin"], route_class=CheckedQueryRoute)
 
 
 def _read(api_key: ApiKey, tenant: Tenant) -> ApiKeyRead:

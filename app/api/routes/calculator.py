@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import CurrentTenantDep
+from app.api.deps import CheckedQueryRoute, CurrentTenantDep
 from app.schemas.calculator import CalculatorInput, CalculatorResult
 from app.schemas.problem import problem_responses
 from app.services import calculator as calculator_service
 
-router = APIRouter(prefix="/distillation/calculator", tags=["calculator"])
+router = APIRouter(prefix="/distillation/calculator", tags=["calculator"], route_class=CheckedQueryRoute)
 
 
 @router.post(

@@ -7,13 +7,13 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep
+from app.api.deps import CheckedQueryRoute, CurrentTenantDep, SessionDep, SettingsDep
 from app.api.multipart import receive_upload
 from app.schemas.datasets import DatasetRead
 from app.schemas.problem import problem_responses
 from app.services import datasets as datasets_service
 
-router = APIRouter(prefix="/distillation/datasets", tags=["datasets"])
+router = APIRouter(prefix="/distillation/datasets", tags=["datasets"], route_class=CheckedQueryRoute)
 
 _UPLOAD_BODY = {
     "requestBody": {

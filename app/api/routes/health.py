@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from app.api.deps import SessionDep, SettingsDep
+from app.api.deps import CheckedQueryRoute, SessionDep, SettingsDep
 from app.schemas.health import HealthRead
 from app.schemas.problem import problem_responses
 from app.services import health as health_service
 
-router = APIRouter(tags=["health"])
+router = APIRouter(tags=["health"], route_class=CheckedQueryRoute)
 
 
 @router.get(

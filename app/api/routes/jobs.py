@@ -15,6 +15,7 @@ from starlette.convertors import StringConvertor, register_url_convertor
 
 from app.api.deps import (
     AsyncDbDep,
+    CheckedQueryRoute,
     CurrentTenantDep,
     SessionDep,
     SettingsDep,
@@ -51,7 +52,7 @@ from app.services import jobs as jobs_service
 from app.services import webhooks as webhooks_service
 from app.services.auth import Principal
 
-router = APIRouter(prefix="/distillation/jobs", tags=["jobs"])
+router = APIRouter(prefix="/distillation/jobs", tags=["jobs"], route_class=CheckedQueryRoute)
 
 
 class _JobIdConvertor(StringConvertor):

@@ -6,12 +6,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import CurrentTenantDep, SettingsDep
+from app.api.deps import CheckedQueryRoute, CurrentTenantDep, SettingsDep
 from app.schemas.problem import problem_responses
 from app.schemas.teacher_caches import TeacherCachePage, TeacherCacheRead
 from app.services import teacher_caches as caches_service
 
-router = APIRouter(prefix="/distillation/teacher-caches", tags=["teacher-caches"])
+router = APIRouter(
+    prefix="/distillation/teacher-caches", tags=["teacher-caches"], route_class=CheckedQueryRoute
+)
 
 _Key = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="The cache key (32 hex digits)")]
 

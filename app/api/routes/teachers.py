@@ -6,13 +6,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep
+from app.api.deps import CheckedQueryRoute, CurrentTenantDep, SessionDep, SettingsDep
 from app.schemas.problem import problem_responses
 from app.schemas.teachers_api import TeacherCreate, TeacherRead
 from app.services import file_roots
 from app.services import teachers as teachers_service
 
-router = APIRouter(prefix="/distillation/teachers", tags=["teachers"])
+router = APIRouter(prefix="/distillation/teachers", tags=["teachers"], route_class=CheckedQueryRoute)
 
 
 @router.get(

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Response, status
 
-from app.api.deps import CurrentTenantDep, SessionDep, SettingsDep
+from app.api.deps import CheckedQueryRoute, CurrentTenantDep, SessionDep, SettingsDep
 from app.models import WebhookEndpoint
 from app.schemas.problem import problem_responses
 from app.schemas.webhooks import (
@@ -17,7 +17,7 @@ from app.schemas.webhooks import (
 )
 from app.services import webhooks as webhooks_service
 
-router = APIRouter(prefix="/distillation/webhooks", tags=["webhooks"])
+router = APIRouter(prefix="/distillation/webhooks", tags=["webhooks"], route_class=CheckedQueryRoute)
 
 EndpointId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
 
