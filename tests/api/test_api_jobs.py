@@ -241,6 +241,23 @@ def test_list_pages_round_trip_newest_first(client: TestClient) -> None:
     assert seen == list(reversed(created))
 
 
+def test_a_listed_job_shows_what_its_read_shows(client: TestClient) -> None:
+    """A page's summaries are shaped by the database (progress bounded, no metadata as {}, the error as
+    the read shows it): each must agree with the job's own read."""
+    over, under, failed = (_create(client)["job_id"] for _ in range(3))
+    _set_status(over, JobStatus.running, progress=130.0, job_metadata=None)
+    _set_status(under, JobStatus.running, progress=-4.0, job_metadata={"team": "vision"})
+    error = {"code": "nan_loss", "message": "loss became NaN", "epoch": 3}
+    _set_status(failed, JobStatus.failed, error=error)
+    listed = {j["job_id"]: j for j in client.get("/distillation/jobs").json()["data"]}
+    assert (listed[over]["progress"], listed[over]["metadata"]) == (100.0, {})
+    assert (listed[under]["progress"], listed[under]["metadata"]) == (0.0, {"team": "vision"})
+    assert listed[failed]["error"] == error
+    for job_id, summary in listed.items():
+        read = client.get(f"/distillation/jobs/{job_id}").json()
+        assert {k: read[k] for k in summary if k in read} == {k: v for k, v in summary.items() if k in read}
+
+
 def test_list_filters_by_status_and_teacher(client: TestClient) -> None:
     pending = _create(client)["job_id"]
     queued = _create(client, auto_start=True)["job_id"]
