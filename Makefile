@@ -19,8 +19,11 @@ $(VENV)/.installed: pyproject.toml
 run: install
 	$(VENV)/bin/distillery up
 
+# Two test processes (pytest-xdist), each a whole file at a time and in order (a module's tests may build on
+# each other's files); each has its own database, Redis prefix and DATA_DIR (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: install
 	$(VENV)/bin/ruff check app workers distillery distillery_cli migrations tests bench

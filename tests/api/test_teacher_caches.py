@@ -102,6 +102,7 @@ def test_a_jobs_caches_belong_to_its_tenant(make_client: Any, make_api_key: Any)
     }
     created = client.post("/distillation/jobs", json=job)
     assert created.status_code == 201, created.text
+    tenant_id = _tenant_id(name)  # its own session first: SQLite's write lock allows one at a time
     with session_scope() as session:
-        assert teacher_caches.owner_of_job(session, job_id=created.json()["job_id"]) == _tenant_id(name)
+        assert teacher_caches.owner_of_job(session, job_id=created.json()["job_id"]) == tenant_id
         assert teacher_caches.owner_of_job(session, job_id="no-such-job") == teacher_caches.LOCAL_OWNER
