@@ -20,20 +20,7 @@ from functools import lru_cache
 from typing import Any
 
 from psycopg.types.json import Json
-from sqlalchemy import (
-    ARRAY,
-    Select,
-    String,
-    and_,
-    any_,
-    bindparam,
-    case,
-    delete,
-    func,
-    or_,
-    select,
-    update,
-)
+from sqlalchemy import ARRAY, Select, String, and_, any_, bindparam, case, delete, func, or_, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.orm import Session
 
@@ -568,11 +555,9 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
 # What a list page shows, and no more: the spec's three summary fields are extracted by the database, so a
 # page never loads (or decodes) the specs, metrics and results of its 50 jobs.
 _SUMMARY_COLUMNS = (
-    Job.id,  # the page cursor's key
-    # The rest named and shaped as JobSummary's fields, so that a page validates straight from its rows.
-    Job.id.label("job_id"),
+    Job.id,
     Job.status,
-    case((Job.progress > 100.0, 100.0), (Job.progress > 0.0, Job.progress), else_=0.0).label("progress"),
+    Job.progress,
     Job.phase,
     Job.teacher_model_name,
     Job.spec["target_compression"].as_float().label("target_compression"),
@@ -585,7 +570,7 @@ _SUMMARY_COLUMNS = (
     Job.finished_at,
     Job.error,
     Job.name,
-    Job.job_metadata.label("metadata"),
+    Job.job_metadata,
 )
 
 
@@ -1009,15 +994,9 @@ def _queue_reason(job: Job | Row[Any]) -> str | None:
 
 
 def summary_page(jobs: Iterable[Any], *, has_more: bool, next_cursor: str | None) -> Page[JobSummary]:
-    """A list page: every summary validated in one call (not one model construction per job), straight
-    from the attributes of `list_page` rows; a row with an error or without metadata (NULL, or JSON null),
-    or an ORM instance, through `_summary_fields`."""
-    data = [
-        j if not isinstance(j, Job) and j.error is None and j.metadata is not None else _summary_fields(j)
-        for j in jobs
-    ]
+    """A list page: every summary validated in one call (not one model construction per job)."""
     return Page[JobSummary].model_validate(
-        {"data": data, "has_more": has_more, "next_cursor": next_cursor}, from_attributes=True
+        {"data": [_summary_fields(j) for j in jobs], "has_more": has_more, "next_cursor": next_cursor}
     )
 
 
@@ -1032,18 +1011,16 @@ def _summary_fields(job: Any) -> dict[str, Any]:
         target_compression = spec.get("target_compression")
         distillation_method = spec.get("distillation_method")
         task = spec.get("task")
-        progress, metadata = min(100.0, max(0.0, job.progress or 0.0)), job.job_metadata or {}
-    else:  # a list_page row: its spec fields, progress and metadata already shaped by the database
+    else:
         target_compression, distillation_method, task = (
             job.target_compression,
             job.distillation_method,
             job.task,
         )
-        progress, metadata = job.progress, job.metadata or {}
     return {
         "job_id": job.id,
         "status": job.status,
-        "progress": progress,
+        "progress": min(100.0, max(0.0, job.progress or 0.0)),
         "phase": job.phase,
         "teacher_model_name": job.teacher_model_name,
         "target_compression": target_compression,
@@ -1056,5 +1033,5 @@ def _summary_fields(job: Any) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "error": _error_fields(job),
         "name": job.name,
-        "metadata": metadata,
+        "metadata": job.job_metadata or {},
     }
