@@ -20,10 +20,13 @@ run: install
 	$(VENV)/bin/distillery up
 
 # Two test processes (pytest-xdist), each a whole file at a time and in order (a module's tests may build on
-# each other's files); each has its own database, Redis prefix and DATA_DIR (tests/conftest.py).
+# each other's files); each has its own database, Redis prefix and DATA_DIR (tests/conftest.py). The schema
+# fuzz runs on its own, in one process: its schemathesis cases share one test id, which xdist counts once.
 TEST_WORKERS ?= 2
+FUZZ := tests/api/test_fuzz.py
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --ignore=$(FUZZ)
+	$(PY) -m pytest -n 0 $(FUZZ)
 
 lint: install
 	$(VENV)/bin/ruff check app workers distillery distillery_cli migrations tests bench
