@@ -20,6 +20,7 @@ from app.core.logging import DeferredLog, configure_logging
 from app.errors import install_exception_handlers
 from app.services.datasets import remove_stale_parts
 from app.services.metrics import HttpMetricsMiddleware, build_registry
+from app.services.metrics import log as http_log
 from app.services.teachers import seed_default_teachers
 
 logger = logging.getLogger("distillery.api")
@@ -116,9 +117,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
     registry, http_latency = build_registry(lambda: get_sessionmaker()())
     app.state.metrics_registry = registry
     # The access lines, batched a moment after their requests (see DeferredLog); flushed at shutdown.
-    access_log = DeferredLog(
-        logging.getLogger("distillery.http"), batch_seconds=app_settings.access_log_batch_seconds
-    )
+    access_log = DeferredLog(http_log, batch_seconds=app_settings.access_log_batch_seconds)
     app.state.access_log = access_log
     app.add_middleware(HttpMetricsMiddleware, histogram=http_latency, access_log=access_log)
     for router in (

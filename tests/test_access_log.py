@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -31,18 +32,19 @@ def test_records_reach_the_handler_together_a_moment_later_with_their_own_time_a
     handler = configure_logging(fmt="json", level="INFO", stream=stream)
     deferred = DeferredLog(logging.getLogger("distillery.test-access"), batch_seconds=0.05)
 
-    async def requests() -> tuple[float, list[dict[str, object]]]:
+    async def requests() -> tuple[float, float, list[dict[str, object]]]:
         with log_context(job_id="job-a"):  # the first request's context schedules the flush
             deferred.add("GET %s", ("/a",), {"job_id": "job-a", "request_id": "r-1", "status": 200})
         first_added = time.time()
-        await asyncio.sleep(0.01)
         deferred.add("GET %s", ("/b",), {"request_id": "r-2", "status": 404})  # a request of no job
         before_flush = _lines(stream)
-        await asyncio.sleep(0.2)
-        return first_added, before_flush
+        deadline = time.monotonic() + 10
+        while not stream.getvalue() and time.monotonic() < deadline:  # the loop's timer writes them
+            await asyncio.sleep(0.005)
+        return first_added, time.time(), before_flush
 
     try:
-        first_added, before_flush = asyncio.run(requests())
+        first_added, written_by, before_flush = asyncio.run(requests())
     finally:
         logging.getLogger().removeHandler(handler)
     assert before_flush == []  # nothing handled on the request path
@@ -51,9 +53,10 @@ def test_records_reach_the_handler_together_a_moment_later_with_their_own_time_a
     assert a["job_id"] == "job-a" and a["request_id"] == "r-1" and a["status"] == 200
     # The record of the second request takes nothing from the context the flush was scheduled in.
     assert "job_id" not in b and b["request_id"] == "r-2"
-    # Each keeps the time it was added, not the time it was written.
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(first_added))
-    assert str(a["ts"]).startswith(stamp[:-1]) and str(a["ts"]) <= str(b["ts"])
+    # Written a batch delay later, each keeps the time it was added (`ts`: milliseconds, truncated).
+    assert written_by - first_added >= 0.05
+    stamped = datetime.fromisoformat(str(a["ts"])).timestamp()
+    assert 0 <= first_added - stamped < 0.03 and str(a["ts"]) <= str(b["ts"])
 
 
 def test_without_a_running_loop_a_record_is_handled_at_once() -> None:

@@ -242,8 +242,8 @@ def test_list_pages_round_trip_newest_first(client: TestClient) -> None:
 
 
 def test_a_listed_job_shows_what_its_read_shows(client: TestClient) -> None:
-    """A page's summaries are shaped by the database (progress bounded, no metadata as {}, the error as
-    the read shows it): each must agree with the job's own read."""
+    """A page's summaries (progress bounded, no metadata as {}, the error with its extra fields) agree with
+    each job's own read."""
     over, under, failed = (_create(client)["job_id"] for _ in range(3))
     _set_status(over, JobStatus.running, progress=130.0, job_metadata=None)
     _set_status(under, JobStatus.running, progress=-4.0, job_metadata={"team": "vision"})
