@@ -77,8 +77,10 @@ def test_second_claimant_is_refused_and_a_taken_over_worker_writes_nothing_more(
         assert lifecycle.claim_job(session, job_id=job_id, worker="intruder/1") is None
 
     # Take the lease over as a re-claim elsewhere would: new token and worker, fixed heartbeat/progress.
+    # The row is locked before it is read: a heartbeat the worker commits between an unlocked read and the
+    # takeover would be a legitimate pre-takeover write, yet differ from the values frozen here.
     with session_scope() as session:
-        before = session.get(Job, job_id)
+        before = session.get(Job, job_id, with_for_update=True)
         assert before is not None and before.status == "running"
         frozen = {"heartbeat_at": before.heartbeat_at, "progress": before.progress, "phase": before.phase}
         session.execute(
