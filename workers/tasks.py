@@ -42,7 +42,7 @@ from app.services.datasets import get as get_dataset
 from app.services.file_roots import FILES_DISABLED_CODE, FILES_DISABLED_MESSAGE
 from app.services.lifecycle import Claim
 from app.services.scheduler import admit_and_dispatch
-from app.services.teachers import get_teacher_source
+from app.services.teachers import get_teacher_source, record_measured_params
 from workers.celery_app import celery_app
 from workers.distill.contract import EngineError, JobPaths, JobStopped
 from workers.reporting import JobReporter
@@ -84,11 +84,13 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     paths = JobPaths(settings.jobs_dir / claim.job_id)
     with JobReporter(claim, settings) as reporter:
         try:
-            spec, teacher, root = _prepare(claim, settings)
+            spec, teacher, root, tenant_id = _prepare(claim, settings)
             from workers.distill.config import EngineConfig
             from workers.distill.runner import named_student, run_job
 
-            student = named_student(spec, registry=functools.partial(_registry_lookup, root=root))
+            student = named_student(
+                spec, registry=functools.partial(_registry_lookup, root=root, tenant_id=tenant_id)
+            )
 
             results = run_job(
                 spec,
@@ -136,7 +138,22 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
             )
         ),
     )
+    if stored:
+        _record_teacher_size(spec.teacher_model_name, tenant_id, stored_results.get("original_parameters"))
     return "completed" if stored else "lease lost; results discarded"
+
+
+def _record_teacher_size(name: str, tenant_id: str | None, params: Any) -> None:
+    """A teacher registered without `params` gets the count its finished job measured (best effort: the
+    job is already completed, so a failure here is logged, never the job's)."""
+    if not isinstance(params, int) or isinstance(params, bool):
+        return
+    try:
+        with session_scope() as session:
+            if record_measured_params(session, name=name, tenant_id=tenant_id, params=params):
+                log.info("teacher %s: parameter count %d measured by a finished job", name, params)
+    except SQLAlchemyError as exc:
+        log.warning("teacher %s: could not store its measured size: %s", name, exc.__class__.__name__)
 
 
 def _cache_owner(claim: Claim) -> str:
@@ -173,7 +190,7 @@ def _estimate_comparison(estimate: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None]:
+def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, Path | None, str | None]:
     """The validated spec and teacher source with every path resolved and checked, and the tenant's root.
 
     Uploaded datasets (the main one and held-out splits) become their stored files (written by the service,
@@ -186,11 +203,11 @@ def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, 
     except ValidationError as exc:
         raise EngineError("invalid_spec", f"the stored job spec is no longer valid: {exc}") from exc
     with session_scope() as session:
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
         try:
-            teacher = get_teacher_source(session, spec.teacher_model_name)
+            teacher = get_teacher_source(session, spec.teacher_model_name, tenant_id=tenant_id)
         except NotFound as exc:
             raise EngineError("unknown_teacher", exc.detail) from exc
-        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == claim.job_id))
         root = file_roots.root_for(session, settings=settings, tenant_id=tenant_id)
 
         def resolved(source: Any) -> Any:
@@ -226,7 +243,7 @@ def _prepare(claim: Claim, settings: Settings) -> tuple[JobSpec, TeacherSource, 
         )
         spec_updates["student"] = spec.student.model_copy(update={"path": str(path)})
     spec = spec.model_copy(update=spec_updates)
-    return spec, _local_resolved(teacher, root, code="teacher_not_found"), root
+    return spec, _local_resolved(teacher, root, code="teacher_not_found"), root, tenant_id
 
 
 def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> TeacherSource:
@@ -238,11 +255,12 @@ def _local_resolved(source: TeacherSource, root: Path | None, *, code: str) -> T
     return source.model_copy(update={"location": str(directory)})
 
 
-def _registry_lookup(name: str, *, root: Path | None) -> TeacherSource:
-    """A registered model by name (a 'registry' student), its local directory checked under the root."""
+def _registry_lookup(name: str, *, root: Path | None, tenant_id: str | None) -> TeacherSource:
+    """A registered model by name (a 'registry' student) as the job's tenant sees it, its local directory
+    checked under the root."""
     with session_scope() as session:
         try:
-            source = get_teacher_source(session, name)
+            source = get_teacher_source(session, name, tenant_id=tenant_id)
         except NotFound as exc:
             raise EngineError("student_not_found", exc.detail) from exc
     return _local_resolved(source, root, code="student_not_found")

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    func,
     text,
 )
 from sqlalchemy.engine import Dialect
@@ -77,10 +78,14 @@ TERMINAL_STATUSES = (JobStatus.completed, JobStatus.failed, JobStatus.cancelled)
 
 
 class Teacher(Base):
+    """A registered teacher. Names are unique per owner (`uq_teachers_owner_name`, migration 0007): a
+    tenant's registration never collides with, nor reveals, another tenant's; global names are taken for all.
+    """
+
     __tablename__ = "teachers"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    name: Mapped[str] = mapped_column(String(200), unique=True)
+    name: Mapped[str] = mapped_column(String(200))
     source_kind: Mapped[str] = mapped_column(String(16))  # builtin | local | hub
     location: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(64))
@@ -91,6 +96,10 @@ class Teacher(Base):
     # Owner (tenants.id); NULL for the seeded global teachers. Added by migration 0002.
     tenant_id: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# One name per owner; the global teachers (tenant_id NULL) are one owner, '' (never a tenant id) stands in.
+Index("uq_teachers_owner_name", func.coalesce(Teacher.tenant_id, ""), Teacher.name, unique=True)
 
 
 class Dataset(Base):

@@ -92,13 +92,6 @@ def _history(session: Session) -> list[dict[str, Any]]:
     return usable_history(rows)
 
 
-def _known_teacher_params(history: list[dict[str, Any]], teacher: str) -> int | None:
-    for past in history:
-        if past.get("teacher_model_name") == teacher and past["actual"].get("teacher_parameters"):
-            return int(past["actual"]["teacher_parameters"])
-    return None
-
-
 def training_flops(
     spec: JobSpec,
     *,
@@ -269,11 +262,10 @@ def compute(
     start_epoch: int = 0,
 ) -> dict[str, Any]:
     """The estimate of `spec` from what was read: no I/O (the sync and the event-loop paths share it)."""
+    # The registry's count: given at registration, or measured by the teacher's first finished job
+    # (`teachers.record_measured_params`). Never looked up by name in the history: names are per tenant.
     teacher_params = registered_teacher_params or None
     params_source = "registry"
-    if teacher_params is None:
-        teacher_params = _known_teacher_params(history, spec.teacher_model_name)
-        params_source = "measured by a finished job"
     rows, rows_source = dataset_rows
     result: dict[str, Any] = {
         "task": str(spec.task),
@@ -393,7 +385,8 @@ def measured(
     """The estimate with what the finished job measured (`actual`), or None without an estimate.
 
     The throughput is the job's FLOP count with its measured teacher size over its training seconds, so
-    a teacher of unknown size is known from its first finished job on.
+    a teacher of unknown size is known from its first finished job on (the worker also stores the measured
+    size on the teacher: `teachers.record_measured_params`).
     """
     if not estimate:
         return None

@@ -296,25 +296,30 @@ def create(
 
 
 # A pending job and its `created` state event in one statement (autocommit: atomic on its own), inserted
-# only if the teacher is visible to the tenant (global or its own, as `teachers.get`): the create's checks
-# and writes in one round trip instead of five (BEGIN, teacher SELECT, two INSERTs, COMMIT).
+# only if the teacher the tenant sees by that name (its own, else the global one, as `teachers.get`) fits
+# the task: the create's checks and writes in one round trip instead of five (BEGIN, teacher SELECT, two
+# INSERTs, COMMIT).
 _CREATE_PENDING_SQL = f"""
-WITH job AS (
+WITH teacher AS (
+    SELECT teachers.type, teachers.source_kind, teachers.params FROM teachers
+    WHERE teachers.name = %(teacher)s::varchar
+      AND (teachers.tenant_id IS NULL OR teachers.tenant_id = %(tenant_id)s::varchar)
+    ORDER BY teachers.tenant_id IS NULL
+    LIMIT 1
+), job AS (
     INSERT INTO jobs (id, spec, teacher_model_name, status, attempt, progress, created_at, updated_at,
                       tenant_id, name, job_metadata, pause_count, estimate)
     SELECT %(id)s::varchar, %(spec)s::json, %(teacher)s::varchar, %(status)s::varchar, 0, 0.0,
            %(now)s::timestamptz, %(now)s::timestamptz, %(tenant_id)s::varchar, %(name)s::varchar,
            %(job_metadata)s::json, 0, %(estimate)s::json
     WHERE EXISTS (
-        SELECT 1 FROM teachers
-        WHERE teachers.name = %(teacher)s::varchar
-          AND (teachers.tenant_id IS NULL OR teachers.tenant_id = %(tenant_id)s::varchar)
-          -- `_teacher_task_mismatch` in SQL: any mismatch falls back to `create`, which explains it.
-          AND CASE WHEN %(image)s::boolean THEN teachers.type = ANY(%(image_types)s::varchar[])
+        SELECT 1 FROM teacher
+        -- `_teacher_task_mismatch` in SQL: any mismatch falls back to `create`, which explains it.
+        WHERE CASE WHEN %(image)s::boolean THEN teacher.type = ANY(%(image_types)s::varchar[])
                    WHEN %(classification)s::boolean
-                   THEN NOT (teachers.type = ANY(%(text_types)s::varchar[])) AND teachers.source_kind <> 'hub'
-                        AND teachers.type <> %(image_type)s::varchar
-                   ELSE teachers.type = ANY(%(text_types)s::varchar[]) AND teachers.source_kind <> 'builtin'
+                   THEN NOT (teacher.type = ANY(%(text_types)s::varchar[])) AND teacher.source_kind <> 'hub'
+                        AND teacher.type <> %(image_type)s::varchar
+                   ELSE teacher.type = ANY(%(text_types)s::varchar[]) AND teacher.source_kind <> 'builtin'
               END
     )
     RETURNING *
@@ -324,8 +329,7 @@ WITH job AS (
 )
 SELECT job.*,
        -- What the estimate is made from, as of this statement: checks the one it stored.
-       (SELECT teachers.params FROM teachers WHERE teachers.name = %(teacher)s::varchar)
-           AS est_teacher_params,
+       (SELECT teacher.params FROM teacher) AS est_teacher_params,
        {estimates_service.ANY_GPU_WORKER_SQL} AS est_any_gpu_worker,
        ({estimates_service.HISTORY_VERSION_SQL}) AS est_history_version
 FROM job

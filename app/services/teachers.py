@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, or_, select, true
+from sqlalchemy import ColumnElement, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,7 +27,9 @@ def seed_default_teachers(session: Session) -> int:
     """Insert the default registry's teachers that are missing; idempotent and safe to race. Returns added."""
     added = 0
     for source in DEFAULT_TEACHERS:
-        existing = session.scalar(select(Teacher).where(Teacher.name == source.name))
+        existing = session.scalar(
+            select(Teacher).where(Teacher.name == source.name, Teacher.tenant_id.is_(None))
+        )
         if existing is not None:
             if existing.builtin and existing.params is None and source.params is not None:
                 existing.params = source.params  # seeded by a version that did not know the count
@@ -64,13 +66,24 @@ def _visible_to(tenant_id: str | None) -> ColumnElement[bool]:
 
 
 def valid_names(session: Session, *, tenant_id: str | None) -> list[str]:
-    return list(
-        session.scalars(select(Teacher.name).where(_visible_to(tenant_id)).order_by(Teacher.name)).all()
-    )
+    query = select(Teacher.name).where(_visible_to(tenant_id)).distinct().order_by(Teacher.name)
+    return list(session.scalars(query).all())
 
 
 def get(session: Session, *, name: str, tenant_id: str | None) -> Teacher | None:
-    return session.scalar(select(Teacher).where(Teacher.name == name, _visible_to(tenant_id)))
+    """The teacher called `name` that the tenant sees: its own, else the global one (None: global only).
+
+    Names are unique per owner. A tenant cannot register a global teacher's name, but a global teacher seeded
+    later may share a tenant's name: the tenant's own wins, as it did when the tenant registered it.
+    """
+    if tenant_id is None:
+        return session.scalar(select(Teacher).where(Teacher.name == name, Teacher.tenant_id.is_(None)))
+    return session.scalar(
+        select(Teacher)
+        .where(Teacher.name == name, _visible_to(tenant_id))
+        .order_by(Teacher.tenant_id.is_(None))  # own (False) before global (True)
+        .limit(1)
+    )
 
 
 def get_or_raise(session: Session, *, name: str, tenant_id: str | None) -> Teacher:
@@ -85,12 +98,10 @@ def get_or_raise(session: Session, *, name: str, tenant_id: str | None) -> Teach
     return teacher
 
 
-def get_teacher_source(session: Session, name: str) -> TeacherSource:
-    """The source a worker loads the teacher `name` from; NotFound (listing valid names) if unregistered.
-
-    Unscoped: names are unique across tenants, and the API checked the job's tenant may use it.
-    """
-    teacher = get_or_raise(session, name=name, tenant_id=None)
+def get_teacher_source(session: Session, name: str, *, tenant_id: str | None) -> TeacherSource:
+    """The source a worker loads the teacher `name` from, as the job's tenant sees it (its own, else the
+    global one); NotFound (listing the names the tenant can use) if there is none."""
+    teacher = get_or_raise(session, name=name, tenant_id=tenant_id)
     return TeacherSource(
         name=teacher.name,
         kind=TeacherSourceKind(teacher.source_kind),
@@ -100,6 +111,22 @@ def get_teacher_source(session: Session, name: str) -> TeacherSource:
         task=teacher.task,
         description=teacher.description,
     )
+
+
+def record_measured_params(session: Session, *, name: str, tenant_id: str | None, params: int) -> bool:
+    """Store the parameter count a finished job measured on the teacher its tenant used, if the registry did
+    not know it (registered without `params`); True when stored. The teacher's next estimate is made from it.
+    """
+    teacher = get(session, name=name, tenant_id=tenant_id)
+    if teacher is None or teacher.params is not None or params <= 0:
+        return False
+    result = session.execute(
+        update(Teacher)
+        .where(Teacher.id == teacher.id, Teacher.params.is_(None))
+        .values(params=params)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
 
 
 def list_all(session: Session, *, tenant_id: str | None) -> list[Teacher]:
@@ -155,8 +182,8 @@ def register(
             location = check_hub_repo_id(request.location)
         except ValueError as exc:
             raise _location_error(str(exc), "hub_id_invalid") from exc
-    if get(session, name=request.name, tenant_id=None) is not None:
-        raise Conflict(f"A teacher named '{request.name}' is already registered.")
+    if get(session, name=request.name, tenant_id=tenant_id) is not None:
+        raise Conflict(_taken(request.name))
     teacher = Teacher(
         name=request.name,
         source_kind=request.kind,
@@ -173,8 +200,13 @@ def register(
         session.commit()
     except IntegrityError as exc:
         session.rollback()
-        raise Conflict(f"A teacher named '{request.name}' is already registered.") from exc
+        raise Conflict(_taken(request.name)) from exc
     return teacher
+
+
+def _taken(name: str) -> str:
+    """The 409 of a name the tenant already sees (its own or a global one; never another tenant's)."""
+    return f"A teacher named '{name}' is already registered (GET /distillation/teachers/{name} shows it)."
 
 
 def _check_program(path: Path, location: str) -> None:

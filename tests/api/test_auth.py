@@ -236,15 +236,45 @@ def test_another_tenants_teacher_is_404_unlisted_and_unusable(
     assert name in {t["name"] for t in alice.get("/distillation/teachers").json()}
     body = problem(bob.post("/distillation/jobs", json=DIGITS | {"teacher_model_name": name}), 422)
     assert name not in body["valid_teachers"]
-    # Names are global (workers resolve them): a taken name is a 409 that does not say whose it is.
-    taken = bob.post(
-        "/distillation/teachers",
-        json={"name": name, "kind": "hub", "location": "org/other", "type": "transformer"},
-    )
-    assert problem(taken, 409)["detail"] == f"A teacher named '{name}' is already registered."
     with session_scope() as session:
         assert session.scalar(select(Teacher.tenant_id).where(Teacher.name == "digits-cnn")) is None
         assert session.scalar(select(Teacher.tenant_id).where(Teacher.name == name)) is not None
+
+
+def test_two_tenants_may_register_one_teacher_name_and_each_job_uses_its_own(
+    two_tenants: tuple[TestClient, TestClient], problem: Any
+) -> None:
+    """Names are unique per tenant: a registration never collides with (nor reveals) another tenant's, a
+    global teacher's name stays taken for all, and each tenant's reads, jobs and estimates use its own."""
+    alice, bob = two_tenants
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    teacher = {"name": name, "kind": "hub", "type": "transformer"}
+    mine = alice.post(
+        "/distillation/teachers", json=teacher | {"location": "org/alice", "params": 111_000_000}
+    )
+    assert mine.status_code == 201, mine.text
+    theirs = bob.post("/distillation/teachers", json=teacher | {"location": "org/bob", "params": 222_000_000})
+    assert theirs.status_code == 201, theirs.text
+    assert alice.get(f"/distillation/teachers/{name}").json()["location"] == "org/alice"
+    assert bob.get(f"/distillation/teachers/{name}").json()["location"] == "org/bob"
+    assert [t["location"] for t in bob.get("/distillation/teachers").json() if t["name"] == name] == [
+        "org/bob"
+    ]
+
+    again = alice.post("/distillation/teachers", json=teacher | {"location": "org/alice-2"})
+    assert "already registered" in problem(again, 409)["detail"]
+    seeded = bob.post("/distillation/teachers", json=teacher | {"name": "digits-cnn", "location": "org/x"})
+    assert "already registered" in problem(seeded, 409)["detail"]  # a global name is everyone's
+
+    job = {"teacher_model_name": name, "task": "causal-lm", "dataset_config": {"kind": "hub", "name": "x"}}
+    for client, params in ((alice, 111_000_000), (bob, 222_000_000)):
+        created = client.post("/distillation/jobs", json=job)
+        assert created.status_code == 201, created.text
+        assert created.json()["estimate"]["teacher_parameters"] == params  # its own teacher's size
+        assert client.post("/distillation/jobs/estimate", json=job).json()["teacher_parameters"] == params
+    with session_scope() as session:
+        owners = session.scalars(select(Teacher.tenant_id).where(Teacher.name == name)).all()
+    assert len(set(owners)) == 2
 
 
 def test_per_tenant_queued_limit_is_429_while_other_tenants_may_queue(

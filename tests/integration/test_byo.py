@@ -117,4 +117,9 @@ def test_pt2_teacher_registry_student_and_held_out_sets_on_a_worker(stack: Stack
     assert results["splits"]["validation"] == {"source": "val.parquet", "rows": 90, "given": True}
     assert results["splits"]["test"]["rows"] == 120 and results["splits"]["test"]["given"] is True
     assert results["teacher_accuracy"] > 0.8 and results["student_accuracy"] > 0.8
+    # Registered without `params`: the finished job's measured count is now the teacher's (its next
+    # estimate is made from it); the registry student is not the job's teacher and stays unsized.
+    teacher = api.get(f"/distillation/teachers/{names['teacher']}").json()
+    assert teacher["params"] == results["original_parameters"] > 0
+    assert api.get(f"/distillation/teachers/{names['student']}").json()["params"] is None
     print(f"integration: registry student retention {results['accuracy_retention']:.3f}")
