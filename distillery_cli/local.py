@@ -57,6 +57,9 @@ class _RichCallbacks:
     def should_stop(self) -> bool:
         return self.stop_requested
 
+    def may_write(self) -> bool:
+        return True  # a local run owns its folder: no lease, no other attempt
+
 
 def _resolve_dataset_path(spec: JobSpec) -> JobSpec:
     """A `file` dataset's path checked and resolved by the shared helper (relative to the working directory:

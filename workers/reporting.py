@@ -26,6 +26,12 @@ log = logging.getLogger(__name__)
 STOP_CHECK_CACHE_SECONDS = 0.5
 # Progress events (the history) are rarer than progress writes (the latest state).
 PROGRESS_EVENT_MIN_SECONDS = 5.0
+# may_write() holds while the lease's last renewal is younger than this share of HEARTBEAT_TIMEOUT. The
+# scheduler re-queues a job only once its heartbeat is older than the whole timeout, so a write begun inside
+# the window has the rest of it (30 s by default) before another worker can own the job's folder.
+WRITE_WINDOW_SHARE = 0.5
+# A stale lease is renewed by may_write() itself at most this often (the heartbeat thread may be stuck).
+RENEW_RETRY_SECONDS = 1.0
 
 
 class JobReporter:
@@ -45,6 +51,9 @@ class JobReporter:
         self._stop_cache: tuple[float, bool] = (0.0, False)
         self._lease_lost = threading.Event()
         self._closing = threading.Event()
+        # When a guarded write last renewed the lease (monotonic, taken before it): the claim just did.
+        self._renewed_at = time.monotonic()
+        self._renew_tried_at = 0.0
         self._thread = threading.Thread(
             target=self._beat_forever, name=f"heartbeat-{claim.job_id[:8]}", daemon=True
         )
@@ -68,13 +77,20 @@ class JobReporter:
     def lease_lost(self) -> bool:
         return self._lease_lost.is_set()
 
+    def _renewed(self, since: float) -> None:
+        """A guarded write sent at `since` (monotonic) held the lease: heartbeat_at is at least that new."""
+        self._renewed_at = max(self._renewed_at, since)
+
     def _beat_forever(self) -> None:
         while not self._closing.wait(self._settings.heartbeat_interval):
             try:
                 with session_scope() as session:
+                    sent = time.monotonic()
                     alive = lifecycle.heartbeat(
                         session, job_id=self.claim.job_id, lease_token=self.claim.lease_token
                     )
+                    if alive:
+                        self._renewed(sent)
                     if (
                         not alive
                         and not lifecycle.read_lease(
@@ -113,6 +129,7 @@ class JobReporter:
             self._record_checkpoint(data)
             return
         try:
+            sent = time.monotonic()
             with session_scope() as session:
                 held = lifecycle.record_event_if_held(
                     session,
@@ -126,6 +143,8 @@ class JobReporter:
             if not held:
                 log.warning("job %s: lease lost; %s event not stored", self.claim.job_id, kind)
                 self._lease_lost.set()
+            else:
+                self._renewed(sent)
         except SQLAlchemyError as exc:
             log.warning(
                 "job %s: could not store a %s event: %s", self.claim.job_id, kind, exc.__class__.__name__
@@ -155,6 +174,34 @@ class JobReporter:
             log.warning(
                 "job %s: could not record a checkpoint: %s", self.claim.job_id, exc.__class__.__name__
             )
+
+    def may_write(self) -> bool:
+        """True while this worker may write the job's files: its lease was renewed (a guarded write held)
+        within WRITE_WINDOW_SHARE of HEARTBEAT_TIMEOUT, so no other worker can have taken the job over.
+
+        Past the window (the database out of reach, or the heartbeat thread stuck) it renews the lease
+        itself, at most every RENEW_RETRY_SECONDS, and answers False until that succeeds."""
+        if self._lease_lost.is_set():
+            return False
+        now = time.monotonic()
+        if now - self._renewed_at < self._settings.heartbeat_timeout * WRITE_WINDOW_SHARE:
+            return True
+        if now - self._renew_tried_at < RENEW_RETRY_SECONDS:
+            return False
+        self._renew_tried_at = now
+        try:
+            with session_scope() as session:
+                held = lifecycle.heartbeat(
+                    session, job_id=self.claim.job_id, lease_token=self.claim.lease_token
+                )
+        except SQLAlchemyError as exc:
+            log.warning(
+                "job %s: lease renewal before a write failed: %s", self.claim.job_id, exc.__class__.__name__
+            )
+            return False
+        if held:
+            self._renewed(now)
+        return held  # False: lost, or the job no longer live (should_stop tells which)
 
     def should_stop(self) -> bool:
         """True when the job is being cancelled or paused, or this worker's lease is gone (cached ~0.5 s)."""
@@ -200,6 +247,7 @@ class JobReporter:
             PROGRESS_EVENT_MIN_SECONDS, self._settings.progress_min_interval
         )
         try:
+            sent = time.monotonic()
             with session_scope() as session:
                 held = lifecycle.update_progress(
                     session,
@@ -237,6 +285,8 @@ class JobReporter:
             self._last_progress_event = now
         if not held:
             self._lease_lost.set()
+        else:
+            self._renewed(sent)
 
 
 def _jsonable(value: Any) -> Any:

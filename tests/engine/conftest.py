@@ -31,11 +31,13 @@ def data_dir() -> Path:
 class RecordingCallbacks:
     """Callbacks that record everything and can ask the engine to stop at a condition."""
 
-    def __init__(self, stop_when: Any = None) -> None:
+    def __init__(self, stop_when: Any = None, write_when: Any = None) -> None:
         self.progress: list[Any] = []
         self.events: list[tuple[str, str, dict[str, Any]]] = []
         self.stop_when = stop_when
+        self.write_when = write_when  # may_write's answer (default: always True)
         self.stop_checks = 0
+        self.write_checks = 0
 
     def on_progress(self, progress: Any) -> None:
         self.progress.append(progress)
@@ -46,6 +48,10 @@ class RecordingCallbacks:
     def should_stop(self) -> bool:
         self.stop_checks += 1
         return bool(self.stop_when and self.stop_when(self))
+
+    def may_write(self) -> bool:
+        self.write_checks += 1
+        return True if self.write_when is None else bool(self.write_when(self))
 
     def metrics(self) -> list[dict[str, Any]]:
         return [data for kind, _, data in self.events if kind == "metric"]

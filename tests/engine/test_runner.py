@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from app.schemas.job_spec import JobSpec
 from app.schemas.teachers import TeacherSource, TeacherSourceKind
 from workers.distill.checkpoint import load_checkpoint, save_checkpoint
+from workers.distill.config import EngineConfig
 from workers.distill.contract import (
     ARTIFACT_CONFIG,
     ARTIFACT_EXPORT,
@@ -169,6 +170,59 @@ def test_cancel_mid_epoch_raises_and_keeps_a_checkpoint(
         )
     assert (tmp_path / "checkpoints" / CHECKPOINT_FILE).is_file()
     assert len(stopper.metrics()) < 50
+
+
+def test_a_run_that_may_not_write_leaves_the_jobs_files_to_the_next_attempt(
+    tmp_path: Path, data_dir: Path, recording: Any
+) -> None:
+    """may_write() False (the worker's lease not renewed): no checkpoint, kept weights, artifact or
+    results.json is written, the delivered student's files wait `write_wait_s` and then stop the run; a
+    later run resumes from the last checkpoint that was allowed and finishes."""
+    config = EngineConfig(write_wait_s=0.3)
+    never = recording(write_when=lambda cb: False)
+    with pytest.raises(JobStopped, match="lease was not renewed for 0 s"):
+        run_job(
+            tiny_spec(epochs=3),
+            teacher=DIGITS_CNN,
+            paths=JobPaths(tmp_path / "never"),
+            data_dir=data_dir,
+            callbacks=never,
+            config=config,
+        )
+    assert len(never.metrics()) == 3 and never.write_checks > 3  # it trained; each write asked first
+    assert not list((tmp_path / "never").rglob("*.safetensors")) and not list(
+        (tmp_path / "never").rglob("*.json")
+    )
+
+    # Writes allowed until the second epoch's metric: epoch 2's checkpoint, written just before that
+    # metric, is the last one on disk.
+    paths = JobPaths(tmp_path / "cut")
+    cut = recording(write_when=lambda cb: len(cb.metrics()) < 2)
+    with pytest.raises(JobStopped):
+        run_job(
+            tiny_spec(epochs=4),
+            teacher=DIGITS_CNN,
+            paths=paths,
+            data_dir=data_dir,
+            callbacks=cut,
+            config=config,
+        )
+    trained = [(m["phase"], m["epoch"]) for m in cut.metrics()]
+    assert trained == [("distill", e) for e in range(1, 5)]  # it trained on; only the writes were skipped
+    saved = load_checkpoint(paths.checkpoints / CHECKPOINT_FILE)
+    assert saved is not None and (saved["run_index"], saved["run"]["epoch"]) == (0, 2)
+    assert not (paths.artifacts / ARTIFACT_RESULTS).exists()
+    resumed = recording()
+    results = run_job(
+        tiny_spec(epochs=4),
+        teacher=DIGITS_CNN,
+        paths=paths,
+        data_dir=data_dir,
+        callbacks=resumed,
+        config=config,
+    )
+    assert [(m["phase"], m["epoch"]) for m in resumed.metrics()] == trained[2:]  # from the last checkpoint
+    assert len(results.training_history) == 4 and (paths.artifacts / ARTIFACT_RESULTS).is_file()
 
 
 def test_teacher_cache_on_and_off_give_the_same_first_epoch_loss(tmp_path: Path, data_dir: Path) -> None:

@@ -135,6 +135,33 @@ def test_should_stop_on_cancel_and_on_a_lost_lease(db: str) -> None:
         )
 
 
+def test_may_write_holds_only_while_the_lease_is_freshly_renewed(db: str) -> None:
+    """The job's files are written only within half of HEARTBEAT_TIMEOUT after a guarded write held the
+    lease (so no re-queue can have happened); past it the reporter renews the lease itself before saying
+    yes, and once the job was re-queued elsewhere it says no, even before any other write noticed."""
+    job_id, claim = _claimed_job()
+    assert claim is not None
+    # No heartbeat thread to speak of (60 s), a 0.4 s timeout: the window is 0.2 s after each renewal.
+    settings = Settings(heartbeat_interval=60.0, heartbeat_timeout=0.4)
+    with JobReporter(claim, settings) as reporter:
+        assert reporter.may_write()  # the claim itself renewed the lease
+        before = _job(job_id).heartbeat_at
+        time.sleep(0.3)  # past the window: may_write renews the lease itself
+        assert reporter.may_write()
+        renewed = _job(job_id).heartbeat_at
+        assert before is not None and renewed is not None and renewed > before
+        with session_scope() as session:  # the scheduler re-queued it, another worker claimed it
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.status, job.lease_token, job.worker = JobStatus.running, "taken-over", "other/1"
+        assert reporter.may_write()  # inside the window: no takeover could have been legitimate yet
+        time.sleep(0.3)
+        assert not reporter.may_write()  # its renewal fails: the files are another attempt's now
+        time.sleep(1.1)  # retried after RENEW_RETRY_SECONDS, still refused
+        assert not reporter.may_write()
+        assert _job(job_id).heartbeat_at == renewed  # nothing of the old worker's reached the row
+
+
 def test_execute_job_fails_cleanly_with_a_code(db: str) -> None:
     from workers.tasks import execute_job
 

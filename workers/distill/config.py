@@ -28,6 +28,9 @@ class EngineConfig:
     distributed_timeout_s: float = 45.0
     # Kept checkpoints per job (student weights): `last`, `best`, and the most recent epochs up to this many.
     checkpoint_keep: int = 3
+    # How long the delivered student's files wait for `may_write()` (the lease renewed) before the run stops:
+    # HEARTBEAT_TIMEOUT, past which the scheduler has re-queued a job whose worker stopped renewing.
+    write_wait_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.checkpoint_keep < 2:
@@ -38,17 +41,20 @@ class EngineConfig:
             raise ValueError("checkpoint_min_interval_s must be >= 0")
         if self.distributed_timeout_s <= 0:
             raise ValueError("distributed_timeout_s must be > 0")
+        if self.write_wait_s < 0:
+            raise ValueError("write_wait_s must be >= 0")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EngineConfig:
         """The engine's share of the app Settings (TEACHER_CACHE_MAX_BYTES, CHECKPOINT_MIN_INTERVAL_S,
-        CHECKPOINT_KEEP, DISTRIBUTED_TIMEOUT_S, TEACHER_SIGNAL_CACHE_MAX_BYTES); the cache owner is the
-        job's, set by the caller."""
+        CHECKPOINT_KEEP, DISTRIBUTED_TIMEOUT_S, TEACHER_SIGNAL_CACHE_MAX_BYTES, HEARTBEAT_TIMEOUT); the cache
+        owner is the job's, set by the caller."""
         return cls(
             teacher_cache_max_bytes=settings.teacher_cache_max_bytes,
             checkpoint_min_interval_s=settings.checkpoint_min_interval_s,
             distributed_timeout_s=settings.distributed_timeout_s,
             checkpoint_keep=settings.checkpoint_keep,
+            write_wait_s=settings.heartbeat_timeout,
             signal_cache_dir=settings.data_dir if settings.teacher_signal_cache_max_bytes > 0 else None,
             signal_cache_max_bytes=settings.teacher_signal_cache_max_bytes,
         )

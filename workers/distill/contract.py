@@ -38,6 +38,14 @@ class EngineCallbacks(Protocol):
     def should_stop(self) -> bool:
         """True when the job was cancelled or its lease lost; checked every few steps and between phases."""
 
+    def may_write(self) -> bool:
+        """True while the run may write its job's files (checkpoints, kept weights, artifacts) now.
+
+        A worker answers from its lease: renewed recently enough that no other worker can have taken the job
+        over yet (`workers.reporting.JobReporter.may_write`). False: the engine skips an epoch's checkpoint
+        and waits (a bounded time) before the delivered student's files, so a worker cut off from the
+        database never overwrites what the job's next attempt wrote."""
+
 
 class NullCallbacks:
     """Callbacks that do nothing (tests and benchmarks)."""
@@ -50,6 +58,9 @@ class NullCallbacks:
 
     def should_stop(self) -> bool:
         return False
+
+    def may_write(self) -> bool:
+        return True
 
 
 class EngineError(Exception):
@@ -97,6 +108,25 @@ class StopChecker:
         self.last = time.monotonic()
         if self.callbacks.should_stop():
             raise JobStopped(f"stopped {where}")
+
+
+# How often `await_write` asks again while the job's files may not be written.
+WRITE_POLL_S = 0.25
+
+
+def await_write(callbacks: EngineCallbacks, what: str, *, timeout_s: float) -> None:
+    """Return once `callbacks.may_write()`; JobStopped if the job is stopped, or the answer stays False for
+    `timeout_s` (a worker that cannot renew its lease that long must assume another took the job over)."""
+    if callbacks.may_write():
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callbacks.should_stop():
+            raise JobStopped(f"stopped before writing {what}")
+        time.sleep(WRITE_POLL_S)
+        if callbacks.may_write():
+            return
+    raise JobStopped(f"stopped before writing {what}: the job's lease was not renewed for {timeout_s:.0f} s")
 
 
 @dataclass(frozen=True)

@@ -228,11 +228,13 @@ def _subset(dataset: Dataset[Batch], indices: torch.Tensor) -> Dataset[Batch]:
 
 
 class _QueueCallbacks:
-    """Rank 0's callbacks: progress and events go to the parent; should_stop reads the parent's flag."""
+    """Rank 0's callbacks: progress and events go to the parent; should_stop and may_write read the flags
+    the parent sets from its own callbacks (the worker's lease)."""
 
-    def __init__(self, events: Any, stop_flag: Any) -> None:
+    def __init__(self, events: Any, stop_flag: Any, write_flag: Any) -> None:
         self.events = events
         self.stop_flag = stop_flag
+        self.write_flag = write_flag
 
     def on_progress(self, progress: Progress) -> None:
         self.events.put(("progress", progress))
@@ -242,6 +244,9 @@ class _QueueCallbacks:
 
     def should_stop(self) -> bool:
         return bool(self.stop_flag.value)
+
+    def may_write(self) -> bool:
+        return bool(self.write_flag.value)
 
 
 @dataclass(frozen=True)
@@ -286,7 +291,7 @@ def _exit_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def _rank_main(launch: RankLaunch, job: RankJob, events: Any, stop_flag: Any) -> None:
+def _rank_main(launch: RankLaunch, job: RankJob, events: Any, stop_flag: Any, write_flag: Any) -> None:
     """One rank: join the group, run the job's phases, report how it ended to the parent."""
     # Ctrl-C reaches the whole terminal process group: the parent turns it into a stop the ranks share.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -313,7 +318,9 @@ def _rank_main(launch: RankLaunch, job: RankJob, events: Any, stop_flag: Any) ->
             timeout=timedelta(seconds=launch.timeout_s),
         )
         group = RankGroup(rank=launch.rank, world_size=launch.world_size, device=device)
-        callbacks: EngineCallbacks = _QueueCallbacks(events, stop_flag) if group.is_main else NullCallbacks()
+        callbacks: EngineCallbacks = (
+            _QueueCallbacks(events, stop_flag, write_flag) if group.is_main else NullCallbacks()
+        )
         from workers.distill.runner import run_job_rank
 
         results = run_job_rank(
@@ -414,6 +421,7 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
     context = rank_context()
     events = context.Queue()
     stop_flag = context.Value("b", 0)
+    write_flag = context.Value("b", int(callbacks.may_write()))
     port = free_port()
     ranks_file = job.paths.work_dir / RANKS_FILE
     processes: list[Any] = []
@@ -432,7 +440,7 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
                 )
                 process = context.Process(
                     target=_rank_main,
-                    args=(launch, job, events, stop_flag),
+                    args=(launch, job, events, stop_flag, write_flag),
                     name=f"distill-rank-{rank}",
                     daemon=True,
                 )
@@ -442,7 +450,8 @@ def run_distributed(job: RankJob, *, callbacks: EngineCallbacks) -> Distillation
         ranks_file.write_text(
             json.dumps([{"rank": r, "pid": p.pid} for r, p in enumerate(processes)]), encoding="utf-8"
         )
-        outcome = _watch(processes, events, stop_flag, callbacks, job.engine.distributed_timeout_s)
+        flags = _Flags(stop=stop_flag, write=write_flag)
+        outcome = _watch(processes, events, flags, callbacks, job.engine.distributed_timeout_s)
     finally:
         started = [process for process in processes if process.pid is not None]
         for process in started:
@@ -467,10 +476,18 @@ def _describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
+@dataclass(frozen=True)
+class _Flags:
+    """What the parent tells the ranks: stop (should_stop) and whether rank 0 may write (may_write)."""
+
+    stop: Any
+    write: Any
+
+
 def _watch(
-    processes: list[Any], events: Any, stop_flag: Any, callbacks: EngineCallbacks, timeout_s: float
+    processes: list[Any], events: Any, flags: _Flags, callbacks: EngineCallbacks, timeout_s: float
 ) -> str:
-    """Relay rank 0's reports and the stop flag until the job ends; rank 0's results (JSON) or raise."""
+    """Relay rank 0's reports and the flags until the job ends; rank 0's results (JSON) or raise."""
     reported: dict[int, tuple[Any, ...]] = {}  # rank -> its end: done, finished, stopped or error
     ended_at: float | None = None  # when rank 0 (or any rank, on error) reported the end
     stop_asked_at: float | None = None
@@ -498,8 +515,9 @@ def _watch(
         if now - last_poll >= CHECK_INTERVAL_S and stop_asked_at is None:
             last_poll = now
             if callbacks.should_stop():
-                stop_flag.value = 1
+                flags.stop.value = 1
                 stop_asked_at = now
+        flags.write.value = int(callbacks.may_write())
         died = [
             (rank, p.exitcode)
             for rank, p in enumerate(processes)

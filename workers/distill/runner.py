@@ -63,6 +63,7 @@ from workers.distill.contract import (
     NullCallbacks,
     Progress,
     StopChecker,
+    await_write,
 )
 from workers.distill.kept import KeptCheckpoints, StartFrom
 from workers.distill.kernel import TaskData, count_parameters, model_size_mb
@@ -265,6 +266,9 @@ class _RelabelledCallbacks:
             return True
         return self.inner.should_stop()
 
+    def may_write(self) -> bool:
+        return self.inner.may_write()
+
 
 class _PhaseCallbacks:
     """Rescales a phase's own 0..1 progress into its slice [start, end] of the job."""
@@ -294,6 +298,9 @@ class _PhaseCallbacks:
 
     def should_stop(self) -> bool:
         return self.inner.should_stop()
+
+    def may_write(self) -> bool:
+        return self.inner.may_write()
 
 
 def resolve_device(requested: Device) -> torch.device:
@@ -783,6 +790,11 @@ def train_stages(
     def write_checkpoint(run_index: int, run_payload: dict[str, Any] | None) -> None:
         if ctx.ranks is not None and not ctx.ranks.is_main:
             return  # rank 0 writes the job's one checkpoint
+        if not callbacks.may_write():
+            # The lease is not renewed (database out of reach): another attempt may own the job's folder by
+            # now, so this one writes nothing; the next epoch tries again, and a lost lease stops the run.
+            logger.warning("checkpoint of run %d skipped: the job's lease is not renewed", run_index)
+            return
         if run_payload is not None and kept is not None:
             plan = plans[run_index]
             kept.after_epoch(run_kind=plan.kind, stage=plan.stage, payload=run_payload)
@@ -1061,6 +1073,11 @@ def search_student_size(
             ),
             {"phase": "search", **record},
         )
+        if not ctx.callbacks.may_write():  # as an epoch checkpoint: a later trial's write tries again
+            logger.warning(
+                "search state after trial %s skipped: the job's lease is not renewed", record["trial"]
+            )
+            return
         search_dir.mkdir(parents=True, exist_ok=True)
         elapsed = seconds_before + sum(float(t.record["seconds"]) for t in trials[len(done) :])
         payload = {"spec": spec_json, "trials": [t.record for t in trials], "seconds": elapsed}
@@ -1234,6 +1251,7 @@ def measure(ctx: JobContext, teacher: nn.Module, student: nn.Module, data: TaskD
 def compress(ctx: JobContext, student: nn.Module, data: TaskData) -> dict[str, Any]:
     """Phase `compress`: the spec's pruning (in place) and int8 copy, each stage re-measured."""
     ctx.phase("compress", "post-training steps")
+    await_write(ctx.callbacks, "the compressed students", timeout_s=ctx.engine.write_wait_s)
     return compress_student(
         student,
         ctx.adapter,
@@ -1248,6 +1266,7 @@ def compress(ctx: JobContext, student: nn.Module, data: TaskData) -> dict[str, A
 def export(ctx: JobContext, student: nn.Module, data: TaskData) -> dict[str, Any]:
     """Phase `export`: the student's weights and config, its `torch.export` program, the task's extras."""
     ctx.phase("export", "writing artifacts")
+    await_write(ctx.callbacks, "the artifacts", timeout_s=ctx.engine.write_wait_s)
     ctx.paths.artifacts.mkdir(parents=True, exist_ok=True)
     extra = ctx.adapter.export_extras(student, ctx.paths.artifacts, data, ctx.callbacks)
     ctx.adapter.save_student(student, ctx.paths.artifacts, data)
@@ -1348,6 +1367,7 @@ def write_results(
         total_seconds=time.monotonic() - ctx.started,
         **extra,
     )
+    await_write(ctx.callbacks, "results.json", timeout_s=ctx.engine.write_wait_s)
     (ctx.paths.artifacts / ARTIFACT_RESULTS).write_text(results.model_dump_json(indent=2), encoding="utf-8")
     ctx.callbacks.on_event(
         "phase",
