@@ -12,7 +12,9 @@ send and the record sends again, with the same `webhook-id` so receivers can de-
 
 Against server-side request forgery only http(s) URLs are taken, and URLs whose host resolves to a
 private, loopback, link-local, multicast or reserved address are refused (at registration and again before
-each send) unless WEBHOOK_ALLOW_PRIVATE_NETWORKS=true; redirects are not followed.
+each send) unless WEBHOOK_ALLOW_PRIVATE_NETWORKS=true; the send connects to an address that check returned
+(the name is not resolved twice, so a DNS answer changed in between cannot redirect it), and redirects are
+not followed.
 """
 
 from __future__ import annotations
@@ -103,8 +105,24 @@ def _refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 def check_url(url: str, settings: Settings) -> str:
-    """The URL if it may receive webhooks, else Unprocessable naming `url` (scheme, host, address range)."""
+    """The URL if it may receive webhooks, else Unprocessable naming `url` (scheme, host, address range).
+
+    With WEBHOOK_ALLOW_PRIVATE_NETWORKS the host is not resolved here (a name may resolve only later)."""
+    _checked_addresses(url, settings, resolve=not settings.webhook_allow_private_networks)
+    return url
+
+
+def _checked_addresses(url: str, settings: Settings, *, resolve: bool = True) -> list[Address]:
+    """The addresses `url`'s host resolves to, in the resolver's order, each one allowed; else Unprocessable.
+
+    The sender connects to one of these very addresses (`_send`): resolving the name again at connect time
+    would let a DNS answer that changed in between (DNS rebinding) send the request somewhere unchecked.
+    `resolve=False`: the URL's form only ([] unless the host is an address).
+    """
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -115,23 +133,27 @@ def check_url(url: str, settings: Settings) -> str:
     host = parts.hostname
     if not host:
         raise _url_error("the URL has no host")
-    if settings.webhook_allow_private_networks:
-        return url
     try:
-        addresses = {ipaddress.ip_address(host)}
+        addresses = [ipaddress.ip_address(host)]
     except ValueError:
+        if not resolve:
+            return []
         try:
-            infos = socket.getaddrinfo(host, port or (443 if parts.scheme == "https" else 80))
+            infos = socket.getaddrinfo(
+                host, port or (443 if parts.scheme == "https" else 80), type=socket.SOCK_STREAM
+            )
         except (OSError, UnicodeError) as exc:
             raise _url_error(f"cannot resolve host {host!r} ({exc})") from exc
-        addresses = {ipaddress.ip_address(info[4][0]) for info in infos}
+        addresses = list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+    if settings.webhook_allow_private_networks:
+        return addresses
     refused = sorted(str(a) for a in addresses if _refused(a))
     if refused:
         raise _url_error(
             f"{host} resolves to {', '.join(refused)}: private, loopback and link-local addresses are "
             "refused (set WEBHOOK_ALLOW_PRIVATE_NETWORKS=true to allow them on a trusted network)"
         )
-    return url
+    return addresses
 
 
 # ------------------------------------------------------------------------------------- endpoints
@@ -383,28 +405,44 @@ def _claim_due(settings: Settings) -> list[_Claimed]:
     return claimed
 
 
-def _send(claimed: _Claimed, settings: Settings, client: httpx.Client) -> _Outcome:
+def _send(claimed: _Claimed, settings: Settings) -> _Outcome:
+    """POST the delivery to an address its URL's host was checked to resolve to (pinned: the name is not
+    resolved again), trying the next one when a connection fails; TLS still verifies the host's name."""
     if not claimed.url:
         return _Outcome(None, "endpoint disabled")
     try:
-        check_url(claimed.url, settings)
+        addresses = _checked_addresses(claimed.url, settings)
     except Unprocessable as exc:
         return _Outcome(None, exc.detail)
     body = encode_body(claimed.payload)
     timestamp = int(time.time())
+    url = httpx.URL(claimed.url)
     headers = {
+        "host": url.netloc.decode("ascii").rpartition("@")[2],
         "content-type": "application/json",
         "user-agent": _USER_AGENT,
         "webhook-id": claimed.delivery_id,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(claimed.secret, msg_id=claimed.delivery_id, timestamp=timestamp, body=body),
     }
-    try:
-        response = client.post(claimed.url, content=body, headers=headers)
-    except httpx.HTTPError as exc:
-        return _Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
-    error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-    return _Outcome(response.status_code, error)
+    extensions = {"sni_hostname": url.raw_host.decode("ascii")} if url.scheme == "https" else {}
+    failure = "no address"
+    # One client per delivery: a pooled connection is keyed by address, and another host behind the same
+    # address must not get this host's TLS session.
+    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
+        for address in addresses:
+            try:
+                response = client.post(
+                    url.copy_with(host=str(address)), content=body, headers=headers, extensions=extensions
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                failure = f"{type(exc).__name__}: {exc}"[:500]
+                continue  # the next address the name resolved to
+            except httpx.HTTPError as exc:
+                return _Outcome(None, f"{type(exc).__name__}: {exc}"[:500])
+            error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+            return _Outcome(response.status_code, error)
+    return _Outcome(None, failure)
 
 
 def _record(claimed: _Claimed, outcome: _Outcome, settings: Settings) -> str:
@@ -445,21 +483,20 @@ def deliver_due(settings: Settings, *, pool: ThreadPoolExecutor | None = None) -
     counts: dict[str, int] = {}
     if not claimed:
         return counts
-    with httpx.Client(timeout=settings.webhook_timeout_seconds, follow_redirects=False) as client:
 
-        def attempt(item: _Claimed) -> str:
-            outcome = _send(item, settings, client)
-            status = _record(item, outcome, settings)
-            log.info(
-                "webhook %s attempt %d -> %s: %s",
-                item.delivery_id,
-                item.attempt,
-                status,
-                outcome.error or outcome.status_code,
-            )
-            return status
+    def attempt(item: _Claimed) -> str:
+        outcome = _send(item, settings)
+        status = _record(item, outcome, settings)
+        log.info(
+            "webhook %s attempt %d -> %s: %s",
+            item.delivery_id,
+            item.attempt,
+            status,
+            outcome.error or outcome.status_code,
+        )
+        return status
 
-        statuses = list(pool.map(attempt, claimed)) if pool else [attempt(item) for item in claimed]
+    statuses = list(pool.map(attempt, claimed)) if pool else [attempt(item) for item in claimed]
     for status in statuses:
         counts[status] = counts.get(status, 0) + 1
     return counts
