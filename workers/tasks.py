@@ -140,7 +140,22 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     )
     if stored:
         _record_teacher_size(spec.teacher_model_name, tenant_id, stored_results.get("original_parameters"))
-    return "completed" if stored else "lease lost; results discarded"
+        return "completed"
+    # Not completed: a cancel that landed after the engine's last stop check ends the job as cancelled, as
+    # the cancel's answer said (its results are not stored); otherwise the lease is gone.
+    cancelled = _retry(
+        "record cancel",
+        lambda: _in_session(
+            lambda session: lifecycle.cancel_stopped_job(
+                session,
+                job_id=claim.job_id,
+                lease_token=claim.lease_token,
+                attempt=claim.attempt,
+                reason="cancelled after training, before its results were stored (results discarded)",
+            )
+        ),
+    )
+    return "cancelled" if cancelled else "lease lost; results discarded"
 
 
 def _record_teacher_size(name: str, tenant_id: str | None, params: Any) -> None:

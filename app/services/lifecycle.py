@@ -228,14 +228,19 @@ def complete_job(
     artifacts: list[ArtifactFile],
     estimate: dict[str, Any] | None = None,
 ) -> bool:
-    """Store results and artifact rows and mark the job completed, if the lease still holds it
-    (`estimate`: the job's estimate with what it measured, replacing the stored one)."""
+    """Store results and artifact rows and mark the job completed, if the lease still holds it and nobody
+    asked to cancel it (`estimate`: the job's estimate with what it measured, replacing the stored one).
+
+    A `cancelling` job is not completed: the cancel came after the engine's last stop check, and the
+    client was told it would be cancelled (a `job.completed` webhook could deploy what it cancelled). The
+    worker ends it with `cancel_stopped_job` instead. A `pausing` job completes: nothing is left to resume.
+    """
     now = utcnow()
     extra: dict[str, Any] = {"estimate": estimate} if estimate is not None else {}
     old = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one_or_none()
     result = session.execute(
         _guarded(job_id, lease_token)
-        .where(Job.status.in_(_HELD_STATUSES))
+        .where(Job.status.in_((JobStatus.running, JobStatus.pausing)))
         .values(
             status=JobStatus.completed,
             results=results,
@@ -296,9 +301,11 @@ def fail_job(
     return True
 
 
-def cancel_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt: int) -> bool:
+def cancel_stopped_job(
+    session: Session, *, job_id: str, lease_token: str, attempt: int, reason: str = "stopped by worker"
+) -> bool:
     """A worker stopped on request: `cancelling → cancelled`, if the lease still holds it."""
-    return _end_stopped(session, job_id, lease_token, attempt, JobStatus.cancelling) is not None
+    return _end_stopped(session, job_id, lease_token, attempt, JobStatus.cancelling, reason) is not None
 
 
 def end_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt: int) -> str | None:
@@ -321,7 +328,12 @@ def end_stopped_job(session: Session, *, job_id: str, lease_token: str, attempt:
 
 
 def _end_stopped(
-    session: Session, job_id: str, lease_token: str, attempt: int, current: JobStatus
+    session: Session,
+    job_id: str,
+    lease_token: str,
+    attempt: int,
+    current: JobStatus,
+    reason: str = "stopped by worker",
 ) -> str | None:
     now = utcnow()
     target = _STOPPED_TO[current]
@@ -339,7 +351,5 @@ def _end_stopped(
     result = session.execute(_guarded(job_id, lease_token).where(Job.status == current).values(**values))
     if _rowcount(result) != 1:
         return None
-    record_state_change(
-        session, job_id=job_id, old=current, new=target, attempt=attempt, reason="stopped by worker"
-    )
+    record_state_change(session, job_id=job_id, old=current, new=target, attempt=attempt, reason=reason)
     return str(target)

@@ -202,6 +202,38 @@ def test_execute_job_stops_on_cancel_and_keeps_its_checkpoint(db: str) -> None:
     assert any((get_settings().jobs_dir / job_id / "checkpoints").iterdir())
 
 
+def test_a_cancel_after_the_last_stop_check_ends_the_job_cancelled_not_completed(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine finished (its last stop check passed), then the cancel landed before the worker stored the
+    results: the job ends `cancelled` as the cancel's answer said, with no results, no artifact rows and no
+    `job.completed` webhook; the state event says why."""
+    import torch
+
+    import workers.distill.runner as runner
+    from app.models import Artifact
+    from workers.tasks import execute_job
+
+    torch.set_num_threads(1)
+    job_id, _ = _claimed_job(claim=False)
+    engine = runner.run_job
+
+    def run_then_cancel(*args: Any, **kwargs: Any) -> Any:
+        results = engine(*args, **kwargs)  # the real engine, to its end
+        with session_scope() as session:  # the API's cancel of the running job, just too late for it
+            session.get(Job, job_id).status = JobStatus.cancelling  # type: ignore[union-attr]
+        return results
+
+    monkeypatch.setattr(runner, "run_job", run_then_cancel)
+    assert execute_job(job_id, worker="test", settings=Settings(heartbeat_interval=0.5)) == "cancelled"
+    job = _job(job_id)
+    assert job.status == "cancelled" and job.results is None and job.finished_at is not None
+    with session_scope() as session:
+        assert session.scalars(select(Artifact).where(Artifact.job_id == job_id)).all() == []
+    last = _events(job_id, "state")[-1]
+    assert last.data["to"] == "cancelled" and "before its results were stored" in last.data["reason"]
+
+
 def test_job_progress_in_the_database_only_moves_forward(db: str) -> None:
     """A whole job with a baseline, sampled from the jobs row while it runs: never decreasing, ends at 100."""
     import torch
