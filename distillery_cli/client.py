@@ -20,7 +20,7 @@ from rich.table import Table
 import distillery
 from distillery_cli import config
 from distillery_cli.config import Connection, Setting
-from distillery_cli.display import JobProgress, format_metrics, jobs_table, results_table
+from distillery_cli.display import JobProgress, JobView, jobs_table, results_table
 from distillery_cli.jobfile import JobFileError, describe_errors, job_request_model, load_job_file
 
 console = Console()
@@ -122,76 +122,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-class _JobView:
-    """The live progress display and the log lines above it, fed by stream events or polled job documents.
-
-    By default the lines are state changes, phase starts and one summary per training stage; `verbose`
-    adds a line per epoch. Every event also moves the display, so the bar never lags the lines.
-    """
-
-    def __init__(self, live: Live, *, verbose: bool = False) -> None:
-        self.live = live
-        self.verbose = verbose
-        self.progress = JobProgress()
-        self._stage: tuple[str, int] | None = None  # (phase, stage) of the epochs being counted
-        self._stage_epochs = 0
-        self._stage_last: dict[str, Any] = {}
-
-    def print(self, text: str, *, cut: bool = False) -> None:
-        """A line above the display; `cut` ones (figures) end in an ellipsis rather than wrap."""
-        if cut:
-            self.live.console.print(text, no_wrap=True, overflow="ellipsis")
-        else:
-            self.live.console.print(text)
-
-    def refresh(self) -> None:
-        self.live.update(self.progress, refresh=True)
-
-    def show(self, job: dict[str, Any]) -> None:
-        self.progress.update_from_job(job)
-        self.refresh()
-
-    def log_event(self, kind: str, event: dict[str, Any]) -> None:
-        data = event.get("data") or {}
-        self.progress.update_from_event(kind, data)
-        message = str(event.get("message") or "")
-        if kind == "state":
-            self.end_stage()
-            self.print(f"[dim]{str(event.get('created_at', ''))[11:19]}[/dim] {message}")
-        elif kind == "phase":
-            self.end_stage()
-            self.print(f"  {message}")
-        elif kind == "metric" and data.get("epoch") is not None:
-            self._count_epoch(data)
-        elif kind == "warning":
-            self.print(f"  [yellow]warning: {message}[/yellow]")
-        elif kind == "checkpoint" and self.verbose:
-            self.print(f"  [dim]{message}[/dim]")
-        self.refresh()
-
-    def _count_epoch(self, data: dict[str, Any]) -> None:
-        phase = str(data.get("phase") or "distill")
-        stage = data.get("stage")
-        key = (phase, 1 if stage is None else int(stage))  # the baseline run is stage 0: not "or 1"
-        if key != self._stage:
-            self.end_stage()
-            self._stage = key
-        self._stage_epochs += 1
-        self._stage_last = data
-        if self.verbose:
-            self.print(f"  {phase} stage {key[1]} epoch {data['epoch']}: {format_metrics(data)}", cut=True)
-
-    def end_stage(self) -> None:
-        """One line for the stage whose epochs were counted (default output; --verbose printed each)."""
-        if self._stage is not None and not self.verbose:
-            phase, stage = self._stage
-            epochs = f"{self._stage_epochs} epoch{'s' if self._stage_epochs != 1 else ''}"
-            last = format_metrics(self._stage_last, learning_rate=False)
-            self.print(f"  {phase} stage {stage}: {epochs}, last {last}", cut=True)
-        self._stage, self._stage_epochs, self._stage_last = None, 0, {}
-
-
-def _follow_stream(client: distillery.Client, job_id: str, view: _JobView) -> None:
+def _follow_stream(client: distillery.Client, job_id: str, view: JobView) -> None:
     """Follow the job's events until it ends (the SDK resumes after drops with Last-Event-ID)."""
 
     def dropped(exc: Exception) -> None:
@@ -204,7 +135,7 @@ def _follow_stream(client: distillery.Client, job_id: str, view: _JobView) -> No
             view.log_event(event.kind, event.raw)
 
 
-def _poll(client: distillery.Client, job_id: str, interval: float, view: _JobView) -> dict[str, Any]:
+def _poll(client: distillery.Client, job_id: str, interval: float, view: JobView) -> dict[str, Any]:
     while True:
         job = dict(client.get(job_id))
         view.show(job)
@@ -227,7 +158,7 @@ def _watch(
 
 def _watch_live(client: distillery.Client, job_id: str, interval: float, *, verbose: bool) -> dict[str, Any]:
     with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
-        view = _JobView(live, verbose=verbose)
+        view = JobView(live, verbose=verbose)
         job = dict(client.get(job_id))
         view.show(job)
         if job["status"] in TERMINAL:

@@ -6,53 +6,61 @@ The engine (torch) is imported only when the command runs, so the REST client co
 from __future__ import annotations
 
 import signal
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 from app.core.paths import PathRefused
-from distillery_cli.display import results_table
+from distillery_cli.display import JobProgress, JobView, results_table
 from distillery_cli.jobfile import JobFileError, describe_errors, load_job_file
 
 if TYPE_CHECKING:
     from app.schemas.job_spec import JobSpec
 
 console = Console()
+# How often the live display is redrawn from progress reports (events redraw it at once).
+_REDRAW_SECONDS = 0.25
 
 
-class _RichCallbacks:
-    """Engine callbacks that drive a rich progress bar; Ctrl-C asks the engine to stop at its next check."""
+class _LiveCallbacks:
+    """Engine callbacks that drive the same live display as `distillery watch` (JobView): the bar, phase,
+    ETA and metrics, with phase lines and one line per training stage above it; Ctrl-C asks the engine to
+    stop at its next check."""
 
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task = progress.add_task("starting", total=1.0, eta="", metrics="")
+    def __init__(self, view: JobView) -> None:
+        self.view = view
         self.stop_requested = False
+        self._drawn = 0.0
 
     def on_progress(self, update: Any) -> None:
-        parts = [update.phase]
-        if update.stage:
-            parts.append(f"stage {update.stage}")
-        if update.epoch:
-            parts.append(f"epoch {update.epoch}")
-        metrics = "  ".join(f"{k} {v:.4g}" for k, v in update.metrics.items())
-        eta = f"ETA {update.eta_seconds:.0f}s" if update.eta_seconds is not None else ""
-        self.progress.update(
-            self.task, completed=update.fraction, description=" ".join(parts), eta=eta, metrics=metrics
-        )
+        metrics = dict(update.metrics)
+        for key in ("stage", "epoch", "step", "total_steps"):
+            if getattr(update, key) is not None:
+                metrics[key] = getattr(update, key)
+        snapshot = {
+            "status": "running",
+            "progress": 100.0 * update.fraction,
+            "phase": update.phase,
+            "eta_seconds": update.eta_seconds,
+            "metrics": metrics,
+        }
+        self.view.progress.update_from_job(snapshot)
+        now = time.monotonic()
+        if now - self._drawn >= _REDRAW_SECONDS:  # the engine reports every few steps
+            self._drawn = now
+            self.view.refresh()
 
     def on_event(self, kind: str, message: str, data: dict[str, Any]) -> None:
-        if kind == "metric":
-            self.progress.console.print(
-                f"[dim]{message}  loss {data.get('total_loss', float('nan')):.4f}  "
-                f"({data.get('seconds', 0.0):.2f}s)[/dim]"
-            )
-        elif kind in {"phase", "checkpoint"}:
-            self.progress.console.print(f"[cyan]{message}[/cyan]")
+        self.view.log_event(
+            kind, {"message": message, "data": data, "created_at": datetime.now(UTC).isoformat()}
+        )
 
     def should_stop(self) -> bool:
         return self.stop_requested
@@ -98,8 +106,12 @@ def run(
             "(gloo) or GPUs (nccl).",
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="A line per epoch (default: one per training stage).")
+    ] = False,
 ) -> None:
-    """Train a distillation job locally with a progress bar; write artifacts to --out; print the results."""
+    """Train a distillation job locally with the live display `distillery watch` draws; write artifacts to
+    --out; print the results."""
     from pydantic import ValidationError
 
     from app.core.config import get_settings
@@ -131,18 +143,11 @@ def run(
     from workers.distill.runner import resolve_teacher, run_job
 
     out_dir = out or Path("out") / job_file.stem
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[eta]}"),
-        TextColumn("[dim]{task.fields[metrics]}"),
-    )
     try:
         source = resolve_teacher(teacher or spec.teacher_model_name)
-        with Progress(*columns, console=console, transient=False) as progress:
-            callbacks = _RichCallbacks(progress)
+        with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
+            view = JobView(live, verbose=verbose)
+            callbacks = _LiveCallbacks(view)
 
             def request_stop(signum: int, frame: FrameType | None) -> None:
                 callbacks.stop_requested = True
@@ -159,8 +164,16 @@ def run(
                     trust_remote_code=trust_remote_code,
                     config=EngineConfig.from_settings(get_settings()),
                 )
+            except (EngineError, JobStopped):
+                view.end_stage()
+                raise
             finally:
                 signal.signal(signal.SIGINT, previous)
+            view.end_stage()
+            view.progress.update_from_job({"status": "completed"})
+            view.refresh()
+        if not console.is_terminal:
+            console.line()  # rich ends its last frame without a newline when the output is not a terminal
     except EngineError as exc:
         # One line, however long: scripts read it, and a message may hold brackets.
         console.print(f"[red]job failed ({exc.code}): {escape(exc.message)}[/red]", soft_wrap=True)
@@ -171,7 +184,10 @@ def run(
         )
         raise typer.Exit(130) from exc
     console.print(results_table(results))
-    console.print(f"artifacts: {(out_dir / 'artifacts').resolve()}")
+    # One line however long (a path to copy, and scripts read it), never wrapped at the terminal's width.
+    console.print(
+        f"artifacts: {(out_dir / 'artifacts').resolve()}", soft_wrap=True, markup=False, highlight=False
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -192,11 +192,11 @@ def test_the_metrics_line_is_the_current_phases_without_duplicates() -> None:
 def test_the_baseline_stage_summary_keeps_its_stage_number() -> None:
     from rich.live import Live
 
-    from distillery_cli.client import _JobView
+    from distillery_cli.display import JobView
 
     console = Console(record=True, width=80, force_terminal=False)
     with Live(console=console, auto_refresh=False) as live:
-        view = _JobView(live)
+        view = JobView(live)
         for epoch in (1, 2):
             metric = {"phase": "baseline", "stage": 0, "epoch": epoch, "total_loss": 0.5}
             view.log_event("metric", {"data": metric})
