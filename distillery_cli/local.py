@@ -145,35 +145,37 @@ def run(
     out_dir = out or Path("out") / job_file.stem
     try:
         source = resolve_teacher(teacher or spec.teacher_model_name)
-        with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
-            view = JobView(live, verbose=verbose)
-            callbacks = _LiveCallbacks(view)
+        try:
+            with Live(JobProgress(), console=console, refresh_per_second=4, transient=False) as live:
+                view = JobView(live, verbose=verbose)
+                callbacks = _LiveCallbacks(view)
 
-            def request_stop(signum: int, frame: FrameType | None) -> None:
-                callbacks.stop_requested = True
+                def request_stop(signum: int, frame: FrameType | None) -> None:
+                    callbacks.stop_requested = True
 
-            previous = signal.signal(signal.SIGINT, request_stop)
-            try:
-                results = run_job(
-                    spec,
-                    teacher=source,
-                    paths=JobPaths(out_dir.resolve()),
-                    data_dir=(data_dir or get_settings().data_dir).resolve(),
-                    callbacks=callbacks,
-                    resume=not fresh,
-                    trust_remote_code=trust_remote_code,
-                    config=EngineConfig.from_settings(get_settings()),
-                )
-            except (EngineError, JobStopped):
+                previous = signal.signal(signal.SIGINT, request_stop)
+                try:
+                    results = run_job(
+                        spec,
+                        teacher=source,
+                        paths=JobPaths(out_dir.resolve()),
+                        data_dir=(data_dir or get_settings().data_dir).resolve(),
+                        callbacks=callbacks,
+                        resume=not fresh,
+                        trust_remote_code=trust_remote_code,
+                        config=EngineConfig.from_settings(get_settings()),
+                    )
+                except (EngineError, JobStopped):
+                    view.end_stage()
+                    raise
+                finally:
+                    signal.signal(signal.SIGINT, previous)
                 view.end_stage()
-                raise
-            finally:
-                signal.signal(signal.SIGINT, previous)
-            view.end_stage()
-            view.progress.update_from_job({"status": "completed"})
-            view.refresh()
-        if not console.is_terminal:
-            console.line()  # rich ends its last frame without a newline when the output is not a terminal
+                view.progress.update_from_job({"status": "completed"})
+                view.refresh()
+        finally:
+            if not console.is_terminal:
+                console.line()  # rich ends its last frame without a newline when the output is not a terminal
     except EngineError as exc:
         # One line, however long: scripts read it, and a message may hold brackets.
         console.print(f"[red]job failed ({exc.code}): {escape(exc.message)}[/red]", soft_wrap=True)
