@@ -11,9 +11,11 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
 
 from app.api.routes import admin, calculator, dashboard, datasets, health, jobs, metrics, teachers, webhooks
 from app.api.routes import teacher_caches as teacher_caches_routes
+from app.core import cpu_pool
 from app.core.config import Settings, get_settings
 from app.core.db import get_engine, get_sessionmaker, make_async_db
 from app.core.logging import DeferredLog, configure_logging
@@ -93,6 +95,7 @@ def create_app(settings: Settings | None = None, *, wake_scheduler: bool = True)
             app.state.async_db = None
             if async_db is not None:
                 await async_db.close()
+            await run_in_threadpool(cpu_pool.shutdown)  # the upload checks' processes, if any started
             app.state.access_log.flush()  # the last requests' lines, before the process goes
 
     # /docs (Swagger UI) and /redoc load their scripts and styles from the fastapi-offline package, served

@@ -5,9 +5,11 @@ of N columns, limits raised so the whole file is checked; beside it, the column 
 check (a list searched once per key: quadratic) at 1k and 10k columns. Part 2 serves the real app with
 uvicorn (one process, embedded SQLite and broker in a temp DATA_DIR), uploads a --wide-columns x --wide-rows
 JSONL file, and meanwhile measures GET /distillation/teachers latency from another connection, against the
-same GET with the API idle. Figures, not pass/fail.
+same GET with the API idle; part 3 measures GETs with wrk while curl uploads a narrow CSV of --long-rows rows
+(both clients in processes of their own). Figures, not pass/fail.
 
     .venv/bin/python bench/bench_upload.py [--rows 20] [--wide-columns 100000] [--wide-rows 20]
+        [--long-rows 5000000]
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -141,6 +144,70 @@ def summary(values: list[float]) -> str:
     return f"{len(values)} | {statistics.median(values):.1f} | {p99:.1f} | {max(values):.1f}"
 
 
+def local_key(env: dict[str, str]) -> str:
+    """The served app's local API key (created in its DATA_DIR)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from app.core.config import get_settings\n"
+            "from app.core.db import session_scope\n"
+            "from app.services.auth import ensure_local_key\n"
+            "with session_scope() as db:\n"
+            "    print(ensure_local_key(db, path=get_settings().data_dir / 'api_key')[0])",
+        ],
+        cwd=REPO_ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def latency_during_long_upload(rows: int, folder: Path) -> None:
+    """GET latency from wrk (its own process, one connection) while curl uploads a narrow CSV of `rows` rows
+    (long to check: one Python iteration per row); neither client shares the API's or this script's GIL."""
+    csv_path = folder / "long.csv"
+    csv_path.write_bytes(b"text,label\n" + b"a fairly ordinary review of a product,1\n" * rows)
+    env = {
+        **os.environ,
+        "DATA_DIR": str(folder / "data-long"),
+        "DATABASE_URL": "",
+        "BROKER_URL": "",
+        "ALLOWED_FILE_ROOT": "",
+        "MAX_UPLOAD_BYTES": str(csv_path.stat().st_size + (1 << 20)),
+        "LOG_LEVEL": "WARNING",
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    with served_app(env) as url:
+        auth = f"Authorization: Bearer {local_key(env)}"
+        wrk = subprocess.Popen(
+            ["wrk", "-c1", "-t1", "-d600s", "--latency", "-H", auth, f"{url}/distillation/teachers"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(0.5)
+        started = time.perf_counter()
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", auth, "-F", f"file=@{csv_path}"]
+        upload = subprocess.run(
+            [*curl, f"{url}/distillation/datasets"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        seconds = time.perf_counter() - started
+        wrk.send_signal(signal.SIGINT)  # wrk prints its figures when interrupted
+        report, _ = wrk.communicate(timeout=30)
+    size = csv_path.stat().st_size / 1e6
+    print(f"\n## GET latency (wrk, 1 connection) while curl uploads a {rows:,}-row CSV ({size:.1f} MB)\n")
+    print(
+        f"upload (receive + check + store): {seconds:.2f} s, answered {upload.stdout}; GETs from 0.5 s before"
+    )
+    for line in report.splitlines():
+        if line.strip().startswith(("Latency", "50%", "90%", "99%", "Requests/sec")) or "requests in" in line:
+            print(f"    {line.strip()}")
+
+
 def latency_during_upload(columns: int, rows: int, folder: Path) -> None:
     import httpx
 
@@ -159,23 +226,7 @@ def latency_during_upload(columns: int, rows: int, folder: Path) -> None:
     body = wide_jsonl(columns, rows)
     env["MAX_UPLOAD_BYTES"] = str(max(50 << 20, len(body) + (1 << 20)))
     with served_app(env) as url:
-        key = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "from app.core.config import get_settings\n"
-                "from app.core.db import session_scope\n"
-                "from app.services.auth import ensure_local_key\n"
-                "with session_scope() as db:\n"
-                "    print(ensure_local_key(db, path=get_settings().data_dir / 'api_key')[0])",
-            ],
-            cwd=REPO_ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        headers = {"Authorization": f"Bearer {key}"}
+        headers = {"Authorization": f"Bearer {local_key(env)}"}
         idle: list[float] = []
         stop = threading.Event()
         timer = threading.Timer(3.0, stop.set)
@@ -206,11 +257,16 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20)
     parser.add_argument("--wide-columns", type=int, default=100_000)
     parser.add_argument("--wide-rows", type=int, default=20)
+    parser.add_argument(
+        "--long-rows", type=int, default=5_000_000, help="rows of the long-to-check CSV (0: skip)"
+    )
     args = parser.parse_args()
     print(f"uptime: {os.popen('uptime').read().strip()}")
     with tempfile.TemporaryDirectory(prefix="bench-upload-") as folder:
         validation_times(args.rows, Path(folder))
         latency_during_upload(args.wide_columns, args.wide_rows, Path(folder))
+        if args.long_rows:
+            latency_during_long_upload(args.long_rows, Path(folder))
     print(f"\nuptime: {os.popen('uptime').read().strip()}")
 
 

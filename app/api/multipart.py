@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+import anyio.to_thread
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
@@ -19,6 +20,8 @@ if TYPE_CHECKING:
 
 # Room for the multipart envelope and small text fields on top of the file itself.
 _ENVELOPE_BYTES = 64 * 1024
+# Body bytes gathered before they are parsed (in a worker thread).
+_BATCH_BYTES = 1024 * 1024
 _MAX_FIELD_BYTES = 4096
 
 
@@ -144,8 +147,19 @@ async def receive_upload(
     receiver = _UploadReceiver(destination, max_bytes, file_field)
     parser = MultipartParser(params[b"boundary"], receiver.callbacks())
     try:
+        # The body arrives in ~64 KiB chunks; they are parsed, hashed and written in a worker thread, in
+        # batches of _BATCH_BYTES, so the event loop only gathers them (hashing and file writes release the
+        # GIL: other requests keep being answered while a large upload streams in).
+        pending: list[bytes] = []
+        size = 0
         async for chunk in request.stream():
-            parser.write(chunk)
+            pending.append(chunk)
+            size += len(chunk)
+            if size >= _BATCH_BYTES:
+                await anyio.to_thread.run_sync(parser.write, b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            await anyio.to_thread.run_sync(parser.write, b"".join(pending))
         parser.finalize()
     except FormParserError as exc:
         destination.unlink(missing_ok=True)

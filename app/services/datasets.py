@@ -19,8 +19,9 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core import cpu_pool
 from app.core.config import Settings
-from app.errors import NotFound, Unprocessable
+from app.errors import NotFound, ServiceUnavailable, Unprocessable
 from app.models import Dataset
 from app.schemas.datasets import DatasetRead
 
@@ -260,7 +261,7 @@ def _summary(fmt: str, rows: int, columns: list[str], max_label: int | None) -> 
 def check_file(path: Path, fmt: str, limits: UploadLimits) -> DatasetSummary:
     """Schema-check a CSV or JSONL file in one linear pass; Unprocessable names the first bad line.
 
-    CPU-bound: callers on the event loop run it in a worker thread.
+    CPU-bound: the API runs it in a pool process (`create_from_upload`), off its event loop and GIL.
     """
     try:
         return _check_csv(path, limits) if fmt == "csv" else _check_jsonl(path, limits)
@@ -280,10 +281,19 @@ def create_from_upload(
     settings: Settings,
     tenant_id: str | None,
 ) -> Dataset:
-    """Check an upload, move it to `uploads_dir/<id>.<ext>` and record it; the file is removed on error."""
+    """Check an upload, move it to `uploads_dir/<id>.<ext>` and record it; the file is removed on error.
+
+    The check runs in a pool process (`app.core.cpu_pool`): its pure-Python loop over every line would
+    otherwise hold the API's GIL, stalling every other request for as long as it runs.
+    """
     try:
         fmt = detect_format(filename, received_path)
-        summary = check_file(received_path, fmt, UploadLimits.from_settings(settings))
+        try:
+            summary = cpu_pool.run(check_file, received_path, fmt, UploadLimits.from_settings(settings))
+        except cpu_pool.CheckProcessDied as exc:
+            raise ServiceUnavailable(
+                "The upload's check stopped (its process died, e.g. out of memory); retry the upload."
+            ) from exc
         final_path = settings.uploads_dir / f"{dataset_id}.{fmt}"
         received_path.replace(final_path)
     except BaseException:
