@@ -130,9 +130,13 @@ def record_measured_params(session: Session, *, name: str, tenant_id: str | None
 
 
 def list_all(session: Session, *, tenant_id: str | None) -> list[Teacher]:
-    """The global teachers and the tenant's own, built-in first."""
-    query = select(Teacher).where(_visible_to(tenant_id)).order_by(Teacher.builtin.desc(), Teacher.name)
-    return list(session.scalars(query).all())
+    """The global teachers and the tenant's own, built-in first; a global one the tenant's own shadows (same
+    name, seeded after the tenant registered it) is left out, as `get` would never answer it."""
+    query = select(Teacher).where(_visible_to(tenant_id))
+    if tenant_id is not None:
+        own_names = select(Teacher.name).where(Teacher.tenant_id == tenant_id)
+        query = query.where(~(Teacher.tenant_id.is_(None) & Teacher.name.in_(own_names)))
+    return list(session.scalars(query.order_by(Teacher.builtin.desc(), Teacher.name)).all())
 
 
 def register(

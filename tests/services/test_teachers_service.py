@@ -11,7 +11,12 @@ from app.core.db import session_scope
 from app.errors import NotFound
 from app.models import Teacher
 from app.schemas.teachers import DEFAULT_TEACHERS, TeacherSourceKind
-from app.services.teachers import get_teacher_source, record_measured_params, seed_default_teachers
+from app.services.teachers import (
+    get_teacher_source,
+    list_all,
+    record_measured_params,
+    seed_default_teachers,
+)
 
 
 def test_seed_is_idempotent_and_restores_missing_defaults(migrated_database: str) -> None:
@@ -61,6 +66,11 @@ def test_a_name_means_the_tenants_own_teacher_else_the_global_one(migrated_datab
             assert get_teacher_source(session, name, tenant_id="tenant-b").location == "org/b"
             assert get_teacher_source(session, name, tenant_id="tenant-c").location == "org/global"
             assert get_teacher_source(session, name, tenant_id=None).location == "org/global"
+            listed = {t.location for t in list_all(session, tenant_id="tenant-a") if t.name == name}
+            assert listed == {"org/a"}  # the global one it shadows is not listed beside it
+            assert {t.location for t in list_all(session, tenant_id="tenant-c") if t.name == name} == {
+                "org/global"
+            }
             assert record_measured_params(session, name=name, tenant_id="tenant-b", params=1234)
             assert not record_measured_params(session, name=name, tenant_id="tenant-b", params=99)  # known
         with session_scope() as session:
