@@ -141,12 +141,13 @@ def test_may_write_holds_only_while_the_lease_is_freshly_renewed(db: str) -> Non
     yes, and once the job was re-queued elsewhere it says no, even before any other write noticed."""
     job_id, claim = _claimed_job()
     assert claim is not None
-    # No heartbeat thread to speak of (60 s), a 0.4 s timeout: the window is 0.2 s after each renewal.
-    settings = Settings(heartbeat_interval=60.0, heartbeat_timeout=0.4)
+    # No heartbeat thread to speak of (60 s), a 2 s timeout: the window is 1 s after each renewal (room for a
+    # loaded machine's statements inside it).
+    settings = Settings(heartbeat_interval=60.0, heartbeat_timeout=2.0)
     with JobReporter(claim, settings) as reporter:
         assert reporter.may_write()  # the claim itself renewed the lease
         before = _job(job_id).heartbeat_at
-        time.sleep(0.3)  # past the window: may_write renews the lease itself
+        time.sleep(1.2)  # past the window: may_write renews the lease itself
         assert reporter.may_write()
         renewed = _job(job_id).heartbeat_at
         assert before is not None and renewed is not None and renewed > before
@@ -155,7 +156,7 @@ def test_may_write_holds_only_while_the_lease_is_freshly_renewed(db: str) -> Non
             assert job is not None
             job.status, job.lease_token, job.worker = JobStatus.running, "taken-over", "other/1"
         assert reporter.may_write()  # inside the window: no takeover could have been legitimate yet
-        time.sleep(0.3)
+        time.sleep(1.2)
         assert not reporter.may_write()  # its renewal fails: the files are another attempt's now
         time.sleep(1.1)  # retried after RENEW_RETRY_SECONDS, still refused
         assert not reporter.may_write()
