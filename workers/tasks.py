@@ -124,36 +124,24 @@ def _run_claimed(claim: Claim, settings: Settings) -> str:
     estimate = _measured_estimate(claim, stored_results)
     if estimate is not None:
         stored_results["estimate"] = _estimate_comparison(estimate)
-    stored = _retry(
+    stored = _under_lease(
         "store results",
-        lambda: _in_session(
-            lambda session: lifecycle.complete_job(
-                session,
-                job_id=claim.job_id,
-                lease_token=claim.lease_token,
-                attempt=claim.attempt,
-                results=stored_results,
-                artifacts=artifacts,
-                estimate=estimate,
-            )
-        ),
+        claim,
+        lifecycle.complete_job,
+        results=stored_results,
+        artifacts=artifacts,
+        estimate=estimate,
     )
     if stored:
         _record_teacher_size(spec.teacher_model_name, tenant_id, stored_results.get("original_parameters"))
         return "completed"
     # Not completed: a cancel that landed after the engine's last stop check ends the job as cancelled, as
     # the cancel's answer said (its results are not stored); otherwise the lease is gone.
-    cancelled = _retry(
+    cancelled = _under_lease(
         "record cancel",
-        lambda: _in_session(
-            lambda session: lifecycle.cancel_stopped_job(
-                session,
-                job_id=claim.job_id,
-                lease_token=claim.lease_token,
-                attempt=claim.attempt,
-                reason="cancelled after training, before its results were stored (results discarded)",
-            )
-        ),
+        claim,
+        lifecycle.cancel_stopped_job,
+        reason="cancelled after training, before its results were stored (results discarded)",
     )
     return "cancelled" if cancelled else "lease lost; results discarded"
 
@@ -310,32 +298,26 @@ def _stopped(claim: Claim, *, lease_lost: bool) -> str:
     """The engine stopped on request: cancelled or paused (checkpoint kept), as the request said."""
     if lease_lost:
         return "stopped: lease lost"
-    ended = _retry(
-        "record stop",
-        lambda: _in_session(
-            lambda session: lifecycle.end_stopped_job(
-                session, job_id=claim.job_id, lease_token=claim.lease_token, attempt=claim.attempt
-            )
-        ),
-    )
+    ended = _under_lease("record stop", claim, lifecycle.end_stopped_job)
     return ended or "stopped: lease lost"
 
 
 def _fail(claim: Claim, code: str, message: str) -> str:
-    stored = _retry(
-        "record failure",
+    stored = _under_lease("record failure", claim, lifecycle.fail_job, code=code, message=message)
+    return f"failed ({code}): {message}" if stored else "failed; lease lost"
+
+
+def _under_lease(what: str, claim: Claim, write: Callable[..., T], **fields: Any) -> T:
+    """`write(session, job_id=, lease_token=, attempt=, **fields)`: one of the lifecycle's lease-guarded
+    writes for this claim, in its own session, retried over database errors (`_retry`)."""
+    return _retry(
+        what,
         lambda: _in_session(
-            lambda session: lifecycle.fail_job(
-                session,
-                job_id=claim.job_id,
-                lease_token=claim.lease_token,
-                attempt=claim.attempt,
-                code=code,
-                message=message,
+            lambda session: write(
+                session, job_id=claim.job_id, lease_token=claim.lease_token, attempt=claim.attempt, **fields
             )
         ),
     )
-    return f"failed ({code}): {message}" if stored else "failed; lease lost"
 
 
 def _in_session(action: Callable[[Any], T]) -> T:

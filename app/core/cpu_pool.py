@@ -3,7 +3,7 @@
 A worker thread is enough to keep such work off the event loop, but not to keep it from slowing every other
 request: a pure-Python loop holds the GIL, and each request thread then waits up to the interpreter's switch
 interval for it at every handoff. Measured on a 200 MB CSV upload: GETs from another connection stalled up
-to 1.8 s while its check ran in a thread (bench/README.md, "Upload validation"). Here the check runs in a
+to 1.6 s while its check ran in a thread (bench/README.md, "Upload validation"). Here the check runs in a
 child process; the calling thread only waits for the answer.
 
 The pool starts at the first call (spawned interpreters that import only what the function needs: no

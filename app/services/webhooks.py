@@ -92,7 +92,10 @@ def _url_error(message: str) -> Unprocessable:
     )
 
 
-def _refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _refused(address: Address) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return bool(
@@ -103,9 +106,6 @@ def _refused(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         or address.is_reserved
         or address.is_unspecified
     )
-
-
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 def check_url(url: str, settings: Settings) -> str:
@@ -418,7 +418,7 @@ def _send(claimed: _Claimed, settings: Settings) -> _Outcome:
     timestamp = int(time.time())
     url = httpx.URL(claimed.url)
     headers = {
-        "host": url.netloc.decode("ascii").rpartition("@")[2],
+        "host": url.netloc.decode("ascii"),  # host[:port], IDNA-encoded (httpx keeps userinfo apart)
         "content-type": "application/json",
         "user-agent": _USER_AGENT,
         "webhook-id": claimed.delivery_id,
