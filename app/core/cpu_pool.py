@@ -65,6 +65,12 @@ def _discard(pool: ProcessPoolExecutor) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def started() -> bool:
+    """Whether a pool is running (a call has started it since the last shutdown)."""
+    with _lock:
+        return _pool is not None
+
+
 def shutdown() -> None:
     """Stop the pool's processes (the app's lifespan end); a later call starts a new pool."""
     global _pool

@@ -42,6 +42,19 @@ def test_csv_upload_is_checked_stored_and_listed(client: TestClient) -> None:
     assert job.status_code == 201, job.text
 
 
+def test_an_uploads_check_runs_in_the_process_pool_and_its_422_comes_back(
+    client: TestClient, problem: Any
+) -> None:
+    """The check runs in `app.core.cpu_pool` (off the API's GIL); a refused file's problem comes back."""
+    from app.core import cpu_pool
+
+    cpu_pool.shutdown()
+    bad = client.post("/distillation/datasets", files={"file": ("bad.csv", b"text,label\ngood,1\nbad\n")})
+    assert "line 3" in problem(bad, 422)["detail"]
+    assert cpu_pool.started(), "the check did not go through the process pool"
+    cpu_pool.shutdown()
+
+
 def test_jsonl_upload_detected_by_content_without_labels(client: TestClient, problem: Any) -> None:
     lines = [json.dumps({"text": f"line {i}", "source": "x"}) for i in range(4)]
     dataset = _upload(client, "corpus.txt", ("\n".join(lines) + "\n\n").encode()).json()
